@@ -1,0 +1,32 @@
+"""FedProx. T. Li, A. K. Sahu, M. Zaheer, M. Sanjabi, A. Talwalkar, V. Smith, Federated
+Optimization in Heterogeneous Networks, MLSys 2020, arXiv:1812.06127.
+
+Local objective, Eq. (2):  h_k(w; w^t) = F_k(w) + mu/2 ||w - w^t||^2,
+whose extra gradient is mu (w - w^t). The proximal term covers the trainable tensors
+that the server sent (under `--bn local` the private BN layers have no w^t and no term).
+Aggregation is FedAvg's.
+
+Defaults: mu = 0.001 (FLamby's Fed-ISIC2019 value; the paper searches
+mu in {0.001, 0.01, 0.1, 1}).
+Deviations: fixed local work (E epochs or tau steps) instead of a gamma-inexact solver;
+the squared norm of Eq. (2), not the square root used by some public CLIP baselines.
+"""
+from dataclasses import dataclass
+
+from fedmed import Algorithm, register, trainable
+
+
+@dataclass
+class Args:
+    mu: float = 0.001                                 # mu in Eq. (2)
+
+
+@register("fedprox")
+class FedProx(Algorithm):
+    Args = Args
+
+    def loss(self, model, batch, payload, client):
+        F_k = super().loss(model, batch, payload, client)
+        w_t = payload["w"]
+        prox = sum(((p - w_t[n].to(p.device)) ** 2).sum() for n, p in trainable(model) if n in w_t)
+        return F_k + self.args.mu / 2 * prox          # Eq. (2)

@@ -1,0 +1,26 @@
+"""Local-only training: each client trains its own model from the common initialisation
+on its own data with the same budget as the federated methods (E epochs or tau steps a
+round), and nothing is communicated (the byte counters read 0).
+
+Every tensor is private (the client keeps its whole model between rounds); client k is
+evaluated with its own model on its own test set, and the pooled test line concatenates
+those predictions. A held-out client is evaluated with the n_k-weighted average of the
+clients' models (an evaluation-only rule).
+Deviations: none; this is the standard reference point (see ../shared/methods/baselines.md).
+"""
+from fedmed import Algorithm, register
+
+
+@register("local")
+class Local(Algorithm):
+    Args = None
+
+    def _private_keys(self, affine, stats):
+        return set(self.init_weights)                 # the whole model stays home
+
+    def broadcast(self, server, client):
+        return {}
+
+    def local_update(self, client, payload):
+        super().local_update(client, payload)
+        return {}

@@ -1,0 +1,687 @@
+"""The federated core: Config, ClientState, the Algorithm base class (its default hooks
+ARE FedAvg), the registry, the one round loop, weighted aggregation with an explicit
+BatchNorm policy, payload serialisation with byte counting, seeding by derived streams,
+checkpoint/resume, evaluation and metrics.
+
+FedAvg: McMahan et al., Communication-Efficient Learning of Deep Networks from
+Decentralized Data, AISTATS 2017, arXiv:1602.05629. Server update (Algorithm 1):
+    w_{t+1} = sum_{k in S_t} n_k / (sum_{j in S_t} n_j) * w_{t+1}^k
+FedBN (the `--bn local` policy): Li et al., ICLR 2021, arXiv:2102.07623.
+
+Everything that crosses the network goes through `transmit`, which serialises the
+payload with torch.save, counts the bytes, and hands the receiver the deserialised copy,
+so communication is measured, never estimated.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import io
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class UsageError(Exception):
+    """Bad input from the user: run.py prints it as one line and exits with status 2."""
+
+
+# ---------------------------------------------------------------- randomness
+
+def derive_seed(seed: int, *keys) -> int:
+    """A 63-bit seed for the stream named by (seed, *keys); independent of call order."""
+    digest = hashlib.sha256(repr((int(seed),) + tuple(keys)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def np_rng(seed: int, *keys) -> np.random.Generator:
+    return np.random.default_rng(derive_seed(seed, *keys))
+
+
+def torch_rng(seed: int, *keys) -> torch.Generator:
+    return torch.Generator().manual_seed(derive_seed(seed, *keys))
+
+
+@contextlib.contextmanager
+def seeded(seed: int, *keys):
+    """Run a block with torch's global CPU generator seeded from a derived stream (for
+    layers that draw from it: weight init, dropout), restoring the caller's state after,
+    so the global generator is never advanced by the loop."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed(seed, *keys))
+        yield
+
+
+# ---------------------------------------------------------------- records
+
+@dataclass
+class Config:
+    """Settings shared by every algorithm (each algorithm adds its own `Args`)."""
+    algo: str = "fedavg"
+    rounds: int = 20                  # R
+    local_epochs: int = 1             # E
+    local_steps: int = 0              # tau; > 0 replaces E epochs by tau minibatches
+    batch_size: int = 32              # B
+    lr: float = 0.01                  # eta
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    optimizer: str = "sgd"            # sgd | adam
+    keep_optimizer: bool = False      # carry a client's optimiser state across rounds
+    fraction: float = 1.0             # C: share of clients sampled each round
+    weighting: str = "samples"        # samples (n_k/n, FedAvg) | uniform (plain mean)
+    bn: str = "average"               # average | local (FedBN) | params_only (FLamby)
+    model: str = "cnn"
+    weights: str | None = None
+    loss: str = "ce"                  # ce | focal
+    focal_gamma: float = 2.0
+    class_weights: str = "inverse"    # inverse (alpha_c = N / N_c, pooled train) | none
+    augment: str = "flip"             # flip | none
+    seed: int = 0
+    device: str = "cpu"
+    eval_batch_size: int = 256
+
+
+@dataclass
+class ClientState:
+    """A client between rounds: who it is, which images it holds, and only the state its
+    method really keeps (`state`). No client holds a model object."""
+    id: int
+    name: str
+    train: np.ndarray
+    test: np.ndarray
+    unlabeled: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    label_set: list | None = None
+    state: dict = field(default_factory=dict)
+
+    @property
+    def n(self) -> int:
+        return len(self.train)
+
+
+@dataclass
+class ServerState:
+    weights: dict = field(default_factory=dict)       # the global model's tensors
+    state: dict = field(default_factory=dict)         # whatever else the method keeps
+
+
+# ---------------------------------------------------------------- communication
+
+def transmit(payload: dict) -> tuple[dict, int]:
+    """Serialise `payload`, count its bytes, return (what the receiver gets, bytes).
+    An empty payload is not sent at all and costs 0 bytes."""
+    if not payload:
+        return {}, 0
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    nbytes = buf.tell()
+    buf.seek(0)
+    return torch.load(buf, map_location="cpu", weights_only=True), nbytes
+
+
+def weighted_average(tensors: list, weights: list) -> torch.Tensor:
+    """sum_k weights_k * tensors_k / sum_k weights_k, in float64, cast back."""
+    total = float(sum(weights))
+    out = sum(t.double() * (w / total) for t, w in zip(tensors, weights))
+    return out.to(tensors[0].dtype)
+
+
+# ---------------------------------------------------------------- losses and metrics
+
+def class_weights(y: np.ndarray, num_classes: int) -> torch.Tensor:
+    """alpha_c = N / N_c on the pooled training labels (0 for a class with no image)."""
+    counts = np.bincount(y[y >= 0], minlength=num_classes).astype(np.float64)
+    alpha = np.where(counts > 0, counts.sum() / np.maximum(counts, 1), 0.0)
+    return torch.tensor(alpha, dtype=torch.float32)
+
+
+def focal_loss(logits: torch.Tensor, y: torch.Tensor, alpha: torch.Tensor | None,
+               gamma: float) -> torch.Tensor:
+    """Lin et al., ICCV 2017: l = -alpha_y (1 - p_y)^gamma log p_y, averaged over the
+    batch. gamma = 0 and alpha = 1 is cross-entropy."""
+    logp_y = F.log_softmax(logits, dim=1).gather(1, y[:, None])[:, 0]
+    loss = -((1 - logp_y.exp()) ** gamma) * logp_y
+    if alpha is not None:
+        loss = alpha[y] * loss
+    return loss.mean()
+
+
+def _auroc_binary(pos: np.ndarray, score: np.ndarray) -> float:
+    """Mann-Whitney U / (n+ n-), ties counted one half (average ranks)."""
+    order = np.argsort(score, kind="mergesort")
+    s = score[order]
+    ranks = np.empty(len(s), np.float64)
+    i = 0
+    while i < len(s):                                  # average ranks over ties
+        j = i
+        while j + 1 < len(s) and s[j + 1] == s[i]:
+            j += 1
+        ranks[i:j + 1] = (i + j) / 2 + 1
+        i = j + 1
+    r = np.empty_like(ranks)
+    r[order] = ranks
+    n_pos, n_neg = pos.sum(), (~pos).sum()
+    return float((r[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def classification_metrics(y: np.ndarray, prob: np.ndarray) -> dict:
+    """Balanced accuracy (mean recall over the classes present in y, as sklearn), accuracy,
+    macro F1 over all classes (zero_division = 0), macro one-vs-rest AUROC over the classes
+    with both positives and negatives in y, and mean cross-entropy."""
+    C = prob.shape[1]
+    pred = prob.argmax(1)
+    present = np.unique(y)
+    recall = [(pred[y == c] == c).mean() for c in present]
+    f1 = []
+    for c in range(C):
+        tp = np.sum((pred == c) & (y == c))
+        fp = np.sum((pred == c) & (y != c))
+        fn = np.sum((pred != c) & (y == c))
+        f1.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0)
+    aucs = [_auroc_binary(y == c, prob[:, c]) for c in present if 0 < (y == c).sum() < len(y)]
+    p_y = np.clip(prob[np.arange(len(y)), y], 1e-12, None)
+    return {"balanced_accuracy": float(np.mean(recall)),
+            "accuracy": float((pred == y).mean()),
+            "macro_f1": float(np.mean(f1)),
+            "macro_auroc": float(np.mean(aucs)) if aucs else float("nan"),
+            "loss": float(-np.log(p_y).mean()),
+            "n": int(len(y))}
+
+
+# ---------------------------------------------------------------- registry
+
+ALGORITHMS: dict = {}
+
+
+def register(name: str):
+    def deco(cls):
+        cls.name = name
+        ALGORITHMS[name] = cls
+        return cls
+    return deco
+
+
+def load_algorithms() -> None:
+    """Import every module of algorithms/ so that each registers itself."""
+    import importlib
+    import pkgutil
+
+    import algorithms
+    for mod in pkgutil.iter_modules(algorithms.__path__):
+        importlib.import_module(f"algorithms.{mod.name}")
+
+
+# ---------------------------------------------------------------- the algorithm
+
+IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+
+
+def bn_keys(model: nn.Module) -> tuple[set, set]:
+    """(affine keys, running-statistic keys) of every BatchNorm layer's state."""
+    affine, stats = set(), set()
+    for mname, m in model.named_modules():
+        if isinstance(m, nn.modules.batchnorm._NormBase):
+            p = f"{mname}." if mname else ""
+            affine |= {p + n for n, _ in m.named_parameters(recurse=False)}
+            stats |= {p + n for n, _ in m.named_buffers(recurse=False)}
+    return affine, stats
+
+
+class Algorithm:
+    """Default hooks = FedAvg. A method overrides only the step its paper changes.
+
+    The loop calls, each round t: for every sampled client k, broadcast -> transmit ->
+    local_update -> transmit; then aggregate; then predict on every client's test set.
+    `self.round` is the current round, set by the loop before these calls.
+    """
+    Args = None
+    name = "fedavg"
+
+    def __init__(self, cfg: Config, args, fed):
+        import models
+        self.cfg, self.args, self.fed = cfg, args, fed
+        self.device = torch.device(cfg.device)
+        with seeded(cfg.seed, "init"):
+            self.model = models.build(cfg.model, fed.num_classes, cfg.weights).to(self.device)
+        self.init_weights = {k: v.detach().clone().cpu() for k, v in self.model.state_dict().items()}
+        affine, stats = bn_keys(self.model)
+        self.bn_stats = stats
+        self.private_keys = self._private_keys(affine, stats)     # never leave a client
+        self.shared_keys = [k for k in self.init_weights if k not in self.private_keys]
+        y = fed.y.numpy()
+        train_y = np.concatenate([y[c.train] for c in fed.clients]) if fed.clients else y[:0]
+        self.alpha = (class_weights(train_y, fed.num_classes).to(self.device)
+                      if cfg.class_weights == "inverse" else None)
+        self.round = 0
+        self.clients: list = []
+
+    def _private_keys(self, affine: set, stats: set) -> set:
+        return {"average": set(), "local": affine | stats, "params_only": stats}[self.cfg.bn]
+
+    # -- state ------------------------------------------------------------------------
+    def setup(self, server: ServerState, clients: list) -> None:
+        """Round 0: the server holds the common initialisation; each client holds the
+        initial values of its private tensors (e.g. its BN layers under FedBN)."""
+        self.clients = clients
+        server.weights = {k: v.clone() for k, v in self.init_weights.items()}
+        for c in clients:
+            c.state["private"] = {k: self.init_weights[k].clone() for k in self.private_keys}
+
+    def participants(self, server: ServerState, sampled: list) -> list:
+        """The clients that train this round (Pooled replaces them by their union)."""
+        return sampled
+
+    # -- the four hooks ---------------------------------------------------------------
+    def broadcast(self, server: ServerState, client: ClientState) -> dict:
+        return {"w": {k: server.weights[k] for k in self.shared_keys}}
+
+    def local_update(self, client: ClientState, payload: dict) -> dict:
+        self.load_model(payload.get("w", {}), client.state.get("private", {}))
+        self.train(client, payload)
+        sd = self.model.state_dict()
+        client.state["private"] = {k: sd[k].detach().cpu().clone() for k in self.private_keys}
+        return {"w": {k: sd[k].detach().cpu().clone() for k in self.shared_keys},
+                "n": client.n}
+
+    def aggregate(self, server: ServerState, uploads: dict) -> None:
+        """w <- sum_k n_k / n w_k over the clients that uploaded (Algorithm 1); BN
+        num_batches_tracked takes the maximum over clients."""
+        ups = [uploads[k] for k in sorted(uploads)]
+        weights = ([u["n"] for u in ups] if self.cfg.weighting == "samples" else [1] * len(ups))
+        for key in ups[0]["w"]:
+            tensors = [u["w"][key] for u in ups]
+            if key.endswith("num_batches_tracked"):
+                server.weights[key] = torch.stack(tensors).max()
+            else:
+                server.weights[key] = weighted_average(tensors, weights)
+
+    def predict(self, server: ServerState, client: ClientState, idx: np.ndarray) -> np.ndarray:
+        """Class probabilities for images `idx` with the model this method uses for
+        `client` (the global model, with the client's private tensors where it has any;
+        a held-out client gets the n_k-average of the training clients' private tensors,
+        an evaluation-only rule that is not counted as communication)."""
+        private = client.state.get("private")
+        if private is None or (self.private_keys and not private):
+            private = self.average_private()
+        self.load_model(server.weights, private)
+        return self.forward_probs(idx)
+
+    # -- pieces the hooks share -------------------------------------------------------
+    def average_private(self) -> dict:
+        cs = [c for c in self.clients if c.state.get("private")]
+        if not cs:
+            return {}
+        return {k: (torch.stack([c.state["private"][k] for c in cs]).max() if
+                    k.endswith("num_batches_tracked") else
+                    weighted_average([c.state["private"][k] for c in cs], [c.n for c in cs]))
+                for k in self.private_keys}
+
+    def load_model(self, shared: dict, private: dict) -> None:
+        sd = dict(self.init_weights)
+        sd.update(shared)
+        sd.update(private)
+        self.model.load_state_dict(sd)
+
+    def batch(self, idx: torch.Tensor, gen: torch.Generator | None = None):
+        """Gather images -> float, flip-augment when training (gen given), normalise."""
+        x = self.fed.x[idx].float().div_(255)
+        if gen is not None and self.cfg.augment == "flip":
+            flips = torch.rand(len(idx), 2, generator=gen)
+            x = torch.where((flips[:, 0] < 0.5).view(-1, 1, 1, 1), x.flip(3), x)
+            x = torch.where((flips[:, 1] < 0.5).view(-1, 1, 1, 1), x.flip(2), x)
+        x = (x - IMAGENET_MEAN) / IMAGENET_STD
+        return x.to(self.device), self.fed.y[idx].to(self.device)
+
+    def loss(self, model: nn.Module, batch, payload: dict, client: ClientState) -> torch.Tensor:
+        x, y = batch
+        logits = model(x)
+        if self.cfg.loss == "focal":
+            return focal_loss(logits, y, self.alpha, self.cfg.focal_gamma)
+        return F.cross_entropy(logits, y, weight=self.alpha)
+
+    def make_optimizer(self, client: ClientState) -> torch.optim.Optimizer:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if self.cfg.optimizer == "adam":
+            opt = torch.optim.Adam(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        else:
+            opt = torch.optim.SGD(params, lr=self.cfg.lr, momentum=self.cfg.momentum,
+                                  weight_decay=self.cfg.weight_decay)
+        if self.cfg.keep_optimizer and "optimizer" in client.state:
+            opt.load_state_dict(client.state["optimizer"])
+        return opt
+
+    def local_batches(self, client: ClientState, gen: torch.Generator, steps_scale: int = 1):
+        """Minibatch index tensors for this round: E epochs of fresh permutations, or
+        tau minibatches (cycling through permutations) when --local-steps is set. A final
+        batch of one image is dropped (BatchNorm cannot train on it)."""
+        data = torch.as_tensor(client.train, dtype=torch.long)
+        B, n = self.cfg.batch_size, len(data)
+        budget = self.cfg.local_steps * steps_scale
+        steps = 0
+        for _ in range(self.cfg.local_epochs if not budget else math.inf):
+            perm = data[torch.randperm(n, generator=gen)]
+            for s in range(0, n, B):
+                if budget and steps >= budget:
+                    return
+                idx = perm[s:s + B]
+                if len(idx) < 2 and n >= 2:
+                    continue
+                steps += 1
+                yield idx
+            if budget and steps >= budget:
+                return
+
+    def train(self, client: ClientState, payload: dict, steps_scale: int = 1) -> int:
+        """Local SGD on the client's labelled images; returns the number of steps."""
+        model, cfg = self.model, self.cfg
+        model.train()
+        opt = self.make_optimizer(client)
+        gen = torch_rng(cfg.seed, "batches", self.round, client.id)
+        steps = 0
+        with seeded(cfg.seed, "local", self.round, client.id):
+            for idx in self.local_batches(client, gen, steps_scale):
+                loss = self.loss(model, self.batch(idx, gen), payload, client)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                steps += 1
+        if cfg.keep_optimizer:
+            client.state["optimizer"] = opt.state_dict()
+        return steps
+
+    @torch.no_grad()
+    def forward_probs(self, idx: np.ndarray) -> np.ndarray:
+        self.model.eval()
+        out = []
+        idx = torch.as_tensor(idx, dtype=torch.long)
+        for s in range(0, len(idx), self.cfg.eval_batch_size):
+            x, _ = self.batch(idx[s:s + self.cfg.eval_batch_size])
+            out.append(F.softmax(self.model(x).float(), dim=1).cpu())
+        if not out:
+            return np.zeros((0, self.fed.num_classes), np.float32)
+        return torch.cat(out).numpy()
+
+
+def trainable(model: nn.Module):
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+# ---------------------------------------------------------------- results on disk
+
+def atomic_write(path: str, data: bytes | str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data.encode() if isinstance(data, str) else data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_torch_save(obj, path: str) -> None:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    atomic_write(path, buf.getvalue())
+
+
+def git_commit() -> str | None:
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        return subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True,
+                              text=True, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def versions() -> dict:
+    v = {"python": sys.version.split()[0], "torch": torch.__version__, "numpy": np.__version__}
+    try:
+        import open_clip
+        v["open_clip"] = open_clip.__version__
+    except Exception:  # noqa: BLE001 - optional at this point
+        v["open_clip"] = None
+    return v
+
+
+def _jsonable(o):
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    raise TypeError(type(o))
+
+
+def dumps(obj) -> str:
+    return json.dumps(obj, indent=2, default=_jsonable, sort_keys=True) + "\n"
+
+
+# settings that may differ between a run and its resumption
+RESUMABLE = {"rounds", "device"}
+
+
+def comparable_config(record: dict) -> dict:
+    cfg = {k: v for k, v in record["config"].items() if k not in RESUMABLE}
+    return {"config": cfg, "algorithm_args": record["algorithm_args"], "data": record["data"]}
+
+
+class Progress:
+    """A one-line progress bar on stderr (a line per round when stderr is not a tty)."""
+
+    def __init__(self, total: int, start: int = 0, enabled: bool = True):
+        self.total, self.done, self.enabled = total, start, enabled
+        self.tty = sys.stderr.isatty()
+        self.t0 = time.perf_counter()
+
+    def step(self, text: str) -> None:
+        self.done += 1
+        if not self.enabled:
+            return
+        w = 30
+        fill = int(w * self.done / max(self.total, 1))
+        bar = f"[{'#' * fill}{'.' * (w - fill)}] {self.done}/{self.total} {text}"
+        if self.tty:
+            sys.stderr.write("\r" + bar[:150].ljust(150) + ("\n" if self.done == self.total else ""))
+        else:
+            sys.stderr.write(bar + "\n")
+        sys.stderr.flush()
+
+
+# ---------------------------------------------------------------- the round loop
+
+def sample_clients(seed: int, t: int, K: int, fraction: float) -> list:
+    """S_t: max(1, round(C K)) clients without replacement, from the (seed, t) stream."""
+    m = max(1, int(round(fraction * K)))
+    if m >= K:
+        return list(range(K))
+    return sorted(np_rng(seed, "sample", t).choice(K, size=m, replace=False).tolist())
+
+
+def make_clients(fed) -> list:
+    return [ClientState(k, c.name, np.asarray(c.train), np.asarray(c.test),
+                        np.asarray(c.unlabeled), c.label_set) for k, c in enumerate(fed.clients)]
+
+
+def run(cfg: Config, args, fed, out: str, *, resume: bool = False, data_args: dict | None = None,
+        stop_after: int | None = None, quiet: bool = False, log=print) -> dict:
+    """Train `cfg.algo` on federation `fed` for cfg.rounds rounds, writing results to
+    `out`; returns the summary. The ONE round loop of the project."""
+    algo = ALGORITHMS[cfg.algo](cfg, args, fed)
+    clients = make_clients(fed)
+    holdout = [ClientState(-1 - i, c.name, np.asarray(c.train), np.asarray(c.test))
+               for i, c in enumerate(fed.holdout)]
+    server = ServerState()
+    algo.setup(server, clients)
+    record = {"config": dataclasses.asdict(cfg),
+              "algorithm_args": dataclasses.asdict(args) if args is not None else {},
+              "data": data_args or {}, "classes": list(fed.classes),
+              "clients": [c.name for c in clients], "holdout": [c.name for c in holdout],
+              "split": fed.split_summary(), "dataset_info": fed.info,
+              "versions": versions(), "git_commit": git_commit()}
+    ckpt_path = os.path.join(out, "checkpoint.pt")
+    metrics_path = os.path.join(out, "metrics.jsonl")
+    start = 0
+    if resume:
+        start = _restore(ckpt_path, record, out, server, clients, algo)
+        _truncate_metrics(metrics_path, start)
+    else:
+        os.makedirs(out, exist_ok=True)
+        for name in ("summary.json", "checkpoint.pt"):    # stale files of a replaced run
+            if os.path.exists(os.path.join(out, name)):
+                os.remove(os.path.join(out, name))
+        atomic_write(os.path.join(out, "config.json"), dumps(record))
+        atomic_write(metrics_path, "")
+    totals = _totals_from(metrics_path)
+    bar = Progress(cfg.rounds, start, enabled=not quiet)
+    last = None
+    for t in range(start, cfg.rounds):
+        algo.round = t
+        t0 = time.perf_counter()
+        sampled = [clients[k] for k in sample_clients(cfg.seed, t, len(clients), cfg.fraction)]
+        up_bytes, down_bytes, uploads = {}, {}, {}
+        for client in algo.participants(server, sampled):
+            payload, down = transmit(algo.broadcast(server, client))
+            upload, up = transmit(algo.local_update(client, payload))
+            uploads[client.id], up_bytes[client.id], down_bytes[client.id] = upload, up, down
+        if any(uploads.values()):
+            algo.aggregate(server, {k: u for k, u in uploads.items() if u})
+        train_seconds = time.perf_counter() - t0
+        last = evaluate_all(algo, server, clients, holdout, t, up_bytes, down_bytes, train_seconds)
+        with open(metrics_path, "a") as f:
+            f.write("".join(json.dumps(m, default=_jsonable) + "\n" for m in last))
+        totals["bytes_up"] += sum(up_bytes.values())
+        totals["bytes_down"] += sum(down_bytes.values())
+        totals["seconds"] += time.perf_counter() - t0
+        atomic_torch_save({"round": t + 1, "record": comparable_config(record),
+                           "server": dataclasses.asdict(server),
+                           "clients": [c.state for c in clients]}, ckpt_path)
+        pooled = [m for m in last if m["client"] == "pooled"][0]
+        bar.step(f"round {t + 1}: mean BA {_mean_ba(last):.3f}  pooled BA "
+                 f"{pooled['balanced_accuracy']:.3f}  ({time.perf_counter() - t0:.1f}s)")
+        if stop_after is not None and t + 1 >= stop_after and t + 1 < cfg.rounds:
+            log(f"stopped after round {t + 1} as asked; continue with --resume")
+            return {}
+    if last is None:          # resumed a finished run: rebuild the summary from the file
+        last = _last_round_lines(metrics_path)
+    summary = make_summary(last, totals, cfg.rounds)
+    atomic_write(os.path.join(out, "summary.json"), dumps(summary))
+    return summary
+
+
+def evaluate_all(algo, server, clients, holdout, t, up_bytes, down_bytes, seconds) -> list:
+    """Metrics of every client (trained this round or not) on its own test set, of the
+    pooled test set (concatenated predictions, not a mean), and of held-out clients."""
+    lines, ys, probs = [], [], []
+    for c in clients + holdout:
+        prob = algo.predict(server, c, c.test)
+        y = algo.fed.y[torch.as_tensor(c.test, dtype=torch.long)].numpy()
+        m = classification_metrics(y, prob) if len(y) else {}
+        m.update(round=t + 1, client=c.name, holdout=c.id < 0,
+                 bytes_up=up_bytes.get(c.id, 0), bytes_down=down_bytes.get(c.id, 0))
+        lines.append(m)
+        if c.id >= 0:
+            ys.append(y)
+            probs.append(prob)
+    pooled = classification_metrics(np.concatenate(ys), np.concatenate(probs))
+    pooled.update(round=t + 1, client="pooled", holdout=False,
+                  bytes_up=sum(up_bytes.values()), bytes_down=sum(down_bytes.values()),
+                  seconds=seconds)
+    return lines + [pooled]
+
+
+def _mean_ba(lines: list) -> float:
+    return float(np.mean([m["balanced_accuracy"] for m in lines
+                          if m["client"] != "pooled" and not m["holdout"]]))
+
+
+def make_summary(last: list, totals: dict, rounds: int) -> dict:
+    per = [m for m in last if m["client"] != "pooled" and not m["holdout"]]
+    pooled = [m for m in last if m["client"] == "pooled"][0]
+    mean = lambda k: float(np.nanmean([m[k] for m in per]))  # noqa: E731
+    summary = {"balanced_accuracy": mean("balanced_accuracy"),
+               "pooled_balanced_accuracy": pooled["balanced_accuracy"],
+               "accuracy": mean("accuracy"), "macro_f1": mean("macro_f1"),
+               "macro_auroc": mean("macro_auroc"), "loss": mean("loss"),
+               "pooled": {k: pooled[k] for k in ("accuracy", "macro_f1", "macro_auroc", "loss")},
+               "bytes_up": int(totals["bytes_up"]), "bytes_down": int(totals["bytes_down"]),
+               "seconds": float(totals["seconds"]), "rounds": rounds,
+               "clients": {m["client"]: {k: m[k] for k in ("balanced_accuracy", "accuracy",
+                                                           "macro_f1", "macro_auroc", "n")}
+                           for m in per}}
+    held = [m for m in last if m["holdout"]]
+    if held:
+        summary["holdout"] = {m["client"]: {k: m[k] for k in ("balanced_accuracy", "accuracy",
+                                                              "macro_f1", "macro_auroc", "n")}
+                              for m in held}
+    return summary
+
+
+def _restore(ckpt_path, record, out, server, clients, algo) -> int:
+    if not os.path.isfile(ckpt_path):
+        raise UsageError(f"--resume: {ckpt_path} does not exist; start the run without --resume")
+    try:
+        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001
+        raise UsageError(f"--resume: {ckpt_path} cannot be read ({type(e).__name__}); "
+                         "start a new run with another --out")
+    if ck.get("record") != comparable_config(record):
+        theirs, ours = ck.get("record") or {}, comparable_config(record)
+        diff = sorted(f"{sec}.{k}" for sec in ours for k in set(ours[sec]) | set(theirs.get(sec, {}))
+                      if ours[sec].get(k) != theirs.get(sec, {}).get(k))
+        raise UsageError(f"--resume: {ckpt_path} comes from another configuration (differs in "
+                         f"{', '.join(diff[:4]) or 'structure'}); resume with the same flags "
+                         "or start a new --out")
+    server.weights, server.state = ck["server"]["weights"], ck["server"]["state"]
+    for c, st in zip(clients, ck["clients"]):
+        c.state = st
+    return int(ck["round"])
+
+
+def _read_lines(path: str) -> list:
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        return [json.loads(s) for s in f if s.strip()]
+
+
+def _truncate_metrics(path: str, rounds_done: int) -> None:
+    """Drop lines of rounds after the checkpoint (written before a kill)."""
+    keep = [m for m in _read_lines(path) if m["round"] <= rounds_done]
+    atomic_write(path, "".join(json.dumps(m) + "\n" for m in keep))
+
+
+def _totals_from(path: str) -> dict:
+    pooled = [m for m in _read_lines(path) if m["client"] == "pooled"]
+    return {"bytes_up": sum(m["bytes_up"] for m in pooled),
+            "bytes_down": sum(m["bytes_down"] for m in pooled),
+            "seconds": sum(m.get("seconds", 0.0) for m in pooled)}
+
+
+def _last_round_lines(path: str) -> list:
+    lines = _read_lines(path)
+    r = max(m["round"] for m in lines)
+    return [m for m in lines if m["round"] == r]
+
+
+def results_table(summary: dict) -> str:
+    rows = [f"{'client':<22}{'BA':>7}{'acc':>7}{'F1':>7}{'AUROC':>7}{'n':>7}"]
+    for name, m in list(summary["clients"].items()) + list(summary.get("holdout", {}).items()):
+        tag = " (holdout)" if name in summary.get("holdout", {}) else ""
+        rows.append(f"{(name + tag)[:21]:<22}{m['balanced_accuracy']:>7.3f}{m['accuracy']:>7.3f}"
+                    f"{m['macro_f1']:>7.3f}{m['macro_auroc']:>7.3f}{m['n']:>7}")
+    rows.append(f"{'mean over clients':<22}{summary['balanced_accuracy']:>7.3f}"
+                f"{summary['accuracy']:>7.3f}{summary['macro_f1']:>7.3f}{summary['macro_auroc']:>7.3f}")
+    p = summary["pooled"]
+    rows.append(f"{'pooled test set':<22}{summary['pooled_balanced_accuracy']:>7.3f}"
+                f"{p['accuracy']:>7.3f}{p['macro_f1']:>7.3f}{p['macro_auroc']:>7.3f}")
+    return "\n".join(rows)

@@ -1,0 +1,177 @@
+"""The FedMed command line. Nothing else lives here.
+
+    python run.py                                  # FedAvg on the synthetic federation
+    python run.py --algo fedprox --mu 0.01 --dataset isic2019 --data-dir PATH
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import time
+
+import datasets
+import fedmed
+from fedmed import Config, UsageError
+
+HELP = {
+    "rounds": "communication rounds R",
+    "local_epochs": "local epochs E per round",
+    "local_steps": "local minibatch steps tau per round; > 0 replaces --local-epochs",
+    "batch_size": "minibatch size B",
+    "lr": "client learning rate eta",
+    "momentum": "SGD momentum (state reset every round unless --keep-optimizer)",
+    "weight_decay": "L2 weight decay",
+    "optimizer": "sgd | adam",
+    "keep_optimizer": "carry each client's optimiser state across rounds",
+    "fraction": "share C of the clients sampled each round, in (0, 1]",
+    "weighting": "samples (n_k/n, FedAvg) | uniform (plain mean, not FedAvg)",
+    "bn": "BatchNorm policy: average | local (FedBN) | params_only (FLamby; alias: none)",
+    "model": "cnn | resnet18 | efficientnet_b0 | densenet121",
+    "weights": "local checkpoint file to initialise the model from",
+    "loss": "ce | focal",
+    "focal_gamma": "gamma of the focal loss",
+    "class_weights": "inverse (alpha_c = N/N_c on the pooled training split) | none",
+    "augment": "flip | none",
+    "seed": "run seed; every random stream derives from it",
+    "device": "cpu | cuda | cuda:N",
+    "eval_batch_size": "batch size for evaluation",
+}
+CHOICES = {"optimizer": ("sgd", "adam"), "weighting": ("samples", "uniform"),
+           "bn": ("average", "local", "params_only", "none"), "loss": ("ce", "focal"),
+           "class_weights": ("inverse", "none"), "augment": ("flip", "none")}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _add_dataclass_flags(group, cls, defaults_shown: bool, seen: set) -> None:
+    for f in dataclasses.fields(cls):
+        if f.name in seen or f.name == "algo":
+            continue
+        seen.add(f.name)
+        default = f.default
+        kind = type(default) if default is not None else str
+        text = HELP.get(f.name, f.metadata.get("help", ""))
+        if kind is bool:
+            group.add_argument(_flag(f.name), action="store_true", default=None,
+                               help=f"{text} (default: {default})")
+            continue
+        group.add_argument(_flag(f.name), type=kind, default=None, choices=CHOICES.get(f.name),
+                           metavar=f.name.upper() if f.name not in CHOICES else None,
+                           help=f"{text} (default: {default})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    fedmed.load_algorithms()
+    p = argparse.ArgumentParser(
+        prog="run.py", description="FedMed: federated learning for medical image "
+        "classification. Trains --algo on --dataset and writes results to --out.")
+    p.add_argument("--algo", default="fedavg",
+                   help="algorithm: " + ", ".join(sorted(fedmed.ALGORITHMS)) + " (default: fedavg)")
+    datasets.add_arguments(p)
+    seen: set = set()
+    _add_dataclass_flags(p.add_argument_group("training"), Config, True, seen)
+    o = p.add_argument_group("output")
+    o.add_argument("--out", default=None, help="results folder (default: runs/ALGO-DATASET-TIME)")
+    o.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    o.add_argument("--overwrite", action="store_true", help="replace the results in an existing --out")
+    o.add_argument("--stop-after", type=int, default=None, metavar="R",
+                   help="stop after round R (resume later with --resume)")
+    o.add_argument("--quiet", action="store_true", help="no progress bar")
+    for name in sorted(fedmed.ALGORITHMS):
+        cls = fedmed.ALGORITHMS[name]
+        if cls.Args is not None:
+            fields = [f for f in dataclasses.fields(cls.Args) if f.name not in seen]
+            if fields:
+                g = p.add_argument_group(f"{name} (only with --algo {name})")
+                _add_dataclass_flags(g, cls.Args, True, seen)
+    return p
+
+
+def _fill(cls, ns: argparse.Namespace):
+    """An instance of dataclass `cls` from the flags the user gave, defaults elsewhere."""
+    values = {f.name: getattr(ns, f.name) for f in dataclasses.fields(cls)
+              if getattr(ns, f.name, None) is not None}
+    return cls(**values)
+
+
+def validate(cfg: Config, ns: argparse.Namespace) -> None:
+    if cfg.algo not in fedmed.ALGORITHMS:
+        raise UsageError(f"--algo {cfg.algo!r} is unknown; choose one of "
+                         + ", ".join(sorted(fedmed.ALGORITHMS)))
+    if cfg.rounds < 1:
+        raise UsageError(f"--rounds must be at least 1 (got {cfg.rounds})")
+    if not 0 < cfg.fraction <= 1:
+        raise UsageError(f"--fraction must lie in (0, 1] (got {cfg.fraction})")
+    if cfg.local_epochs < 1 and cfg.local_steps < 1:
+        raise UsageError("--local-epochs must be at least 1 (or set --local-steps)")
+    if cfg.local_steps < 0:
+        raise UsageError(f"--local-steps must be >= 0 (got {cfg.local_steps})")
+    if cfg.batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1 (got {cfg.batch_size})")
+    if cfg.lr <= 0:
+        raise UsageError(f"--lr must be positive (got {cfg.lr})")
+    if cfg.device.startswith("cuda"):
+        import torch
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {cfg.device}: no CUDA device here; use --device cpu")
+    elif cfg.device != "cpu":
+        raise UsageError(f"--device {cfg.device!r} is unknown; use cpu, cuda or cuda:N")
+    if ns.stop_after is not None and ns.stop_after < 1:
+        raise UsageError(f"--stop-after must be at least 1 (got {ns.stop_after})")
+    if ns.resume and ns.overwrite:
+        raise UsageError("--resume and --overwrite exclude each other; pick one")
+
+
+def prepare_out(ns: argparse.Namespace, cfg: Config) -> str:
+    out = ns.out or os.path.join("runs", f"{cfg.algo}-{ns.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
+    exists = os.path.isdir(out) and os.listdir(out)
+    if ns.resume:
+        if not os.path.isfile(os.path.join(out, "checkpoint.pt")):
+            raise UsageError(f"--resume: no checkpoint.pt in {out}; give the --out of an earlier run")
+    elif exists and not ns.overwrite:
+        raise UsageError(f"--out {out} already holds results; pass --overwrite to replace them, "
+                         "--resume to continue, or another --out")
+    elif os.path.exists(out) and not os.path.isdir(out):
+        raise UsageError(f"--out {out} is a file; give a folder path")
+    return out
+
+
+def main(argv=None) -> int:
+    try:
+        return _main(argv)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _main(argv) -> int:
+    ns = build_parser().parse_args(argv)
+    if ns.bn == "none":
+        ns.bn = "params_only"
+    cfg = _fill(Config, ns)
+    validate(cfg, ns)
+    cls = fedmed.ALGORITHMS[cfg.algo]
+    args = _fill(cls.Args, ns) if cls.Args is not None else None
+    out = prepare_out(ns, cfg)
+    fed = datasets.load(ns, seed=cfg.seed)
+    if not ns.quiet:
+        print(f"{cfg.algo} on {fed.name}: {len(fed.clients)} clients, {fed.num_classes} classes "
+              f"({', '.join(fed.classes)})")
+        print(fed.table())
+    data_args = {a: getattr(ns, a) for a in datasets.ARG_NAMES}
+    summary = fedmed.run(cfg, args, fed, out, resume=ns.resume, data_args=data_args,
+                         stop_after=ns.stop_after, quiet=ns.quiet)
+    if summary:
+        print(fedmed.results_table(summary))
+        print(f"mean balanced accuracy over clients {summary['balanced_accuracy']:.4f}, "
+              f"pooled {summary['pooled_balanced_accuracy']:.4f}; bytes up "
+              f"{summary['bytes_up']:,}, down {summary['bytes_down']:,}; results in {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
