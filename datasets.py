@@ -6,13 +6,35 @@ Every loader returns a `Federation`: all images decoded once into one uint8 tens
 indices into `x`. The round loop in fedmed.py only ever indexes this tensor, so the
 data pipeline costs the same for every algorithm and for the bare-PyTorch benchmark.
 
-Randomness comes from `fedmed.rng(seed, *keys)` streams, never from global generators:
-the same seed gives the same federation, and another seed another one.
+Randomness comes from `fedmed.np_rng(seed, *keys)` streams, never from global
+generators: the same seed gives the same federation, and another seed another one.
+
+Real datasets are read in two steps. A *catalog* (`catalog_isic2019`, `catalog_ham10000`,
+`catalog_isic2018`, `catalog_imagefolder`, `catalog_medmnist`) reads the CSVs and folders
+of the official layout: file names, labels, sites, lesion ids, official splits; no pixel
+is decoded. `build` then partitions the catalog into clients, splits each client into
+train/test, and only then decodes the images that are used, through an on-disk cache
+(`load_images`), so that a second run decodes no JPEG.
+
+Image transform of every file-based dataset, in order: decode (a JPEG is decoded at the
+smallest DCT scale that keeps both sides >= the target side), convert to RGB (greyscale
+replicated to three channels; 16-bit and float images min-max scaled to 8 bits), crop
+the centred largest square, resize it to image_size x image_size with PIL's antialiased
+bilinear filter, and, with --color-constancy, Shades of Gray (p = 6).
 """
 from __future__ import annotations
 
 import argparse
+import csv
+import hashlib
+import json
+import os
+import re
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -27,6 +49,8 @@ class ClientSplit:
     test: np.ndarray                                    # this client's test images
     unlabeled: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     label_set: list | None = None                       # classes it annotates (None: all)
+    # `unlabeled` holds training images whose labels the client does not have (their
+    # true labels stay in Federation.y for evaluation; methods must not read them)
 
 
 @dataclass
@@ -38,21 +62,33 @@ class Federation:
     clients: list                                       # ClientSplit, training clients
     holdout: list = field(default_factory=list)         # ClientSplit, never trained on
     info: dict = field(default_factory=dict)            # provenance, saved in config.json
+    files: list = field(default_factory=list)           # per row of x: its file (or key)
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
 
     def table(self) -> str:
-        """Clients x classes counts of the training and test splits, as printed."""
+        """The notes of the loader, then clients x classes counts of the training, test
+        (and unlabelled) splits, as printed at the start of a run."""
         names = [c[:6] for c in self.classes]
         head = f"{'client':<20}{'split':<7}" + "".join(f"{n:>7}" for n in names) + f"{'all':>8}"
-        lines = [head]
+        lines = [f"note: {n}" for n in self.info.get("notes", [])]
+        members = self.clients + self.holdout
+        if members and self.info.get("notes") is not None:
+            lines.append("images per client: " + ", ".join(
+                f"{c.name} {len(c.train) + len(c.test) + len(c.unlabeled):,}" for c in members))
+        for c in members:
+            if c.label_set is not None:
+                lines.append(f"label set of {c.name}: "
+                             + " ".join(self.classes[k] for k in c.label_set))
+        lines.append(head)
         y = self.y.numpy()
-        for c in self.clients + self.holdout:
-            tag = " (holdout)" if c in self.holdout else ""
-            for split in ("train", "test"):
-                idx = getattr(c, split)
+        splits = ("train", "test") + (("unlab",) if any(len(c.unlabeled) for c in members) else ())
+        for c in members:
+            tag = " (holdout)" if any(c is h for h in self.holdout) else ""
+            for split in splits:
+                idx = getattr(c, "unlabeled" if split == "unlab" else split)
                 counts = np.bincount(y[idx][y[idx] >= 0], minlength=self.num_classes)
                 lines.append(f"{(c.name + tag)[:19]:<20}{split:<7}"
                              + "".join(f"{v:>7}" for v in counts) + f"{len(idx):>8}")
@@ -66,7 +102,9 @@ class Federation:
                                           minlength=self.num_classes).tolist()
                            for s in ("train", "test")}
             out[c.name]["unlabeled"] = int(len(c.unlabeled))
-            out[c.name]["holdout"] = c in self.holdout
+            out[c.name]["holdout"] = any(c is h for h in self.holdout)
+            if c.label_set is not None:
+                out[c.name]["label_set"] = [int(k) for k in c.label_set]
         return out
 
 
@@ -74,6 +112,8 @@ def stratified_split(labels: np.ndarray, idx: np.ndarray, test_fraction: float,
                      gen: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Split `idx` into train/test, drawing round(test_fraction * n_c) test images from
     every class c (at least one when the class has two or more images)."""
+    if len(idx) == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
     train, test = [], []
     for c in np.unique(labels[idx]):
         members = idx[labels[idx] == c]
@@ -84,6 +124,56 @@ def stratified_split(labels: np.ndarray, idx: np.ndarray, test_fraction: float,
         test.append(members[:n_test])
         train.append(members[n_test:])
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
+
+
+def grouped_stratified_split(labels: np.ndarray, idx: np.ndarray, groups: np.ndarray,
+                             test_fraction: float, gen: np.random.Generator
+                             ) -> tuple[np.ndarray, np.ndarray]:
+    """Like `stratified_split`, but every group (a lesion) goes wholly to one side.
+
+    A group's class is its most frequent label. For each class c the groups of c are
+    shuffled and the prefix whose image count is closest to round(test_fraction * n_c)
+    goes to test (at least one group when c has two or more groups, never all of them)."""
+    if len(idx) == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    _, inv = np.unique(groups[idx], return_inverse=True)
+    lab = labels[idx] + 1                                    # +1: -1 (no label) -> 0
+    counts = np.zeros((inv.max() + 1, lab.max() + 1), np.int64)
+    np.add.at(counts, (inv, lab), 1)
+    glabel, gsize = counts.argmax(1), counts.sum(1)
+    test_groups = []
+    for c in np.unique(glabel):
+        gs = np.flatnonzero(glabel == c)
+        gs = gs[gen.permutation(len(gs))]
+        cum = np.concatenate([[0], np.cumsum(gsize[gs])])    # images in the first m groups
+        m = int(np.argmin(np.abs(cum - round(test_fraction * cum[-1]))))
+        if len(gs) >= 2:
+            m = min(max(m, 1), len(gs) - 1)
+        test_groups.append(gs[:m])
+    is_test = np.isin(inv, np.concatenate(test_groups))
+    return np.sort(idx[~is_test]).astype(np.int64), np.sort(idx[is_test]).astype(np.int64)
+
+
+def largest_remainder(share: np.ndarray, total: int) -> np.ndarray:
+    """Integers q_k >= 0 with sum_k q_k = total and q_k ~ total * share_k / sum(share):
+    floors first, then one more to the largest fractional parts (ties: lowest k)."""
+    share = np.asarray(share, np.float64)
+    exact = share / share.sum() * total
+    q = np.floor(exact).astype(np.int64)
+    order = np.argsort(-(exact - q), kind="stable")
+    q[order[:total - q.sum()]] += 1
+    return q
+
+
+def stratified_subsample(labels: np.ndarray, idx: np.ndarray, n: int,
+                         gen: np.random.Generator) -> np.ndarray:
+    """`n` of the images `idx`, each class keeping its share (largest remainder)."""
+    if len(idx) <= n:
+        return idx
+    classes, counts = np.unique(labels[idx], return_counts=True)
+    quota = largest_remainder(counts, n)
+    keep = [idx[labels[idx] == c][gen.permutation(k)[:q]] for c, k, q in zip(classes, counts, quota)]
+    return np.sort(np.concatenate(keep))
 
 
 # ---------------------------------------------------------------- synthetic federation
@@ -167,12 +257,932 @@ def make_synthetic(seed: int, clients: int = 5, image_size: int = 32,
                             "image_size": size})
 
 
+# ---------------------------------------------------------------- partitioners
+#
+# Each partitioner takes the labels of the whole catalog and the indices `idx` of the
+# images to share out, and returns one sorted index array per client.
+
+def partition_iid(idx: np.ndarray, K: int, gen: np.random.Generator) -> list:
+    """A random permutation cut into K parts of sizes differing by at most one."""
+    if K > len(idx):
+        raise UsageError(f"--clients {K} exceeds the {len(idx)} images to share out; "
+                         "lower --clients")
+    return [np.sort(p) for p in np.array_split(idx[gen.permutation(len(idx))], K)]
+
+
+def partition_dirichlet(labels: np.ndarray, idx: np.ndarray, K: int, alpha: float,
+                        min_size: int, gen: np.random.Generator, max_draws: int = 100
+                        ) -> tuple[list, dict]:
+    """Label skew by Dirichlet proportions (Hsu, Qi, Brown 2019, arXiv:1909.06335):
+    for each class c, q_c ~ Dir(alpha 1_K) and client k gets the share q_{c,k} of the
+    images of c. As in NIID-Bench (Li et al., ICDE 2022) the draw is repeated until every
+    client holds >= min_size images, at most `max_draws` times; if no draw succeeds
+    (small alpha, many clients) the draw with the least total shortfall is repaired:
+    while a client k has fewer than min_size images, images of the most frequent class
+    of the largest client move to k. That client keeps > min_size images (sum n = N >=
+    K min_size), so every move shrinks the shortfall and the loop ends after at most
+    K * min_size moves. Returns (parts, {"draws": d, "moved": images moved})."""
+    N = len(idx)
+    if not alpha > 0:
+        raise UsageError(f"--alpha must be > 0 for --partition dirichlet (got {alpha})")
+    if min_size < 1:
+        raise UsageError(f"--min-client-size must be >= 1 (got {min_size})")
+    if K * min_size > N:
+        raise UsageError(f"--partition dirichlet: {K} clients x --min-client-size {min_size} "
+                         f"needs {K * min_size} images but there are {N}; lower --clients or "
+                         "--min-client-size")
+    lab = labels[idx]
+    classes = np.unique(lab)
+    n_c = np.array([(lab == c).sum() for c in classes])
+    best, best_short, draws = None, None, 0
+    for draws in range(1, max_draws + 1):
+        counts = np.zeros((len(classes), K), np.int64)        # counts[c, k]: images of c to k
+        for i, n in enumerate(n_c):
+            q = gen.dirichlet(np.full(K, alpha))               # q_c ~ Dir(alpha 1_K)
+            if not np.all(np.isfinite(q)) or q.sum() <= 0:     # underflow at tiny alpha
+                q = np.eye(K)[gen.integers(K)]
+            cuts = np.minimum((np.cumsum(q) * n).astype(np.int64), n)
+            cuts[-1] = n
+            counts[i] = np.diff(np.concatenate([[0], cuts]))
+        short = np.maximum(min_size - counts.sum(0), 0).sum()
+        if best is None or short < best_short:
+            best, best_short = counts, short
+        if short == 0:
+            break
+    counts, moved = best, 0
+    while True:                                                # repair (see docstring)
+        sizes = counts.sum(0)
+        needy = np.flatnonzero(sizes < min_size)
+        if len(needy) == 0:
+            break
+        k, donor = needy[0], int(np.argmax(sizes))
+        c = int(np.argmax(counts[:, donor]))
+        move = min(min_size - sizes[k], sizes[donor] - min_size, counts[c, donor])
+        counts[c, donor] -= move
+        counts[c, k] += move
+        moved += int(move)
+    parts = [[] for _ in range(K)]
+    for i, c in enumerate(classes):
+        members = idx[lab == c]
+        members = members[gen.permutation(len(members))]
+        for k, p in enumerate(np.split(members, np.cumsum(counts[i])[:-1])):
+            parts[k].append(p)
+    return [np.sort(np.concatenate(p)) for p in parts], {"draws": draws, "moved": moved}
+
+
+def partition_shards(labels: np.ndarray, idx: np.ndarray, K: int, per_client: int,
+                     gen: np.random.Generator) -> list:
+    """Pathological non-IID split of McMahan et al. (AISTATS 2017, arXiv:1602.05629):
+    images sorted by label (random order within a label) are cut into K * s equal
+    shards and every client gets s shards at random."""
+    n_shards = K * per_client
+    if per_client < 1:
+        raise UsageError(f"--shards-per-client must be >= 1 (got {per_client})")
+    if n_shards > len(idx):
+        raise UsageError(f"--partition shards: {K} clients x --shards-per-client {per_client} "
+                         f"shards exceed the {len(idx)} images; lower either")
+    order = idx[np.lexsort((gen.permutation(len(idx)), labels[idx]))]
+    shards = np.array_split(order, n_shards)
+    pick = gen.permutation(n_shards)
+    return [np.sort(np.concatenate([shards[j] for j in pick[k * per_client:(k + 1) * per_client]]))
+            for k in range(K)]
+
+
+def assign_label_sets(C: int, K: int, k: int, gen: np.random.Generator) -> list:
+    """FedLSM label sets (Deng, Luo, Chen, MICCAI 2023, arXiv:2304.06931; the rule of the
+    public code, ../shared/methods/fedlsm.md section 3):
+    1. shuffle the C classes; 2. deal them round-robin, class j of the shuffled list to
+    client j mod K; 3. top every client with fewer than k classes up to k classes.
+    Deviation: step 3 draws without replacement from the classes the client lacks, so
+    it has exactly k distinct classes (the public code samples from all classes and may
+    repeat one). Every class is annotated by at least one client; when C > K k, the
+    round-robin deal gives some clients ceil(C / K) > k classes."""
+    order = gen.permutation(C)
+    sets = [set(order[j::K].tolist()) for j in range(K)]            # steps 1-2
+    for s in sets:                                                  # step 3
+        if len(s) < k:
+            lacking = np.array([c for c in range(C) if c not in s])
+            s.update(gen.choice(lacking, k - len(s), replace=False).tolist())
+    return [sorted(int(c) for c in s) for s in sets]
+
+
+def distribute_by_class(labels: np.ndarray, test_idx: np.ndarray, train_parts: list,
+                        gen: np.random.Generator) -> list:
+    """Share an official test split out to clients: the test images of class c go to the
+    clients in proportion to their training images of c (largest remainder; by client
+    size where no client trains on c)."""
+    out = [[] for _ in train_parts]
+    for c in np.unique(labels[test_idx]):
+        members = test_idx[labels[test_idx] == c]
+        members = members[gen.permutation(len(members))]
+        w = np.array([(labels[p] == c).sum() for p in train_parts], np.float64)
+        if w.sum() == 0:
+            w = np.array([len(p) for p in train_parts], np.float64)
+        for k, p in enumerate(np.split(members, np.cumsum(largest_remainder(w, len(members)))[:-1])):
+            out[k].append(p)
+    return [np.sort(np.concatenate(p)).astype(np.int64) if p else np.zeros(0, np.int64)
+            for p in out]
+
+
+# ---------------------------------------------------------------- catalogs of real data
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".webp"}
+
+
+@dataclass
+class Catalog:
+    """What a dataset's files say, before any pixel is decoded."""
+    name: str
+    root: str                                   # absolute path of the data
+    classes: list
+    files: list                                 # per image: path relative to root
+    y: np.ndarray                               # int64 labels, -1 = none
+    stats: list = field(default_factory=list)   # per file (bytes, mtime_ns), for the cache key
+    site: np.ndarray | None = None              # int64 index into site_names, -1 = none
+    site_names: list | None = None
+    group: np.ndarray | None = None             # lesion id per image: kept on one side
+    test: np.ndarray | None = None              # bool: in the official test split
+    arrays: np.ndarray | None = None            # uint8 [N, H, W, C], datasets shipped as arrays
+    default_size: int = 64
+    split_unit: str = "image"                   # default of --split-unit
+    notes: list = field(default_factory=list)
+    info: dict = field(default_factory=dict)
+
+
+def _one_line(e: Exception) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def read_csv(path: Path, required: list, hint: str) -> list:
+    """Rows of CSV `path` as dicts, each with its line number under "_line"; a UsageError
+    naming the file when it is absent, unreadable or lacks a column of `required`."""
+    if not path.is_file():
+        raise UsageError(f"{path}: file not found; {hint}")
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.reader(f)
+            header = [h.strip() for h in next(reader, [])]
+            rows = [dict(zip(header, (v.strip() for v in r)), _line=line)
+                    for line, r in enumerate(reader, start=2) if any(v.strip() for v in r)]
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise UsageError(f"{path}: cannot be read as CSV ({_one_line(e)}); {hint}")
+    missing = [c for c in required if c not in header]
+    if missing:
+        raise UsageError(f"{path}: missing column(s) {', '.join(missing)} (found: "
+                         f"{', '.join(header[:12]) or 'no header'}); {hint}")
+    return rows
+
+
+def onehot_labels(rows: list, path: Path, classes: list, never: tuple = ()) -> np.ndarray:
+    """Class index of each one-hot row; a UsageError naming the row when it has no class,
+    two classes, a non-number, or a positive in a column of `never` (e.g. UNK)."""
+    y = np.empty(len(rows), np.int64)
+    cols = list(classes) + [c for c in never if c in rows[0]] if rows else list(classes)
+    for i, r in enumerate(rows):
+        try:
+            pos = [c for c in cols if float(r.get(c) or 0) > 0.5]
+        except ValueError:
+            bad = [c for c in cols if not re.fullmatch(r"[-+0-9.eE]*", r.get(c) or "")]
+            raise UsageError(f"{path} row {r['_line']} (image {r['image']}): column "
+                             f"{bad[0] if bad else '?'} is not a number; fix that cell")
+        if len(pos) != 1 or pos[0] in never:
+            what = "no class" if not pos else ("classes " + ", ".join(pos) if len(pos) > 1
+                                               else f"class {pos[0]}, which is never positive")
+            raise UsageError(f"{path} row {r['_line']} (image {r['image']}): one-hot row has "
+                             f"{what}; each row needs exactly one of {', '.join(classes)}")
+        y[i] = classes.index(pos[0])
+    return y
+
+
+def stat_files(root: Path, files: list, named_in) -> list:
+    """(bytes, mtime_ns) of every file; a UsageError naming the first missing one and
+    where it was named (`named_in(i)`)."""
+    out = []
+    for i, f in enumerate(files):
+        try:
+            st = os.stat(root / f)
+        except OSError:
+            raise UsageError(f"{root / f}: image not found (named in {named_in(i)}); "
+                             "restore the file or delete that row")
+        out.append((st.st_size, st.st_mtime_ns))
+    return out
+
+
+def index_images(root: Path) -> dict:
+    """{file stem: path relative to root} of every image file under root (sorted walk,
+    the first of equal stems wins: the Kaggle HAM10000 copy holds every image twice)."""
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for fn in sorted(filenames):
+            stem, ext = os.path.splitext(fn)
+            if ext.lower() in IMAGE_EXTENSIONS and not fn.startswith("."):
+                out.setdefault(stem, os.path.relpath(os.path.join(dirpath, fn), root))
+    return out
+
+
+# ISIC 2019 class order; the UNK column is never positive in the training set.
+ISIC2019_CLASSES = ["MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC"]
+# Fed-ISIC2019 centres in the order of their published ids 0..5 (FLamby, du Terrail et
+# al., NeurIPS 2022 Datasets and Benchmarks, arXiv:2210.04620).
+ISIC2019_CENTRES = ["BCN", "HAM_vidir_molemax", "HAM_vidir_modern", "HAM_rosendahl", "MSK",
+                    "HAM_vienna_dias"]
+ISIC2019_PREFIX = {"BCN_": "BCN", "MSK4": "MSK", "HAM_": "HAM"}
+ISIC2019_LAYOUT = ("expected the official ISIC 2019 layout: ISIC_2019_Training_Input/, "
+                   "ISIC_2019_Training_GroundTruth.csv, ISIC_2019_Training_Metadata.csv and "
+                   "HAM10000_metadata.csv (Dataverse version, with its dataset column)")
+
+
+def fed_isic2019_centre(lesion_id: str, ham_source) -> str | None:
+    """The Fed-ISIC2019 centre of an image (baselines.md section 7):
+    1. no lesion_id -> None (centre unknown; the image is dropped);
+    2. key = the first 4 characters of lesion_id: BCN_ -> BCN, MSK4 -> MSK, HAM_ -> HAM;
+    3. HAM images split by the `dataset` column of the HAM10000 metadata
+       (`ham_source`, a callable giving it): HAM_vidir_molemax, HAM_vidir_modern,
+       HAM_rosendahl, HAM_vienna_dias.
+    A ValueError for any other prefix or HAM source."""
+    if not lesion_id:
+        return None                                                      # rule 1
+    key = ISIC2019_PREFIX.get(lesion_id[:4])                             # rule 2
+    if key is None:
+        raise ValueError(f"lesion_id {lesion_id!r} starts with none of BCN_, HAM_, MSK4")
+    if key != "HAM":
+        return key
+    centre = "HAM_" + ham_source()                                       # rule 3
+    if centre not in ISIC2019_CENTRES:
+        raise ValueError(f"HAM10000 dataset {centre[4:]!r} is none of vidir_molemax, "
+                         "vidir_modern, rosendahl, vienna_dias")
+    return centre
+
+
+def catalog_isic2019(root: Path) -> Catalog:
+    """ISIC 2019 training set, official layout, with the Fed-ISIC2019 centre of each
+    image (`fed_isic2019_centre`; -1 where it has no lesion_id)."""
+    gt_path = root / "ISIC_2019_Training_GroundTruth.csv"
+    md_path = root / "ISIC_2019_Training_Metadata.csv"
+    ham_path = root / "HAM10000_metadata.csv"
+    gt = read_csv(gt_path, ["image"] + ISIC2019_CLASSES, ISIC2019_LAYOUT)
+    if not gt:
+        raise UsageError(f"{gt_path}: no rows; {ISIC2019_LAYOUT}")
+    y = onehot_labels(gt, gt_path, ISIC2019_CLASSES, never=("UNK",))  # rule 5: argmax of 8
+    md = read_csv(md_path, ["image", "lesion_id"], ISIC2019_LAYOUT)
+    lesion = {r["image"]: r["lesion_id"] for r in md}
+    ham = None
+
+    def ham_source(name, line):
+        nonlocal ham
+        if ham is None:
+            ham = {r["image_id"]: r["dataset"] for r in
+                   read_csv(ham_path, ["image_id", "dataset"], ISIC2019_LAYOUT)}
+        src = ham.get(name, ham.get(name.replace("_downsampled", "")))
+        if src is None:
+            raise UsageError(f"{ham_path}: no row for image {name} (HAM lesion in row {line} "
+                             f"of {md_path.name}); use the complete HAM10000 metadata")
+        return src
+
+    site = np.full(len(gt), -1, np.int64)
+    groups = []
+    for i, r in enumerate(gt):
+        name = r["image"]
+        if name not in lesion:
+            raise UsageError(f"{md_path}: no row for image {name} (row {r['_line']} of "
+                             f"{gt_path.name}); use the metadata file of the same release")
+        try:
+            centre = fed_isic2019_centre(lesion[name], lambda: ham_source(name, r["_line"]))
+        except ValueError as e:
+            raise UsageError(f"{md_path}: image {name}: {e}; the Fed-ISIC2019 rule knows "
+                             "only the BCN, HAM and MSK centres")
+        if centre is not None:
+            site[i] = ISIC2019_CENTRES.index(centre)
+        groups.append(lesion[name] or name)          # no lesion id: the image is its own
+    files = [f"ISIC_2019_Training_Input/{r['image']}.jpg" for r in gt]
+    stats = stat_files(root, files, lambda i: f"row {gt[i]['_line']} of {gt_path}")
+    present = [ISIC2019_CENTRES[s] for s in sorted(set(site[site >= 0].tolist()))]
+    absent = [c for c in ISIC2019_CENTRES if c not in present]
+    notes = [f"{len(gt):,} images; {int((site < 0).sum()):,} have no lesion_id, so no "
+             "Fed-ISIC2019 centre (used only by partitions other than natural)"]
+    if absent:
+        notes.append("Fed-ISIC2019 centres absent from this folder: " + ", ".join(absent))
+    return Catalog("isic2019", str(root), list(ISIC2019_CLASSES), files, y, stats, site,
+                   list(ISIC2019_CENTRES), np.array(groups, dtype=object), notes=notes,
+                   info={"centre_ids": {c: ISIC2019_CENTRES.index(c) for c in present},
+                         "centre_rule": "Fed-ISIC2019 (FLamby, arXiv:2210.04620): lesion_id "
+                         "prefix; HAM by HAM10000 dataset column; no lesion_id dropped"})
+
+
+# HAM10000 diagnoses in the ISIC 2018 Task 3 class order
+HAM_CLASSES = ["MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC"]
+HAM_DX = {"mel": 0, "nv": 1, "bcc": 2, "akiec": 3, "bkl": 4, "df": 5, "vasc": 6}
+HAM_SOURCES = ["vidir_molemax", "vidir_modern", "rosendahl", "vienna_dias"]
+HAM_LAYOUT = ("expected the official HAM10000 layout: HAM10000_metadata.csv and the images "
+              "(HAM10000_images_part_1/, HAM10000_images_part_2/ or any folder below)")
+
+
+def catalog_ham10000(root: Path) -> Catalog:
+    """HAM10000 (Tschandl et al., Sci. Data 2018): HAM10000_metadata.csv and its images,
+    found by image_id anywhere under root. Sites: the `dataset` column when present.
+    Train/test splits are lesion-aware by default (`lesion_id` groups)."""
+    md_path = root / "HAM10000_metadata.csv"
+    rows = read_csv(md_path, ["lesion_id", "image_id", "dx"], HAM_LAYOUT)
+    if not rows:
+        raise UsageError(f"{md_path}: no rows; {HAM_LAYOUT}")
+    index = index_images(root)
+    y, files, groups = np.empty(len(rows), np.int64), [], []
+    has_sites = "dataset" in rows[0]
+    site = np.full(len(rows), -1, np.int64)
+    for i, r in enumerate(rows):
+        if r["dx"].lower() not in HAM_DX:
+            raise UsageError(f"{md_path} row {r['_line']}: dx {r['dx']!r} is none of "
+                             f"{', '.join(HAM_DX)}; fix that cell")
+        y[i] = HAM_DX[r["dx"].lower()]
+        if r["image_id"] not in index:
+            raise UsageError(f"{root}: image {r['image_id']}.jpg not found (named in row "
+                             f"{r['_line']} of {md_path.name}); restore it or delete that row")
+        files.append(index[r["image_id"]])
+        groups.append(r["lesion_id"] or r["image_id"])
+        if has_sites:
+            if r["dataset"] not in HAM_SOURCES:
+                raise UsageError(f"{md_path} row {r['_line']}: dataset {r['dataset']!r} is none "
+                                 f"of {', '.join(HAM_SOURCES)}; fix that cell")
+            site[i] = HAM_SOURCES.index(r["dataset"])
+    stats = stat_files(root, files, lambda i: f"row {rows[i]['_line']} of {md_path}")
+    return Catalog("ham10000", str(root), list(HAM_CLASSES), files, y, stats,
+                   site if has_sites else None, list(HAM_SOURCES) if has_sites else None,
+                   np.array(groups, dtype=object), split_unit="lesion",
+                   notes=[f"{len(rows):,} images of {len(set(groups)):,} lesions"])
+
+
+ISIC2018_LAYOUT = ("expected the ISIC 2018 Task 3 layout: ISIC2018_Task3_Training_Input/ and "
+                   "ISIC2018_Task3_Training_GroundTruth.csv (optionally the Validation/Test "
+                   "pairs and ISIC2018_Task3_Training_LesionGroupings.csv)")
+
+
+def catalog_isic2018(root: Path) -> Catalog:
+    """ISIC 2018 Task 3 (the HAM10000 images with one-hot ground truth): every
+    ISIC2018_Task3_*GroundTruth*.csv under root; a Test file is the official test split,
+    Training (and Validation, merged into it) the training side. Lesion groupings are
+    used when ISIC2018_Task3_*LesionGroupings*.csv is present."""
+    gts = sorted(p for p in root.rglob("*.csv") if "groundtruth" in p.name.lower()
+                 and "task3" in p.name.lower())
+    if not gts:
+        raise UsageError(f"{root}: no ISIC2018_Task3_Training_GroundTruth.csv found; "
+                         + ISIC2018_LAYOUT)
+    index = index_images(root)
+    files, ys, is_test, seen = [], [], [], {}
+    for gt_path in gts:
+        rows = read_csv(gt_path, ["image"] + HAM_CLASSES, ISIC2018_LAYOUT)
+        if rows:
+            ys.append(onehot_labels(rows, gt_path, HAM_CLASSES))
+        for r in rows:
+            if r["image"] not in index:
+                raise UsageError(f"{root}: image {r['image']}.jpg not found (named in row "
+                                 f"{r['_line']} of {gt_path}); restore it or delete that row")
+            if r["image"] in seen:
+                raise UsageError(f"{gt_path} row {r['_line']}: image {r['image']} is also in "
+                                 f"{seen[r['image']]}; keep each image in one file")
+            seen[r["image"]] = gt_path.name
+            files.append(index[r["image"]])
+            is_test.append("test" in gt_path.name.lower())
+    if not files:
+        raise UsageError(f"{gts[0]}: no rows; {ISIC2018_LAYOUT}")
+    y = np.concatenate(ys)
+    groups, notes = None, [f"{len(files):,} images from " + ", ".join(p.name for p in gts)]
+    lg = sorted(p for p in root.rglob("*.csv") if "lesiongrouping" in p.name.lower())
+    if lg:
+        lesion = {}
+        for p in lg:
+            lesion.update({r["image"]: r["lesion_id"] for r in read_csv(p, ["image", "lesion_id"],
+                                                                        ISIC2018_LAYOUT)})
+        stems = [os.path.splitext(os.path.basename(f))[0] for f in files]
+        groups = np.array([lesion.get(s) or s for s in stems], dtype=object)
+        notes.append("lesion groups from " + ", ".join(p.name for p in lg))
+    stats = stat_files(root, files, lambda i: "the ground-truth CSV")
+    test = np.array(is_test)
+    return Catalog("isic2018", str(root), list(HAM_CLASSES), files, y, stats, group=groups,
+                   test=test if test.any() else None,
+                   split_unit="lesion" if groups is not None else "image", notes=notes)
+
+
+SPLIT_NAMES = {"train": "train", "training": "train", "test": "test", "testing": "test",
+               "val": "val", "valid": "val", "validation": "val"}
+IMAGEFOLDER_LAYOUT = ("expected root/<split>/<class>/*.jpg (split: train/training, "
+                      "test/testing, val), root/<site>/<split>/<class>/*.jpg or root/<class>/*.jpg")
+
+
+def _subdirs(p: Path) -> list:
+    return sorted((d for d in p.iterdir() if d.is_dir() and not d.name.startswith(".")),
+                  key=lambda d: d.name)
+
+
+def _image_files(p: Path, recursive: bool) -> list:
+    it = p.rglob("*") if recursive else p.iterdir()
+    return sorted(f for f in it if f.suffix.lower() in IMAGE_EXTENSIONS
+                  and not f.name.startswith(".") and f.is_file())
+
+
+def catalog_imagefolder(root: Path) -> Catalog:
+    """Folders of images named by class: root/<split>/<class>/, root/<site>/<split>/<class>/
+    (each site a natural client) or root/<class>/. Classes are the sorted class folder
+    names of the training splits; a test folder must use the same names. A val split is
+    not used (no model selection here)."""
+    top = _subdirs(root)
+    is_split = lambda ds: bool(ds) and all(d.name.lower() in SPLIT_NAMES for d in ds)  # noqa: E731
+    if is_split(top):
+        sites = [(None, root)]
+    elif top and all(is_split(_subdirs(d)) for d in top):
+        sites = [(d.name, d) for d in top]
+    elif top and any(_image_files(d, True) for d in top):
+        sites = None                                           # root/<class>/
+    else:
+        raise UsageError(f"{root}: no image folders found; {IMAGEFOLDER_LAYOUT}")
+    entries = []                                               # (site, split, class dir)
+    if sites is None:
+        entries = [(None, "train", d) for d in top]
+    else:
+        for name, sdir in sites:
+            for d in _subdirs(sdir):
+                entries += [(name, SPLIT_NAMES[d.name.lower()], c) for c in _subdirs(d)]
+    norm = lambda n: re.sub(r"[^0-9a-z]", "", n.lower())      # noqa: E731
+    train_names = sorted({e[2].name for e in entries if e[1] == "train"})
+    for a in train_names:
+        for b in train_names:
+            if a < b and norm(a) == norm(b):
+                raise UsageError(f"{root}: class folders {a!r} and {b!r} differ only in case or "
+                                 "punctuation; rename one so each class has one name")
+    for site, split, d in entries:
+        if split == "test" and d.name not in train_names:
+            near = [n for n in train_names if norm(n) == norm(d.name)]
+            raise UsageError(f"{d}: class folder {d.name!r} matches no training class folder ("
+                             f"{', '.join(train_names)}); rename it"
+                             + (f" to {near[0]!r}" if near else " or remove it"))
+    files, y, site_of, test = [], [], [], []
+    site_names = [s for s, _ in sites] if sites and sites[0][0] is not None else None
+    skipped = 0
+    for site, split, d in entries:
+        if split == "val":
+            skipped += len(_image_files(d, True))
+            continue
+        for f in _image_files(d, True):
+            files.append(os.path.relpath(f, root))
+            y.append(train_names.index(d.name))
+            site_of.append(site_names.index(site) if site_names else -1)
+            test.append(split == "test")
+    if not files:
+        raise UsageError(f"{root}: no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) "
+                         f"found; {IMAGEFOLDER_LAYOUT}")
+    stats = stat_files(root, files, lambda i: "the folder listing")
+    test = np.array(test)
+    notes = [f"{len(files):,} images in {len(train_names)} class folders"
+             + (f" at {len(site_names)} sites" if site_names else "")]
+    if skipped:
+        notes.append(f"{skipped:,} images of val folders not used")
+    return Catalog("imagefolder", str(root), train_names, files, np.array(y, np.int64), stats,
+                   np.array(site_of, np.int64) if site_names else None, site_names,
+                   test=test if test.any() else None, notes=notes)
+
+
+def catalog_medmnist(path: Path) -> Catalog:
+    """A MedMNIST 2D .npz (train_images, train_labels, test_images, test_labels; any
+    val_* is not used). `path` is the file or a folder holding exactly one .npz."""
+    if path.is_dir():
+        npz = sorted(path.glob("*.npz"))
+        if len(npz) != 1:
+            raise UsageError(f"--data-dir {path} holds {len(npz)} .npz files; give the path of "
+                             "the MedMNIST .npz file itself")
+        path = npz[0]
+    try:
+        z = dict(np.load(path, allow_pickle=False))
+    except Exception as e:  # noqa: BLE001 - any unreadable file is the user's to fix
+        raise UsageError(f"{path}: not a readable .npz file ({_one_line(e)}); download the "
+                         "MedMNIST file again")
+    missing = [k for k in ("train_images", "train_labels") if k not in z]
+    if missing:
+        raise UsageError(f"{path}: missing array(s) {', '.join(missing)} (found: "
+                         f"{', '.join(sorted(z)) or 'none'}); expected the MedMNIST npz format")
+    xs, ys, files, test = [], [], [], []
+    for split in ("train", "test"):
+        if f"{split}_images" not in z:
+            continue
+        im, lab = z[f"{split}_images"], z.get(f"{split}_labels")
+        if lab is None or len(lab) != len(im):
+            raise UsageError(f"{path}: {split}_labels is missing or its length differs from "
+                             f"{split}_images; use an unmodified MedMNIST file")
+        if im.ndim == 3:
+            im = im[..., None]
+        if im.ndim != 4 or im.shape[-1] not in (1, 3):
+            raise UsageError(f"{path}: {split}_images has shape {im.shape}; only 2D sets "
+                             "([N, H, W] or [N, H, W, 3]) are supported, not 3D volumes")
+        lab = np.asarray(lab).reshape(len(lab), -1)
+        if lab.shape[1] != 1:
+            raise UsageError(f"{path}: {split}_labels has {lab.shape[1]} columns (multi-label, "
+                             "e.g. ChestMNIST); only single-label sets are supported")
+        if im.dtype != np.uint8:
+            im = np.clip(im * 255 if im.dtype.kind == "f" and im.max() <= 1 else im, 0, 255)
+        xs.append(im.astype(np.uint8))
+        ys.append(lab[:, 0].astype(np.int64))
+        files += [f"{split}_images[{i}]" for i in range(len(im))]
+        test += [split == "test"] * len(im)
+    if len({x.shape[1:] for x in xs}) != 1:
+        raise UsageError(f"{path}: train and test images differ in shape; use an unmodified file")
+    y = np.concatenate(ys)
+    if y.min() < 0:
+        raise UsageError(f"{path}: negative label {y.min()} in the labels; use an unmodified file")
+    st = os.stat(path)
+    test = np.array(test)
+    notes = [f"{len(y):,} images from {path.name}" + ("; val_* not used" if "val_images" in z else "")]
+    return Catalog("medmnist", str(path), [str(c) for c in range(int(y.max()) + 1)], files, y,
+                   [(st.st_size, st.st_mtime_ns)] * len(files), test=test if test.any() else None,
+                   arrays=np.concatenate(xs), default_size=int(xs[0].shape[1]), notes=notes)
+
+
+CATALOGS = {"isic2019": catalog_isic2019, "ham10000": catalog_ham10000,
+            "isic2018": catalog_isic2018, "imagefolder": catalog_imagefolder,
+            "medmnist": catalog_medmnist}
+
+
+# ---------------------------------------------------------------- images and their cache
+
+CACHE_FORMAT = 1          # bump when the transform changes, so old caches are not reused
+
+
+def shades_of_gray(a: np.ndarray, p: int = 6) -> np.ndarray:
+    """Shades-of-Gray colour constancy (Finlayson and Trezzi, CIC 2004) of an RGB uint8
+    image [H, W, 3]: illuminant e_c = (mean_x I_c(x)^p)^(1/p), e <- e / ||e||, and
+    I'_c = I_c / (sqrt(3) e_c), so a grey illuminant (e_c = 1/sqrt(3)) changes nothing."""
+    f = a.astype(np.float64)
+    e = np.power(np.mean(np.power(f, p), axis=(0, 1)), 1.0 / p)
+    e = e / max(float(np.linalg.norm(e)), 1e-12)
+    out = f / (np.sqrt(3) * np.maximum(e, 1e-12))
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def transform_image(im, size: int, color_constancy: bool = False) -> np.ndarray:
+    """A PIL image -> uint8 [3, size, size]: RGB (greyscale replicated; 16-bit or float
+    min-max scaled to 8 bits), the centred largest square, resized with PIL's
+    antialiased bilinear filter, optionally Shades of Gray."""
+    from PIL import Image
+    if im.mode in ("I", "F") or im.mode.startswith("I;16"):
+        a = np.asarray(im, dtype=np.float64)
+        lo, hi = float(a.min()), float(a.max())
+        a = (a - lo) / (hi - lo) * 255 if hi > lo else np.zeros_like(a)
+        im = Image.fromarray(np.rint(a).astype(np.uint8), "L")
+    if im.mode != "RGB":
+        im = im.convert("RGB")                     # L -> three equal channels
+    w, h = im.size
+    s = min(w, h)
+    box = ((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s)
+    im = im.resize((size, size), Image.Resampling.BILINEAR, box=box)
+    a = np.asarray(im, dtype=np.uint8)
+    if color_constancy:
+        a = shades_of_gray(a, 6)
+    return np.ascontiguousarray(a.transpose(2, 0, 1))
+
+
+def decode_file(path: str, size: int, color_constancy: bool = False) -> np.ndarray:
+    """Decode one image file with `transform_image`; a UsageError naming the file when
+    it is missing or cannot be decoded (corrupt or truncated)."""
+    from PIL import Image
+    try:
+        with Image.open(path) as im:
+            im.draft("RGB", (size, size))          # JPEG: DCT-domain downscale, sides >= size
+            im.load()
+            return transform_image(im, size, color_constancy)
+    except FileNotFoundError:
+        raise UsageError(f"{path}: image not found; restore the file or remove its entry")
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise UsageError(f"{path}: cannot decode image ({_one_line(e)}); replace it with a "
+                         "valid copy or remove its entry")
+
+
+def transform_name(size: int, color_constancy: bool) -> str:
+    return (f"draft;rgb;centre-square;bilinear-{size};" + ("sog6;" if color_constancy else "")
+            + f"format{CACHE_FORMAT}")
+
+
+def default_cache_dir() -> str:
+    return os.environ.get("FEDMED_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "fedmed")
+
+
+def _decode_into(out, rows: np.ndarray, paths: list, size: int, cc: bool, workers: int,
+                 finished: list, log=None) -> None:
+    """out[rows[j]] = decode(paths[j]) on a thread pool (PIL releases the GIL while it
+    decodes and resizes). Appends the finished positions j to `finished` chunk by chunk,
+    also when a file fails, so the work already done is kept."""
+    chunk = 64
+    starts = list(range(0, len(rows), chunk))
+
+    def work(s):
+        for j in range(s, min(s + chunk, len(rows))):
+            out[rows[j]] = decode_file(paths[j], size, cc)
+        return s
+
+    t0, last = time.perf_counter(), time.perf_counter()
+    with ThreadPoolExecutor(max(1, workers)) as ex:
+        futures = [ex.submit(work, s) for s in starts]
+        try:
+            for f in futures:
+                s = f.result()
+                finished.extend(range(s, min(s + chunk, len(rows))))
+                if log and time.perf_counter() - last > 5:
+                    last = time.perf_counter()
+                    log(f"  decoded {len(finished):,}/{len(rows):,} images "
+                        f"({len(finished) / (last - t0):.0f}/s)")
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise
+
+
+def load_images(cat: Catalog, rows: np.ndarray, size: int, color_constancy: bool = False,
+                cache_dir: str | None = None, workers: int | None = None, log=None
+                ) -> tuple[np.ndarray, dict]:
+    """uint8 [len(rows), 3, size, size] images of catalog rows `rows`, and a dict that
+    says where they came from.
+
+    Cache: one .npy [N, 3, size, size] per (catalog root, its files with byte size and
+    mtime, size, transform, Pillow version), keyed by their sha256, under `cache_dir`
+    (None: no cache), beside a boolean .done.npy of the rows that hold pixels. Rows are
+    decoded lazily, only when a run uses them, and each only once. The .npy is created
+    as a temporary file and linked into place without replacing a concurrent one; the
+    done-mask is written after a flush, by tmp file + os.replace, so a killed run leaves
+    at worst rows decoded but not marked (decoded again next time)."""
+    rows = np.asarray(rows, np.int64)
+    workers = workers or min(8, os.cpu_count() or 1)
+    if cat.arrays is not None:                                   # shipped as arrays
+        a = cat.arrays[rows]
+        if a.shape[1] == a.shape[2] == size and not color_constancy:
+            return np.ascontiguousarray(np.repeat(a, 3 // a.shape[3], 3).transpose(0, 3, 1, 2)), {}
+        from PIL import Image
+        out = np.stack([transform_image(Image.fromarray(im[..., 0] if im.shape[2] == 1 else im),
+                                        size, color_constancy) for im in a])
+        return out, {}
+    root = Path(cat.root)
+    paths = [str(root / f) for f in cat.files]
+    if cache_dir is None:
+        out = np.empty((len(rows), 3, size, size), np.uint8)
+        _decode_into(out, np.arange(len(rows)), [paths[i] for i in rows], size,
+                     color_constancy, workers, [], log)
+        return out, {"cache": None, "decoded": len(rows)}
+    import PIL
+    key = hashlib.sha256(json.dumps([CACHE_FORMAT, cat.name, os.path.abspath(cat.root),
+                                     cat.files, cat.stats, size,
+                                     transform_name(size, color_constancy),
+                                     PIL.__version__]).encode()).hexdigest()
+    stem = os.path.join(cache_dir, f"{cat.name}-{size}px-{key[:24]}")
+    data_path, done_path = stem + ".npy", stem + ".done.npy"
+    shape = (len(cat.files), 3, size, size)
+    try:
+        os.makedirs(cache_dir, exist_ok=True)
+        if not os.path.exists(data_path):
+            tmp = f"{data_path}.tmp{os.getpid()}"
+            np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape).flush()
+            try:
+                os.link(tmp, data_path)                      # never replaces another's file
+            except FileExistsError:
+                pass
+            os.remove(tmp)
+            with open(stem + ".json", "w") as f:
+                json.dump({"root": cat.root, "dataset": cat.name, "images": len(cat.files),
+                           "size": size, "transform": transform_name(size, color_constancy)}, f)
+        mm = np.load(data_path, mmap_mode="r+")
+    except (OSError, ValueError) as e:
+        raise UsageError(f"--cache-dir {cache_dir}: cannot use the image cache there "
+                         f"({_one_line(e)}); give a writable folder or --cache-dir none")
+    if mm.shape != shape or mm.dtype != np.uint8:
+        raise UsageError(f"{data_path}: cache file has shape {mm.shape}, expected {shape}; "
+                         "delete it")
+    done = np.zeros(len(cat.files), bool)
+    if os.path.exists(done_path):
+        try:
+            d = np.load(done_path)
+            if d.shape == done.shape:
+                done = d
+        except (OSError, ValueError):
+            pass                                              # unreadable: decode again
+    todo = rows[~done[rows]]
+    decoded = 0
+    if len(todo):
+        if log:
+            log(f"decoding {len(todo):,} images at {size}px into the cache {data_path}")
+        finished: list = []
+        try:
+            _decode_into(mm, todo, [paths[i] for i in todo], size, color_constancy, workers,
+                         finished, log)
+        finally:
+            if finished:
+                mm.flush()
+                if os.path.exists(done_path):                 # merge a concurrent run's rows
+                    try:
+                        d = np.load(done_path)
+                        done |= d if d.shape == done.shape else False
+                    except (OSError, ValueError):
+                        pass
+                done[todo[np.asarray(finished)]] = True
+                tmp = f"{done_path}.tmp{os.getpid()}.npy"
+                np.save(tmp, done)
+                os.replace(tmp, done_path)
+        decoded = len(todo)
+    out = np.asarray(mm[rows])
+    del mm
+    return out, {"cache": data_path, "decoded": decoded}
+
+
+# ---------------------------------------------------------------- catalog -> federation
+
+PARTITIONS = ("natural", "iid", "dirichlet", "labelset", "shards")
+
+
+def build(cat: Catalog, ns: argparse.Namespace, seed: int, log=None) -> Federation:
+    """Partition catalog `cat` into clients as the flags in `ns` say, split each client
+    into train/test, decode the images used, and return the Federation.
+
+    Order: (1) natural keeps the images with a known site; (2) the train/test sides: an
+    official test split where the dataset has one; else, for partitions other than
+    natural with a lesion-aware split, one global lesion-aware split first; else each
+    client is split after partitioning (stratified by class, --test-fraction); (3) the
+    partition of the training side; an official or global test side is shared out to
+    clients in proportion to their training images of each class (`distribute_by_class`);
+    (4) --max-images-per-client; (5) labelset: classes outside L_k -> unlabeled;
+    (6) --unlabeled-fraction; (7) --holdout-client. All draws come from named streams
+    np_rng(seed, "data", dataset, step, ...)."""
+    C, labels, N = len(cat.classes), cat.y, len(cat.files)
+    partition = ns.partition or ("natural" if cat.site_names else "iid")
+    unit = ns.split_unit or cat.split_unit
+    if unit == "lesion" and cat.group is None:
+        raise UsageError(f"--split-unit lesion: {cat.name} at {cat.root} has no lesion ids; "
+                         "use --split-unit image")
+    groups = cat.group if unit == "lesion" else None
+    tf = ns.test_fraction
+
+    def stream(*keys):
+        return np_rng(seed, "data", cat.name, *keys)
+
+    def split(idx, gen):
+        return (grouped_stratified_split(labels, idx, groups, tf, gen) if groups is not None
+                else stratified_split(labels, idx, tf, gen))
+
+    notes = list(cat.notes)
+    pool = np.arange(N, dtype=np.int64)
+    if partition == "natural":
+        if not cat.site_names:
+            raise UsageError(f"--partition natural: {cat.name} at {cat.root} has no sites; use "
+                             "--partition iid, dirichlet, labelset or shards")
+        pool = pool[cat.site >= 0]                                              # (1)
+    elif not ns.partition:
+        notes.append(f"partition: iid over {ns.clients} clients ({cat.name} has no sites)")
+    test_side = None                                                            # (2)
+    if cat.test is not None:
+        train_side, test_side = pool[~cat.test[pool]], pool[cat.test[pool]]
+        notes.append(f"official test split: {len(test_side):,} images")
+    elif partition != "natural" and groups is not None:
+        train_side, test_side = grouped_stratified_split(labels, pool, groups, tf,
+                                                         stream("split", "global"))
+        notes.append("lesion-aware train/test split of all images before partitioning")
+    else:
+        train_side = pool
+    K = ns.clients                                                              # (3)
+    if partition != "natural" and K < 1:
+        raise UsageError(f"--clients must be >= 1 (got {K})")
+    g = stream("partition", partition)
+    if partition == "natural":
+        names = [n for s, n in enumerate(cat.site_names) if (cat.site[train_side] == s).any()]
+        parts = [train_side[cat.site[train_side] == cat.site_names.index(n)] for n in names]
+        tests = ([test_side[cat.site[test_side] == cat.site_names.index(n)] for n in names]
+                 if test_side is not None else None)
+        lost = sorted(set(cat.site_names[s] for s in np.unique(cat.site[test_side]))
+                      - set(names)) if test_side is not None and len(test_side) else []
+        if lost:
+            raise UsageError(f"site {lost[0]} of {cat.root} has test images but no training "
+                             f"images; add its training folder or hold it out another way")
+    else:
+        names = [f"client{k}" for k in range(K)]
+        if partition == "iid" or partition == "labelset":    # labelset: FedLSM, equal parts
+            parts = partition_iid(train_side, K, g)
+        elif partition == "dirichlet":
+            parts, how = partition_dirichlet(labels, train_side, K, ns.alpha,
+                                             ns.min_client_size, g)
+            if how["moved"]:
+                notes.append(f"dirichlet: none of {how['draws']} draws gave every client "
+                             f">= {ns.min_client_size} images; {how['moved']:,} images moved "
+                             "from the largest clients to the smallest")
+        elif partition == "shards":
+            parts = partition_shards(labels, train_side, K, ns.shards_per_client, g)
+        else:
+            raise UsageError(f"--partition {partition!r} is unknown; choose one of "
+                             + ", ".join(PARTITIONS))
+        tests = (distribute_by_class(labels, test_side, parts, stream("distribute"))
+                 if test_side is not None else None)
+    if not names:
+        raise UsageError(f"{cat.root}: no image has a known site, so --partition natural has "
+                         "no clients; use another --partition")
+    clients = []
+    for k, (name, part) in enumerate(zip(names, parts)):
+        cap = ns.max_images_per_client                                          # (4)
+        if tests is None:
+            if cap:
+                part = stratified_subsample(labels, part, cap, stream("subsample", name))
+            train, test = split(part, stream("split", name))
+        else:
+            train, test = part, tests[k]
+            if cap and len(train) + len(test) > cap:
+                n_tr = int(round(cap * len(train) / (len(train) + len(test))))
+                train = stratified_subsample(labels, train, n_tr, stream("subsample", name))
+                test = stratified_subsample(labels, test, cap - n_tr, stream("subsample", name, "test"))
+        unl = train[labels[train] < 0]                                          # no label
+        clients.append(ClientSplit(name, train[labels[train] >= 0], test, unl))
+    if partition == "labelset":                                                 # (5)
+        m = ns.labels_per_client
+        if not 1 <= m <= C:
+            raise UsageError(f"--labels-per-client must lie in 1..{C} (got {m})")
+        sets = assign_label_sets(C, len(clients), m, stream("labelset"))
+        if C > len(clients) * m:
+            notes.append(f"labelset: {C} classes > {len(clients)} clients x {m}: the round-robin "
+                         "deal gives some clients more than --labels-per-client classes")
+        for c, L in zip(clients, sets):
+            inside = np.isin(labels[c.train], L)
+            c.unlabeled = np.sort(np.concatenate([c.unlabeled, c.train[~inside]]))
+            c.train, c.label_set = c.train[inside], L
+    post_process(clients, labels, ns, stream)                                   # (6)
+    holdout = take_holdout(clients, ns.holdout_client, notes)                   # (7)
+    for c in clients:
+        if len(c.train) == 0:
+            raise UsageError(f"client {c.name} has no labelled training images after the "
+                             f"{partition} partition; lower --clients, --unlabeled-fraction or "
+                             "raise --min-client-size / --labels-per-client")
+    # decode only the images used, then renumber them 0..n-1
+    members = clients + holdout
+    used = np.unique(np.concatenate([np.concatenate([c.train, c.test, c.unlabeled])
+                                     for c in members]).astype(np.int64))
+    size = ns.image_size or cat.default_size
+    t0 = time.perf_counter()
+    x, where = load_images(cat, used, size, ns.color_constancy, cache_dir(ns), log=log)
+    for c in members:
+        for f in ("train", "test", "unlabeled"):
+            setattr(c, f, np.searchsorted(used, getattr(c, f)).astype(np.int64))
+    info = dict(cat.info, dataset=cat.name, root=cat.root, partition=partition,
+                split_unit=unit, image_size=size, images=int(len(used)),
+                transform=("array" if cat.arrays is not None
+                           else transform_name(size, ns.color_constancy)),
+                split_rule=(f"per client, stratified by class, test fraction {tf} [ours; "
+                            "not FLamby's frozen split file]" if tests is None else
+                            "official test split, shared out by class proportions"),
+                image_cache=where.get("cache"), images_decoded=where.get("decoded", 0),
+                image_seconds=round(time.perf_counter() - t0, 3), notes=notes)
+    return Federation(cat.name, list(cat.classes), torch.from_numpy(x),
+                      torch.from_numpy(labels[used].astype(np.int64)), clients, holdout,
+                      info, [cat.files[i] for i in used])
+
+
+def post_process(clients: list, labels: np.ndarray, ns, stream) -> None:
+    """--unlabeled-fraction f: a class-stratified fraction f of each client's labelled
+    training images moves to `unlabeled` (at least one image of each class with two or
+    more stays labelled)."""
+    f = ns.unlabeled_fraction
+    if not 0 <= f < 1:
+        raise UsageError(f"--unlabeled-fraction must lie in [0, 1) (got {f})")
+    if f == 0:
+        return
+    for c in clients:
+        keep, move = stratified_split(labels, c.train, f, stream("unlabeled", c.name))
+        c.train, c.unlabeled = keep, np.sort(np.concatenate([c.unlabeled, move])).astype(np.int64)
+
+
+def take_holdout(clients: list, spec: str | None, notes: list) -> list:
+    """--holdout-client NAME[,NAME]: those clients leave `clients`; each keeps all of its
+    images (train, test and unlabelled) as its test set, for unseen-domain evaluation."""
+    if not spec:
+        return []
+    names = [n.strip() for n in spec.split(",") if n.strip()]
+    known = [c.name for c in clients]
+    for n in names:
+        if n not in known:
+            raise UsageError(f"--holdout-client {n!r} is not a client; the clients are "
+                             + ", ".join(known))
+    if len(set(names)) >= len(clients):
+        raise UsageError("--holdout-client would hold out every client; keep at least one")
+    holdout = []
+    for n in names:
+        c = clients.pop([x.name for x in clients].index(n))
+        holdout.append(ClientSplit(c.name, np.zeros(0, np.int64),
+                                   np.sort(np.concatenate([c.train, c.test, c.unlabeled])),
+                                   label_set=c.label_set))
+    notes.append("held out (all their images are test images, never trained on): "
+                 + ", ".join(names))
+    return holdout
+
+
+def cache_dir(ns) -> str | None:
+    d = getattr(ns, "cache_dir", None) or default_cache_dir()
+    return None if d.lower() == "none" else d
+
+
 # ---------------------------------------------------------------- command line
 
-DATASETS = {"synthetic"}
+DATASETS = {"synthetic", *CATALOGS}
 
 
 ARG_NAMES: list = []          # dests of the data flags, saved in config.json
+NOT_SAVED = {"cache_dir"}     # where decoded images are kept changes no result
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -180,27 +1190,105 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     before = {a.dest for a in parser._actions}
     g.add_argument("--dataset", default="synthetic",
                    help="dataset name: " + ", ".join(sorted(DATASETS)) + " (default: synthetic)")
-    g.add_argument("--data-dir", default=None, help="root of the dataset's official layout")
+    g.add_argument("--data-dir", default=None,
+                   help="root of the dataset's official layout (medmnist: the .npz file)")
+    g.add_argument("--partition", default=None,
+                   help=" | ".join(PARTITIONS) + " (default: natural where the dataset has "
+                   "sites, else iid)")
     g.add_argument("--clients", type=int, default=5,
                    help="number of clients for partitions that are not natural (default: 5)")
-    g.add_argument("--partition", default="natural",
-                   help="natural | iid | dirichlet (default: natural)")
     g.add_argument("--alpha", type=float, default=0.5,
                    help="Dirichlet concentration for --partition dirichlet (default: 0.5)")
-    g.add_argument("--image-size", type=int, default=None,
-                   help="side of the square images fed to the model (default: per dataset)")
+    g.add_argument("--min-client-size", type=int, default=10,
+                   help="fewest images per client for --partition dirichlet (default: 10)")
+    g.add_argument("--labels-per-client", type=int, default=3,
+                   help="classes k each client annotates for --partition labelset (default: 3)")
+    g.add_argument("--shards-per-client", type=int, default=2,
+                   help="label-sorted shards per client for --partition shards (default: 2)")
+    g.add_argument("--unlabeled-fraction", type=float, default=0.0,
+                   help="share of each client's training images kept unlabelled (default: 0)")
+    g.add_argument("--holdout-client", default=None, metavar="NAME",
+                   help="client(s), comma-separated, kept out of training and evaluated as "
+                   "unseen domains on all their images")
+    g.add_argument("--max-images-per-client", type=int, default=None, metavar="N",
+                   help="class-stratified subsample of at most N images per client")
     g.add_argument("--test-fraction", type=float, default=0.2,
-                   help="share of each client's images held out for its test set (default: 0.2)")
-    ARG_NAMES[:] = [a.dest for a in parser._actions if a.dest not in before]
+                   help="share of each client's images held out for its test set where the "
+                   "dataset has no official test split (default: 0.2)")
+    g.add_argument("--split-unit", default=None, choices=("image", "lesion"),
+                   help="what a train/test split keeps whole (default: lesion for ham10000 "
+                   "and isic2018 with lesion groupings, image otherwise, as FLamby)")
+    g.add_argument("--image-size", type=int, default=None,
+                   help="side of the square images fed to the model (default: synthetic 32, "
+                   "medmnist its own size, others 64; 224 for the published recipes)")
+    g.add_argument("--color-constancy", action="store_true",
+                   help="Shades-of-Gray colour constancy, p = 6 (Fed-ISIC2019 preprocessing)")
+    g.add_argument("--cache-dir", default=None,
+                   help="decoded-image cache (default: $FEDMED_CACHE or ~/.cache/fedmed; "
+                   "'none': no cache)")
+    ARG_NAMES[:] = [a.dest for a in parser._actions
+                    if a.dest not in before and a.dest not in NOT_SAVED]
+
+
+def namespace(**flags) -> argparse.Namespace:
+    """The data flags' defaults, updated by `flags` (for tests and scripts)."""
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    ns = p.parse_args([])
+    for k, v in flags.items():
+        if not hasattr(ns, k):
+            raise TypeError(f"unknown data flag {k}")
+        setattr(ns, k, v)
+    return ns
+
+
+def _check_flags(ns) -> None:
+    if ns.partition is not None and ns.partition not in PARTITIONS:
+        raise UsageError(f"--partition {ns.partition!r} is unknown; choose one of "
+                         + ", ".join(PARTITIONS))
+    if not 0 < ns.test_fraction < 1:
+        raise UsageError(f"--test-fraction must lie in (0, 1) (got {ns.test_fraction})")
+    if ns.image_size is not None and not 4 <= ns.image_size <= 4096:
+        raise UsageError(f"--image-size must lie in 4..4096 (got {ns.image_size})")
+    if ns.max_images_per_client is not None and ns.max_images_per_client < 2:
+        raise UsageError(f"--max-images-per-client must be >= 2 (got {ns.max_images_per_client})")
+
+
+def load_catalog(ns: argparse.Namespace) -> Catalog:
+    """The catalog of --dataset at --data-dir, with a one-line error for a bad path."""
+    if not ns.data_dir:
+        raise UsageError(f"--dataset {ns.dataset} needs --data-dir (the folder of its official "
+                         "layout" + (", or the .npz file" if ns.dataset == "medmnist" else "") + ")")
+    root = Path(ns.data_dir).expanduser()
+    if not root.exists():
+        raise UsageError(f"--data-dir {ns.data_dir} does not exist; give the folder of the "
+                         f"{ns.dataset} download")
+    if root.is_dir() and not any(root.iterdir()):
+        raise UsageError(f"--data-dir {ns.data_dir} is empty; give the folder of the "
+                         f"{ns.dataset} download")
+    if root.is_file() and ns.dataset != "medmnist":
+        raise UsageError(f"--data-dir {ns.data_dir} is a file; give the folder of the "
+                         f"{ns.dataset} download")
+    return CATALOGS[ns.dataset](root.resolve())
 
 
 def load(args: argparse.Namespace, seed: int) -> Federation:
     if args.dataset not in DATASETS:
         raise UsageError(f"--dataset {args.dataset!r} is unknown; choose one of "
                          + ", ".join(sorted(DATASETS)))
+    _check_flags(args)
     if args.dataset == "synthetic":
-        if args.partition != "natural":
+        if args.partition not in (None, "natural"):
             raise UsageError("--partition: the synthetic dataset has natural sites only; "
                              "use --partition natural")
-        return make_synthetic(seed, args.clients, args.image_size or 32, args.test_fraction)
-    raise AssertionError(args.dataset)
+        fed = make_synthetic(seed, args.clients, args.image_size or 32, args.test_fraction)
+        stream = lambda *k: np_rng(seed, "data", "synthetic", *k)  # noqa: E731
+        notes: list = []
+        post_process(fed.clients, fed.y.numpy(), args, stream)
+        fed.holdout = take_holdout(fed.clients, args.holdout_client, notes)
+        if notes:
+            fed.info["notes"] = notes
+        return fed
+    quiet = getattr(args, "quiet", False)
+    log = None if quiet else (lambda s: print(s, file=sys.stderr, flush=True))
+    return build(load_catalog(args), args, seed, log=log)
