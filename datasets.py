@@ -527,6 +527,7 @@ def catalog_isic2019(root: Path) -> Catalog:
     y = onehot_labels(gt, gt_path, ISIC2019_CLASSES, never=("UNK",))  # rule 5: argmax of 8
     md = read_csv(md_path, ["image", "lesion_id"], ISIC2019_LAYOUT)
     lesion = {r["image"]: r["lesion_id"] for r in md}
+    md_line = {r["image"]: r["_line"] for r in md}
     ham = None
 
     def ham_source(name, line):
@@ -550,8 +551,8 @@ def catalog_isic2019(root: Path) -> Catalog:
         try:
             centre = fed_isic2019_centre(lesion[name], lambda: ham_source(name, r["_line"]))
         except ValueError as e:
-            raise UsageError(f"{md_path}: image {name}: {e}; the Fed-ISIC2019 rule knows "
-                             "only the BCN, HAM and MSK centres")
+            raise UsageError(f"{md_path} row {md_line[name]} (image {name}): {e}; the "
+                             "Fed-ISIC2019 rule knows only the BCN, HAM and MSK centres")
         if centre is not None:
             site[i] = ISIC2019_CENTRES.index(centre)
         groups.append(lesion[name] or name)          # no lesion id: the image is its own
@@ -1090,6 +1091,11 @@ def build(cat: Catalog, ns: argparse.Namespace, seed: int, log=None) -> Federati
                 test = stratified_subsample(labels, test, cap - n_tr, stream("subsample", name, "test"))
         unl = train[labels[train] < 0]                                          # no label
         clients.append(ClientSplit(name, train[labels[train] >= 0], test, unl))
+    if tests is None and groups is not None:
+        moved = keep_groups_on_one_side(clients, groups)
+        if moved:
+            notes.append(f"{moved} images of lesions seen at two sites moved to the side "
+                         "(train/test) the lesion has at its first site")
     if partition == "labelset":                                                 # (5)
         m = ns.labels_per_client
         if not 1 <= m <= C:
@@ -1131,6 +1137,26 @@ def build(cat: Catalog, ns: argparse.Namespace, seed: int, log=None) -> Federati
     return Federation(cat.name, list(cat.classes), torch.from_numpy(x),
                       torch.from_numpy(labels[used].astype(np.int64)), clients, holdout,
                       info, [cat.files[i] for i in used])
+
+
+def keep_groups_on_one_side(clients: list, groups: np.ndarray) -> int:
+    """A lesion photographed at two sites (9 lesions of HAM10000 are) is split per site,
+    so it could land in train at one and in test at another: every lesion takes the
+    side it has at its first client in client order. Returns the images moved."""
+    side: dict = {}
+    for c in clients:
+        for split in ("train", "test"):
+            for gname in groups[getattr(c, split)]:
+                side.setdefault(gname, split)
+    moved = 0
+    for c in clients:
+        to_test = np.array([side[gname] == "test" for gname in groups[c.train]], bool)
+        to_train = np.array([side[gname] == "train" for gname in groups[c.test]], bool)
+        if to_test.any() or to_train.any():
+            moved += int(to_test.sum() + to_train.sum())
+            c.train, c.test = (np.sort(np.concatenate([c.train[~to_test], c.test[to_train]])),
+                               np.sort(np.concatenate([c.test[~to_train], c.train[to_test]])))
+    return moved
 
 
 def post_process(clients: list, labels: np.ndarray, ns, stream) -> None:
