@@ -21,6 +21,12 @@ smallest DCT scale that keeps both sides >= the target side), convert to RGB (gr
 replicated to three channels; 16-bit and float images min-max scaled to 8 bits), crop
 the centred largest square, resize it to image_size x image_size with PIL's antialiased
 bilinear filter, and, with --color-constancy, Shades of Gray (p = 6).
+Deviations from the Fed-ISIC2019 recipe (FLamby, du Terrail et al., NeurIPS 2022,
+arXiv:2210.04620): FLamby resizes the shorter side to 224 keeping the aspect ratio and
+crops 200 px at training/test time; here every image is stored as its centred square so
+that all fit one tensor. Without FLamby's frozen split file, each centre is split 80/20
+with a seeded split stratified by class [ours], so results are not comparable to its
+published numbers (config.json records the rule under dataset_info.split_rule).
 """
 from __future__ import annotations
 

@@ -498,3 +498,83 @@ def test_bad_paths_and_folders_are_one_line_exit_2(tmp_path, capsys):
     rc, err = main_err(["--dataset", "imagefolder", "--data-dir", str(tmp_path / "flat"), "--out",
                         str(tmp_path / "out"), "--quiet"], capsys)
     assert rc == 2 and "does not exist" in err
+
+
+# ---------------------------------------------------------------- isic2018 and ham10000 layouts
+
+def fake_isic2018(root: Path, n_train=30, n_test=10, groupings=True):
+    classes = datasets.HAM_CLASSES
+    for split, n, off in (("Training", n_train, 0), ("Test", n_test, 1000)):
+        gt_dir = root / f"ISIC2018_Task3_{split}_GroundTruth"
+        gt_dir.mkdir(parents=True)
+        with open(gt_dir / f"ISIC2018_Task3_{split}_GroundTruth.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["image"] + classes)
+            for i in range(n):
+                name = f"ISIC_{off + i:07d}"
+                write_image(root / f"ISIC2018_Task3_{split}_Input" / f"{name}.jpg", (16, 12), seed=i)
+                w.writerow([name] + [f"{float(c == i % 7):.1f}" for c in range(7)])
+    if groupings:
+        with open(root / "ISIC2018_Task3_Training_LesionGroupings.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["image", "lesion_id", "diagnosis_confirm_type"])
+            for i in range(n_train):                      # lesion k holds images k, k + 7, ...
+                w.writerow([f"ISIC_{i:07d}", f"HAM_{i % 14:07d}", "histopathology"])
+
+
+def test_isic2018_task3_layout(tmp_path):
+    root = tmp_path / "isic2018"
+    fake_isic2018(root)
+    ns = datasets.namespace(dataset="isic2018", data_dir=str(root), image_size=8, clients=2,
+                            cache_dir=str(tmp_path / "cache"))
+    fed = datasets.load(ns, seed=0)
+    assert fed.classes == ["MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC"]
+    test = [f for c in fed.clients for f in np.array(fed.files)[c.test]]
+    assert len(test) == 10 and all("Test_Input" in f for f in test)  # the official test split
+    for j, f in enumerate(fed.files):
+        assert fed.y[j].item() == int(Path(f).stem[5:]) % 1000 % 7
+    # without the Test files: one global lesion-aware split before partitioning
+    (root / "ISIC2018_Task3_Test_GroundTruth" / "ISIC2018_Task3_Test_GroundTruth.csv").unlink()
+    fed = datasets.load(ns, seed=0)
+    lesion = {f"ISIC_{i:07d}": i % 14 for i in range(30)}
+    train = {lesion[Path(fed.files[i]).stem] for c in fed.clients for i in c.train}
+    test = {lesion[Path(fed.files[i]).stem] for c in fed.clients for i in c.test}
+    assert test and not train & test
+    assert fed.info["split_unit"] == "lesion"
+
+
+def test_ham10000_bad_rows(tmp_path, capsys):
+    root = tmp_path / "ham"
+    with open(tmp_path / "meta.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["lesion_id", "image_id", "dx", "dx_type", "age", "sex", "localization", "dataset"])
+        for i in range(6):
+            w.writerow([f"HAM_{i // 2}", f"ISIC_{i:07d}", ["nv", "mel", "bkl"][i % 3], "histo",
+                        50, "male", "back", "rosendahl"])
+            write_image(root / "HAM10000_images_part_1" / f"ISIC_{i:07d}.jpg", (10, 10), seed=i)
+    (root / "HAM10000_metadata.csv").write_text((tmp_path / "meta.csv").read_text().replace(
+        "ISIC_0000004,mel", "ISIC_0000004,melanoma"))
+    argv = ["--dataset", "ham10000", "--data-dir", str(root), "--out", str(tmp_path / "o"), "--quiet"]
+    rc, err = main_err(argv, capsys)
+    assert rc == 2 and "\n" not in err and "row 6" in err and "'melanoma'" in err, err
+    (root / "HAM10000_metadata.csv").write_text((tmp_path / "meta.csv").read_text())
+    (root / "HAM10000_images_part_1" / "ISIC_0000002.jpg").unlink()
+    rc, err = main_err(argv, capsys)
+    assert rc == 2 and "\n" not in err and "ISIC_0000002.jpg" in err and "row 4" in err, err
+
+
+def test_color_constancy_flag_changes_pixels_and_cache_key(tmp_path):
+    root = tmp_path / "set"
+    for cls in ("a", "b"):
+        for i in range(6):
+            write_image(root / "train" / cls / f"{i}.jpg", (20, 20), seed=i)
+    ns = datasets.namespace(dataset="imagefolder", data_dir=str(root), image_size=8, clients=1,
+                            cache_dir=str(tmp_path / "cache"))
+    plain = datasets.load(ns, seed=0)
+    sog = datasets.load(datasets.namespace(**{**vars(ns), "color_constancy": True}), seed=0)
+    assert sog.info["image_cache"] != plain.info["image_cache"]
+    assert sog.info["images_decoded"] == 12
+    assert not np.array_equal(sog.x.numpy(), plain.x.numpy())
+    j = 3
+    ref = datasets.shades_of_gray(plain.x[j].numpy().transpose(1, 2, 0))
+    assert np.array_equal(sog.x[j].numpy().transpose(1, 2, 0), ref)
