@@ -18,8 +18,8 @@ import contextlib
 import dataclasses
 import hashlib
 import io
+import itertools
 import json
-import math
 import os
 import subprocess
 import sys
@@ -68,8 +68,8 @@ def seeded(seed: int, *keys):
 class Config:
     """Settings shared by every algorithm (each algorithm adds its own `Args`)."""
     algo: str = "fedavg"
-    rounds: int = 20                  # R
-    local_epochs: int = 1             # E
+    rounds: int = 40                  # R
+    local_epochs: int = 2             # E
     local_steps: int = 0              # tau; > 0 replaces E epochs by tau minibatches
     batch_size: int = 32              # B
     lr: float = 0.01                  # eta
@@ -368,7 +368,7 @@ class Algorithm:
         B, n = self.cfg.batch_size, len(data)
         budget = self.cfg.local_steps * steps_scale
         steps = 0
-        for _ in range(self.cfg.local_epochs if not budget else math.inf):
+        for _ in (range(self.cfg.local_epochs) if not budget else itertools.count()):
             perm = data[torch.randperm(n, generator=gen)]
             for s in range(0, n, B):
                 if budget and steps >= budget:
