@@ -225,24 +225,24 @@ def make_synthetic(seed: int, clients: int = 5, image_size: int = 32,
     xs, ys, splits, start = [], [], [], 0
     for k in range(clients):
         g = np_rng(seed, "synthetic", k)
-        n = int(g.integers(80, 401))
-        p = g.dirichlet(np.full(C, 0.5))
+        n = int(g.integers(60, 241))
+        p = g.dirichlet(np.full(C, 1.0))
         cls = g.choice(C, size=n, p=p)
-        r = g.uniform(0.18, 0.32, n).astype(np.float32) * size
+        r = g.uniform(0.22, 0.36, n).astype(np.float32) * size
         cx = g.uniform(0.3, 0.7, n).astype(np.float32) * size
         cy = g.uniform(0.3, 0.7, n).astype(np.float32) * size
         mask = _shape_masks(cls, cx, cy, r, size).astype(np.float32)
         # background: smooth random texture + the shape at a random intensity
         bg = g.normal(0, 1, (n, size // 4, size // 4)).astype(np.float32)
-        bg = np.kron(bg, np.ones((4, 4), np.float32))[:, :size, :size] * 0.12 + 0.4
-        fg = g.uniform(0.25, 0.5, (n, 1, 1)).astype(np.float32)
+        bg = np.kron(bg, np.ones((4, 4), np.float32))[:, :size, :size] * 0.08 + 0.4
+        fg = g.uniform(0.3, 0.5, (n, 1, 1)).astype(np.float32)
         img = bg + mask * fg * np.sign(g.uniform(-0.3, 1, (n, 1, 1))).astype(np.float32)
         img = np.repeat(img[:, None], 3, axis=1)                          # [n, 3, s, s]
         # this client's acquisition shift
-        cast = g.uniform(0.6, 1.4, 3).astype(np.float32)[None, :, None, None]
-        contrast = g.uniform(0.5, 1.3)
-        blur = int(g.integers(0, 3))                                      # box radius
-        noise = g.uniform(0.03, 0.12)
+        cast = g.uniform(0.85, 1.15, 3).astype(np.float32)[None, :, None, None]
+        contrast = g.uniform(0.8, 1.2)
+        blur = int(g.integers(0, 2))                                      # box radius
+        noise = g.uniform(0.02, 0.08)
         img = (img - 0.5) * contrast + 0.5
         img = img * cast
         if blur:

@@ -71,7 +71,7 @@ class Config:
     rounds: int = 40                  # R
     local_epochs: int = 2             # E
     local_steps: int = 0              # tau; > 0 replaces E epochs by tau minibatches
-    batch_size: int = 32              # B
+    batch_size: int = 16              # B
     lr: float = 0.01                  # eta
     momentum: float = 0.9
     weight_decay: float = 0.0
@@ -246,13 +246,13 @@ class Algorithm:
     """
     Args = None
     name = "fedavg"
+    primary_view = "global"           # name of the evaluated model in metrics.jsonl
 
     def __init__(self, cfg: Config, args, fed):
-        import models
         self.cfg, self.args, self.fed = cfg, args, fed
         self.device = torch.device(cfg.device)
         with seeded(cfg.seed, "init"):
-            self.model = models.build(cfg.model, fed.num_classes, cfg.weights).to(self.device)
+            self.model = self.build_model().to(self.device)
         self.init_weights = {k: v.detach().clone().cpu() for k, v in self.model.state_dict().items()}
         affine, stats = bn_keys(self.model)
         self.bn_stats = stats
@@ -263,7 +263,14 @@ class Algorithm:
         self.alpha = (class_weights(train_y, fed.num_classes).to(self.device)
                       if cfg.class_weights == "inverse" else None)
         self.round = 0
-        self.clients: list = []
+        self.clients: list = []                       # set by the loop (setup)
+        self.holdout: list = []                       # clients never trained on
+
+    def build_model(self) -> nn.Module:
+        """The one working model whose state_dict is what clients train and send (a CLIP
+        method returns its adapter here). Called under the (seed, "init") stream."""
+        import models
+        return models.build(self.cfg.model, self.fed.num_classes, self.cfg.weights)
 
     def _private_keys(self, affine: set, stats: set) -> set:
         return {"average": set(), "local": affine | stats, "params_only": stats}[self.cfg.bn]
@@ -443,11 +450,13 @@ def git_commit() -> str | None:
 
 
 def versions() -> dict:
+    """Versions of what produced a result (open_clip read from its package metadata:
+    importing it costs seconds)."""
+    from importlib import metadata
     v = {"python": sys.version.split()[0], "torch": torch.__version__, "numpy": np.__version__}
     try:
-        import open_clip
-        v["open_clip"] = open_clip.__version__
-    except Exception:  # noqa: BLE001 - optional at this point
+        v["open_clip"] = metadata.version("open_clip_torch")
+    except metadata.PackageNotFoundError:
         v["open_clip"] = None
     return v
 
@@ -508,6 +517,12 @@ def sample_clients(seed: int, t: int, K: int, fraction: float) -> list:
 
 
 def make_clients(fed) -> list:
+    empty = [c.name for c in fed.clients if len(c.train) == 0 and len(c.unlabeled) == 0]
+    if empty:
+        raise UsageError(f"--partition left client {empty[0]} with no training images "
+                         f"({len(empty)} such client(s)); use fewer --clients or another partition")
+    if not fed.clients:
+        raise UsageError("--holdout-client left no client to train; hold out fewer clients")
     return [ClientState(k, c.name, np.asarray(c.train), np.asarray(c.test),
                         np.asarray(c.unlabeled), c.label_set) for k, c in enumerate(fed.clients)]
 
@@ -516,11 +531,12 @@ def run(cfg: Config, args, fed, out: str, *, resume: bool = False, data_args: di
         stop_after: int | None = None, quiet: bool = False, log=print) -> dict:
     """Train `cfg.algo` on federation `fed` for cfg.rounds rounds, writing results to
     `out`; returns the summary. The ONE round loop of the project."""
-    algo = ALGORITHMS[cfg.algo](cfg, args, fed)
     clients = make_clients(fed)
+    algo = ALGORITHMS[cfg.algo](cfg, args, fed)
     holdout = [ClientState(-1 - i, c.name, np.asarray(c.train), np.asarray(c.test))
                for i, c in enumerate(fed.holdout)]
     server = ServerState()
+    algo.holdout = holdout
     algo.setup(server, clients)
     record = {"config": dataclasses.asdict(cfg),
               "algorithm_args": dataclasses.asdict(args) if args is not None else {},
@@ -565,7 +581,7 @@ def run(cfg: Config, args, fed, out: str, *, resume: bool = False, data_args: di
         atomic_torch_save({"round": t + 1, "record": comparable_config(record),
                            "server": dataclasses.asdict(server),
                            "clients": [c.state for c in clients]}, ckpt_path)
-        pooled = [m for m in last if m["client"] == "pooled"][0]
+        pooled = [m for m in _primary(last) if m["client"] == "pooled"][0]
         bar.step(f"round {t + 1}: mean BA {_mean_ba(last):.3f}  pooled BA "
                  f"{pooled['balanced_accuracy']:.3f}  ({time.perf_counter() - t0:.1f}s)")
         if stop_after is not None and t + 1 >= stop_after and t + 1 < cfg.rounds:
@@ -580,31 +596,48 @@ def run(cfg: Config, args, fed, out: str, *, resume: bool = False, data_args: di
 
 def evaluate_all(algo, server, clients, holdout, t, up_bytes, down_bytes, seconds) -> list:
     """Metrics of every client (trained this round or not) on its own test set, of the
-    pooled test set (concatenated predictions, not a mean), and of held-out clients."""
-    lines, ys, probs = [], [], []
+    pooled test set (concatenated predictions, not a mean), and of held-out clients; one
+    line each per view when `predict` returns several (e.g. personal and global models).
+    The round's bytes are repeated on each view's line; totals come from the primary view."""
+    lines, ys, probs = [], {}, {}
     for c in clients + holdout:
-        prob = algo.predict(server, c, c.test)
+        out = algo.predict(server, c, c.test)
+        views = out if isinstance(out, dict) else {algo.primary_view: out}
         y = algo.fed.y[torch.as_tensor(c.test, dtype=torch.long)].numpy()
-        m = classification_metrics(y, prob) if len(y) else {}
-        m.update(round=t + 1, client=c.name, holdout=c.id < 0,
-                 bytes_up=up_bytes.get(c.id, 0), bytes_down=down_bytes.get(c.id, 0))
-        lines.append(m)
-        if c.id >= 0:
-            ys.append(y)
-            probs.append(prob)
-    pooled = classification_metrics(np.concatenate(ys), np.concatenate(probs))
-    pooled.update(round=t + 1, client="pooled", holdout=False,
-                  bytes_up=sum(up_bytes.values()), bytes_down=sum(down_bytes.values()),
-                  seconds=seconds)
-    return lines + [pooled]
+        for view, prob in views.items():
+            m = classification_metrics(y, prob) if len(y) else {}
+            m.update(round=t + 1, client=c.name, view=view, holdout=c.id < 0,
+                     bytes_up=up_bytes.get(c.id, 0), bytes_down=down_bytes.get(c.id, 0))
+            lines.append(m)
+            if c.id >= 0:
+                ys.setdefault(view, []).append(y)
+                probs.setdefault(view, []).append(prob)
+    for view in ys:
+        pooled = classification_metrics(np.concatenate(ys[view]), np.concatenate(probs[view]))
+        pooled.update(round=t + 1, client="pooled", view=view, holdout=False,
+                      bytes_up=sum(up_bytes.values()), bytes_down=sum(down_bytes.values()),
+                      seconds=seconds)
+        lines.append(pooled)
+    return lines
+
+
+def _primary(lines: list) -> list:
+    """The lines of the first view (the algorithm's primary one)."""
+    view = lines[0]["view"]
+    return [m for m in lines if m["view"] == view]
 
 
 def _mean_ba(lines: list) -> float:
-    return float(np.mean([m["balanced_accuracy"] for m in lines
+    return float(np.mean([m["balanced_accuracy"] for m in _primary(lines)
                           if m["client"] != "pooled" and not m["holdout"]]))
 
 
 def make_summary(last: list, totals: dict, rounds: int) -> dict:
+    """Last-round figures of the primary view; other views under `views`."""
+    views = list(dict.fromkeys(m["view"] for m in last))
+    others = {v: make_summary([m for m in last if m["view"] == v], totals, rounds)
+              for v in views[1:]}
+    last = _primary(last)
     per = [m for m in last if m["client"] != "pooled" and not m["holdout"]]
     pooled = [m for m in last if m["client"] == "pooled"][0]
     mean = lambda k: float(np.nanmean([m[k] for m in per]))  # noqa: E731
@@ -623,6 +656,12 @@ def make_summary(last: list, totals: dict, rounds: int) -> dict:
         summary["holdout"] = {m["client"]: {k: m[k] for k in ("balanced_accuracy", "accuracy",
                                                               "macro_f1", "macro_auroc", "n")}
                               for m in held}
+    summary["view"] = views[0]
+    if others:
+        summary["views"] = {v: {k: o[k] for k in ("balanced_accuracy", "pooled_balanced_accuracy",
+                                                  "accuracy", "macro_f1", "macro_auroc", "clients")
+                                } | ({"holdout": o["holdout"]} if "holdout" in o else {})
+                            for v, o in others.items()}
     return summary
 
 
@@ -661,7 +700,8 @@ def _truncate_metrics(path: str, rounds_done: int) -> None:
 
 
 def _totals_from(path: str) -> dict:
-    pooled = [m for m in _read_lines(path) if m["client"] == "pooled"]
+    lines = _read_lines(path)
+    pooled = [m for m in lines if m["client"] == "pooled" and m["view"] == lines[0]["view"]]
     return {"bytes_up": sum(m["bytes_up"] for m in pooled),
             "bytes_down": sum(m["bytes_down"] for m in pooled),
             "seconds": sum(m.get("seconds", 0.0) for m in pooled)}

@@ -157,6 +157,8 @@ def _main(argv) -> int:
     cls = fedmed.ALGORITHMS[cfg.algo]
     args = _fill(cls.Args, ns) if cls.Args is not None else None
     out = prepare_out(ns, cfg)
+    if ns.image_size is None and hasattr(cls, "default_image_size"):
+        ns.image_size = cls.default_image_size(args)   # e.g. a CLIP model's input size
     fed = datasets.load(ns, seed=cfg.seed)
     if not ns.quiet:
         print(f"{cfg.algo} on {fed.name}: {len(fed.clients)} clients, {fed.num_classes} classes "

@@ -14,6 +14,7 @@ from fedmed import Algorithm, register
 @register("local")
 class Local(Algorithm):
     Args = None
+    primary_view = "local"
 
     def _private_keys(self, affine, stats):
         return set(self.init_weights)                 # the whole model stays home

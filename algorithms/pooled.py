@@ -15,6 +15,7 @@ from fedmed import Algorithm, ClientState, register
 @register("pooled")
 class Pooled(Algorithm):
     Args = None
+    primary_view = "centralised"
 
     def _private_keys(self, affine, stats):
         return set(self.init_weights)

@@ -391,6 +391,14 @@ def test_bad_input_is_one_line_exit_2(tmp_path, capsys, flags, needle):
     assert not os.path.exists(out)
 
 
+def test_client_left_empty_is_refused(tmp_path, fed):
+    empty = datasets.ClientSplit("site9", np.zeros(0, np.int64), fed.clients[0].test)
+    bad = datasets.Federation("bad", fed.classes, fed.x, fed.y, fed.clients + [empty])
+    with pytest.raises(fedmed.UsageError, match="site9"):
+        fedmed.run(Config(rounds=1), None, bad, str(tmp_path / "o"), quiet=True)
+    assert not os.path.exists(tmp_path / "o")
+
+
 def test_resume_from_other_configuration_is_refused(tmp_path, capsys):
     cli(tmp_path, "--stop-after", "1")
     rc, out = cli(tmp_path, "--resume", "--lr", "0.5")
