@@ -284,6 +284,11 @@ class Algorithm:
         for c in clients:
             c.state["private"] = {k: self.init_weights[k].clone() for k in self.private_keys}
 
+    def begin_round(self, server: ServerState, clients: list) -> None:
+        """Called at the start of every round before sampling (protocols such as active
+        learning cycles act here). A client's train/unlabeled indices and state are
+        checkpointed, so changes made here survive --resume."""
+
     def participants(self, server: ServerState, sampled: list) -> list:
         """The clients that train this round (Pooled replaces them by their union)."""
         return sampled
@@ -563,6 +568,7 @@ def run(cfg: Config, args, fed, out: str, *, resume: bool = False, data_args: di
     for t in range(start, cfg.rounds):
         algo.round = t
         t0 = time.perf_counter()
+        algo.begin_round(server, clients)
         sampled = [clients[k] for k in sample_clients(cfg.seed, t, len(clients), cfg.fraction)]
         up_bytes, down_bytes, uploads = {}, {}, {}
         for client in algo.participants(server, sampled):
@@ -580,7 +586,8 @@ def run(cfg: Config, args, fed, out: str, *, resume: bool = False, data_args: di
         totals["seconds"] += time.perf_counter() - t0
         atomic_torch_save({"round": t + 1, "record": comparable_config(record),
                            "server": dataclasses.asdict(server),
-                           "clients": [c.state for c in clients]}, ckpt_path)
+                           "clients": [{"state": c.state, "train": c.train,
+                                        "unlabeled": c.unlabeled} for c in clients]}, ckpt_path)
         pooled = [m for m in _primary(last) if m["client"] == "pooled"][0]
         bar.step(f"round {t + 1}: mean BA {_mean_ba(last):.3f}  pooled BA "
                  f"{pooled['balanced_accuracy']:.3f}  ({time.perf_counter() - t0:.1f}s)")
@@ -681,8 +688,8 @@ def _restore(ckpt_path, record, out, server, clients, algo) -> int:
                          f"{', '.join(diff[:4]) or 'structure'}); resume with the same flags "
                          "or start a new --out")
     server.weights, server.state = ck["server"]["weights"], ck["server"]["state"]
-    for c, st in zip(clients, ck["clients"]):
-        c.state = st
+    for c, saved in zip(clients, ck["clients"]):
+        c.state, c.train, c.unlabeled = saved["state"], saved["train"], saved["unlabeled"]
     return int(ck["round"])
 
 

@@ -215,8 +215,8 @@ def test_stop_and_resume_equals_uninterrupted(tmp_path, algo):
     for k, v in ck_full["server"]["weights"].items():
         assert torch.equal(v, ck_part["server"]["weights"][k])
     for s1, s2 in zip(ck_full["clients"], ck_part["clients"]):
-        for k, v in s1.get("private", {}).items():
-            assert torch.equal(v, s2["private"][k])
+        for k, v in s1["state"].get("private", {}).items():
+            assert torch.equal(v, s2["state"]["private"][k])
     assert drop_seconds(read_jsonl(os.path.join(full, "metrics.jsonl"))) == \
         drop_seconds(read_jsonl(os.path.join(part, "metrics.jsonl")))
     assert drop_seconds(json.load(open(os.path.join(full, "summary.json")))) == \
