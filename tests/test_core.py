@@ -438,3 +438,32 @@ def test_torchvision_models_build_offline_and_load_local_weights(tmp_path, name)
     torch.save(m.state_dict(), own)
     m2 = models.build(name, 8, str(own))
     assert all(torch.equal(m2.state_dict()[k], v) for k, v in m.state_dict().items())
+
+
+def test_several_views_each_get_metrics_and_the_first_is_primary(tmp_path, fed):
+    """predict() returning {view: probs} gives a line per view; summary uses the first."""
+    class TwoViews(fedmed.ALGORITHMS["fedavg"]):
+        def predict(self, server, client, idx):
+            p = super().predict(server, client, idx)
+            uniform = np.full_like(p, 1.0 / p.shape[1])
+            return {"global": p, "uniform": uniform}
+
+    fedmed.ALGORITHMS["_twoviews"] = TwoViews
+    try:
+        s = fedmed.run(Config(algo="_twoviews", rounds=2, batch_size=16, local_epochs=1), None,
+                       fed, str(tmp_path / "o"), quiet=True)
+    finally:
+        del fedmed.ALGORITHMS["_twoviews"]
+    lines = read_jsonl(tmp_path / "o" / "metrics.jsonl")
+    assert len(lines) == 2 * 2 * (3 + 1)
+    uni = [m for m in lines if m["view"] == "uniform" and m["round"] == 2 and m["client"] != "pooled"]
+    assert all(m["accuracy"] == pytest.approx((np.argmax(np.full(6, 1 / 6)) ==
+                                               fed.y[torch.as_tensor(fed.clients[i].test)].numpy()).mean())
+               for i, m in enumerate(uni))
+    glob = [m for m in lines if m["view"] == "global" and m["round"] == 2 and m["client"] != "pooled"]
+    assert s["view"] == "global"
+    assert s["balanced_accuracy"] == pytest.approx(np.mean([m["balanced_accuracy"] for m in glob]))
+    assert s["views"]["uniform"]["balanced_accuracy"] == pytest.approx(
+        np.mean([m["balanced_accuracy"] for m in uni]))
+    pooled = [m for m in lines if m["client"] == "pooled" and m["view"] == "global"]
+    assert s["bytes_up"] == sum(m["bytes_up"] for m in pooled)      # not double-counted
