@@ -68,10 +68,10 @@ def seeded(seed: int, *keys):
 class Config:
     """Settings shared by every algorithm (each algorithm adds its own `Args`)."""
     algo: str = "fedavg"
-    rounds: int = 40                  # R
-    local_epochs: int = 2             # E
+    rounds: int = 20                  # R
+    local_epochs: int = 1             # E
     local_steps: int = 0              # tau; > 0 replaces E epochs by tau minibatches
-    batch_size: int = 16              # B
+    batch_size: int = 32              # B
     lr: float = 0.01                  # eta
     momentum: float = 0.9
     weight_decay: float = 0.0
@@ -242,7 +242,9 @@ class Algorithm:
 
     The loop calls, each round t: for every sampled client k, broadcast -> transmit ->
     local_update -> transmit; then aggregate; then predict on every client's test set.
-    `self.round` is the current round, set by the loop before these calls.
+    `self.round` is the current round, set by the loop before these calls. Whatever must
+    survive --resume lives in `server.state` or `client.state` (both are checkpointed
+    every round), or is derived from `self.round`; never in other attributes.
     """
     Args = None
     name = "fedavg"
@@ -497,6 +499,12 @@ class Progress:
         self.tty = sys.stderr.isatty()
         self.t0 = time.perf_counter()
 
+    def status(self, text: str) -> None:
+        """What is happening inside the current step (shown on a terminal only)."""
+        if self.enabled and self.tty:
+            sys.stderr.write("\r" + f"  {text}"[:150].ljust(150))
+            sys.stderr.flush()
+
     def step(self, text: str) -> None:
         self.done += 1
         if not self.enabled:
@@ -572,6 +580,7 @@ def run(cfg: Config, args, fed, out: str, *, resume: bool = False, data_args: di
         sampled = [clients[k] for k in sample_clients(cfg.seed, t, len(clients), cfg.fraction)]
         up_bytes, down_bytes, uploads = {}, {}, {}
         for client in algo.participants(server, sampled):
+            bar.status(f"round {t + 1}/{cfg.rounds}: training {client.name}")
             payload, down = transmit(algo.broadcast(server, client))
             upload, up = transmit(algo.local_update(client, payload))
             uploads[client.id], up_bytes[client.id], down_bytes[client.id] = upload, up, down

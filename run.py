@@ -59,9 +59,10 @@ def _add_dataclass_flags(group, cls, defaults_shown: bool, seen: set) -> None:
             group.add_argument(_flag(f.name), action="store_true", default=None,
                                help=f"{text} (default: {default})")
             continue
+        recipes = "".join(f"; {d}: {r[f.name]}" for d, r in datasets.RECIPES.items() if f.name in r)
         group.add_argument(_flag(f.name), type=kind, default=None, choices=CHOICES.get(f.name),
                            metavar=f.name.upper() if f.name not in CHOICES else None,
-                           help=f"{text} (default: {default})")
+                           help=f"{text} (default: {default}{recipes})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -152,6 +153,9 @@ def _main(argv) -> int:
     ns = build_parser().parse_args(argv)
     if ns.bn == "none":
         ns.bn = "params_only"
+    for key, value in datasets.RECIPES.get(ns.dataset, {}).items():
+        if getattr(ns, key) is None:                    # a flag the user left unset
+            setattr(ns, key, value)
     cfg = _fill(Config, ns)
     validate(cfg, ns)
     cls = fedmed.ALGORITHMS[cfg.algo]

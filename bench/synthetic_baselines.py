@@ -1,6 +1,6 @@
 """FedAvg, FedProx, local-only and pooled on the synthetic default federation, over
 several seeds (not a test; prints figures). Every run uses the defaults of
-`python run.py` (only --algo and --seed change).
+`python run.py` (the synthetic recipe; only --algo and --seed change).
 
     python bench/synthetic_baselines.py [--seeds 0 1 2] [--algos fedavg local pooled]
 """
@@ -26,7 +26,7 @@ def main():
     for algo in a.algos:
         for seed in a.seeds:
             fed = datasets.load(datasets.namespace(), seed=seed)
-            cfg = fedmed.Config(algo=algo, seed=seed)
+            cfg = fedmed.Config(algo=algo, seed=seed, **datasets.RECIPES["synthetic"])
             cls = fedmed.ALGORITHMS[algo]
             with tempfile.TemporaryDirectory() as out:
                 t0 = time.perf_counter()
