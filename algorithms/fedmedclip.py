@@ -1,0 +1,236 @@
+"""FedMedCLIP. Yihang Wu, Ahmad Chaddad, Federated CLIP for Resource-Efficient
+Heterogeneous Medical Image Classification, AAAI 2026 (main track), arXiv:2511.07929.
+Public code: github.com/AIPMLab/FedMedCLIP. Specification sheet:
+../shared/methods/fedmedclip.md (section numbers below refer to it; the equations are
+numbered here, the paper's own numbering was not verified).
+
+Both CLIP towers are frozen (their features come from clip_adapters' cache). Client k
+trains the shared feature-adaptation module theta_F and its private MLP phi_k:
+  (1) I~ = normalise(FAM(I) * I),   FAM = MaskedLinear -> standardise -> ReLU ->
+      MaskedLinear -> softmax (sheet §5); MLP = 3 x [MaskedLinear -> BN -> ReLU] -> MaskedLinear
+  (2) MaskedLinear: u_r = mean_j |W_rj|, m_r = 1[u_r - kappa_r > 0.01], y = x (W * m)^T + b * m,
+      kappa_r learnable (straight-through gradient where |u_r - kappa_r| <= 1)
+  (3) L_contr = 1/2 [CE(s I~ T_y^T, [1..B]) + CE(s T_y I~^T, [1..B])],  s = 100
+  (4) L_MLP = CE(O, y),  O = MLP(I~)
+  (5) q^(c) = softmax_batch(O[:, c] / tau),  p^(c) = softmax_batch(S[:, c] / tau),  S = I~ T^T
+      L_sim = 1/C sum_c sum_i [varpi q_i log(q_i / p_i) + (1 - varpi) p_i log(p_i / q_i)]
+  (6) varpi = mean_i H(p_FAM,i) / (H(p_FAM,i) + H(p_MLP,i)),  p_FAM = softmax(s S),
+      p_MLP = softmax(O), no gradient
+  (7) L = L_contr + L_MLP + lambda L_sim
+  (8) server: theta_F <- sum_k w_k theta_F^k over the fp16 + zlib uploads; eta <- gamma eta
+  (9) inference, client k: varpi_i = H(p_FAM,i) / (H(p_FAM,i) + H(p_MLP,i)),
+      p = varpi_i p_MLP + (1 - varpi_i) p_FAM;  held-out client: p_FAM with the server FAM.
+Only theta_F travels, as fp16 + zlib (both directions); phi_k never leaves client k.
+Evaluation views in metrics.jsonl: "personal" (9), the client's FAM and its MLP (the
+held-out client: the server FAM's zero-shot head, as the paper), and "global" (the server
+FAM's zero-shot head on every client).
+
+Paper defaults (sheet §7): ViT-B/32 OpenAI weights; prompt "a picture of a {class}";
+R = 50 (100 for ISIC2019 [unverified]), E = 1, B = 32 (drop_last); AdamW betas (0.9,
+0.98), eps 1e-6, weight decay 0.02, rebuilt each round; eta_F = 5e-5, eta_M = 1e-3
+(README values); gamma = 0.97; lambda = 0.04; tau = 2; s = 100; step offset 0.01;
+kappa_0 = 0. These are the defaults here (run.py applies `recipe` to unset flags).
+
+Deviations: (a) the paper's mechanisms where the public code differs, each with a flag
+giving the code's behaviour: the threshold trains with a straight-through estimator and
+is communicated (code: a step whose backward passes only |x| > 1, so kappa never trains,
+and kappa is not sent: `--mask-compat code`, which also leaves the bias unmasked);
+adaptive varpi in L_sim (code: 1/2, `--sim-weight half`); true entropy -sum p log p
+(code: -sum p log_softmax(p), `--entropy code`); n_k/n aggregation weights (code: 1/K,
+`--weighting uniform`); CLIP's normalisation (code: ImageNet's, `--clip-preprocess
+imagenet`); explicit per-sample standardisation in the FAM (what the code's
+InstanceNorm1d does; first public version: BatchNorm, `--fam-norm batch`); the personal
+view uses the client's FAM after its local training (code: after communication, i.e.
+the server FAM, `--personal-fam server`). (b) No validation split, hence no best-round
+model selection and no fp32 re-averaging of the best FAMs: the last round is reported
+(project rule). (c) Raw cosines / tau in L_sim as the code (`--sim-logit-scale`
+rescales them). (d) [code] kappa is reset to 0 when <= 1% of a layer's rows are kept,
+in both modes. (e) s is fixed at 100 instead of exp(CLIP logit_scale) (equal for the
+OpenAI weights). (f) Images are the dataset's centred squares resized to the CLIP input
+size (no resize-shortest-side + centre crop). (g) The held-out client is evaluated on
+all its images (the code's drop_last dropped up to B-1).
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fedmed
+from clip_adapters import (ClipArgs, ClipMethod, MaskedFAM, MaskedMLP, adapt,
+                           contrastive_loss, flag, on_one_thread, pack_fp16_zlib,
+                           unpack_fp16_zlib)
+from fedmed import UsageError, register, weighted_average
+
+
+@dataclass
+class Args(ClipArgs):
+    lr_mlp: float = flag(1e-3, "eta_M: learning rate of the private MLP (eta_F is --lr)")
+    lr_decay: float = flag(0.97, "gamma: both learning rates are multiplied by it each round")
+    lambda_sim: float = flag(0.04, "lambda: weight of the class-level KL L_sim")
+    sim_tau: float = flag(2.0, "tau: temperature of the class-level KL")
+    sim_weight: str = flag("adaptive", "varpi in L_sim: adaptive (entropy ratio, paper) | "
+                           "half (public code)")
+    sim_logit_scale: float = flag(1.0, "scale of the FAM's raw cosines S inside L_sim")
+    mask_compat: str = flag("paper", "masked linear: paper (trained threshold, straight-through, "
+                            "sent) | code (public code: inert threshold, not sent, bias unmasked)")
+    mask_offset: float = flag(0.01, "offset of the mask's step, m = 1[u - kappa > offset]")
+    fam_norm: str = flag("instance", "FAM normalisation: instance (per-sample standardisation) | "
+                         "batch (first public version) | none")
+    entropy: str = flag("true", "entropy in the ensemble weight: true | code (-sum p log_softmax p)")
+    personal_fam: str = flag("client", "FAM of the personal view: client (after its local "
+                             "training) | server (public code)")
+    zlib_level: int = flag(-1, "zlib level of the fp16 FAM blob (-1: zlib's default, 6)")
+
+
+CHOICES = {"sim_weight": ("adaptive", "half"), "mask_compat": ("paper", "code"),
+           "fam_norm": ("instance", "batch", "none"), "entropy": ("true", "code"),
+           "personal_fam": ("client", "server")}
+
+
+def entropy(p: torch.Tensor, mode: str = "true") -> torch.Tensor:
+    """H(p_i) = -sum_c p_ic log p_ic per row; mode "code": -sum_c p_ic log_softmax(p_i)_c
+    (the public code applies log_softmax to probabilities, sheet §10.4)."""
+    if mode == "code":
+        return -(p * F.log_softmax(p, dim=1)).sum(1)
+    return -(p * p.clamp_min(1e-12).log()).sum(1)
+
+
+def entropy_weight(p_fam: torch.Tensor, p_mlp: torch.Tensor, mode: str = "true") -> torch.Tensor:
+    """varpi_i = H(p_FAM,i) / (H(p_FAM,i) + H(p_MLP,i)) per sample, (6) and (9)."""
+    h_fam, h_mlp = entropy(p_fam, mode), entropy(p_mlp, mode)
+    return h_fam / (h_fam + h_mlp).clamp_min(1e-12)
+
+
+def ensemble(p_fam: torch.Tensor, p_mlp: torch.Tensor, mode: str = "true") -> torch.Tensor:
+    """(9): p = varpi p_MLP + (1 - varpi) p_FAM, per sample."""
+    w = entropy_weight(p_fam, p_mlp, mode)[:, None]
+    return w * p_mlp + (1 - w) * p_fam
+
+
+def class_level_kl(S: torch.Tensor, O: torch.Tensor, tau: float, varpi) -> torch.Tensor:
+    """(5): for each class column c, q^(c) = softmax over the batch of O[:, c]/tau (MLP),
+    p^(c) = softmax over the batch of S[:, c]/tau (FAM); sum-reduced KLs, no tau^2:
+    1/C sum_c [varpi KL(q^(c) || p^(c)) + (1 - varpi) KL(p^(c) || q^(c))]."""
+    log_p = F.log_softmax(S / tau, dim=0)
+    log_q = F.log_softmax(O / tau, dim=0)
+    kl_qp = (log_q.exp() * (log_q - log_p)).sum(0)          # KL(q^(c) || p^(c)), [C]
+    kl_pq = (log_p.exp() * (log_p - log_q)).sum(0)          # KL(p^(c) || q^(c)), [C]
+    return (varpi * kl_qp + (1 - varpi) * kl_pq).mean()
+
+
+class FedMedCLIPNet(nn.Module):
+    """The trainable part of one client: the shared FAM and the private MLP."""
+
+    def __init__(self, d: int, num_classes: int, a: Args):
+        super().__init__()
+        self.fam = MaskedFAM(d, a.mask_compat, a.fam_norm, a.mask_offset)
+        self.mlp = MaskedMLP(d, num_classes, a.mask_compat, a.mask_offset)
+
+
+@register("fedmedclip")
+class FedMedCLIP(ClipMethod):
+    Args = Args
+    primary_view = "personal"
+    decoupled_weight_decay = True                     # AdamW
+    recipe = {"rounds": 50, "local_epochs": 1, "batch_size": 32, "lr": 5e-5,
+              "optimizer": "adam", "weight_decay": 0.02}
+
+    def __init__(self, cfg, args, fed):
+        args = args if args is not None else Args()
+        for k, options in CHOICES.items():
+            if getattr(args, k) not in options:
+                raise UsageError(f"--{k.replace('_', '-')} {getattr(args, k)!r} is unknown; "
+                                 f"choose {' or '.join(options)}")
+        if not -1 <= args.zlib_level <= 9:
+            raise UsageError(f"--zlib-level must lie in -1..9 (got {args.zlib_level})")
+        super().__init__(cfg, args, fed)
+        # what travels: the FAM (without its thresholds in code mode, sheet §10.1)
+        self.fam_keys = [k for k in self.init_weights if k.startswith("fam.")
+                         and not (args.mask_compat == "code" and k.endswith(".threshold"))]
+        self._bcast = None
+
+    def build_model(self):
+        return FedMedCLIPNet(self.d, self.fed.num_classes, self.args)
+
+    def _private_keys(self, affine, stats):
+        return {k for k in self.init_weights if k.startswith("mlp.")}
+
+    def setup(self, server, clients):
+        super().setup(server, clients)
+        server.weights = {k: v.clone() for k, v in self.init_weights.items() if k.startswith("fam.")}
+        for c in clients:                              # each client initialises its own phi_k
+            with fedmed.seeded(self.cfg.seed, "mlp-init", c.id):
+                mlp = MaskedMLP(self.d, self.fed.num_classes, self.args.mask_compat,
+                                self.args.mask_offset)
+            c.state["private"] = {f"mlp.{k}": v.detach().clone() for k, v in mlp.state_dict().items()}
+
+    # -- communication: the FAM only, fp16 + zlib ---------------------------------------
+    def broadcast(self, server, client):
+        if self._bcast is None or self._bcast[0] != self.round:      # one blob per round
+            self._bcast = (self.round, pack_fp16_zlib({k: server.weights[k] for k in self.fam_keys},
+                                                      self.args.zlib_level))
+        return {"fam": self._bcast[1]}
+
+    def local_update(self, client, payload):
+        self.load_model(unpack_fp16_zlib(payload["fam"]), client.state["private"])
+        self.train(client, payload)
+        sd = self.model.state_dict()
+        client.state["private"] = {k: sd[k].detach().cpu().clone() for k in self.private_keys}
+        if self.args.personal_fam == "client":
+            client.state["fam"] = {k: sd[k].detach().cpu().clone() for k in sd if k.startswith("fam.")}
+        return {"fam": pack_fp16_zlib({k: sd[k] for k in self.fam_keys}, self.args.zlib_level),
+                "n": client.n}
+
+    def aggregate(self, server, uploads):
+        """(8): theta_F <- sum_k w_k theta_F^k, w_k = n_k / n (or 1/K, --weighting uniform)."""
+        ups = [uploads[k] for k in sorted(uploads)]
+        states = [unpack_fp16_zlib(u["fam"]) for u in ups]
+        w = [u["n"] for u in ups] if self.cfg.weighting == "samples" else [1] * len(ups)
+        for key in states[0]:
+            tensors = [s[key] for s in states]
+            server.weights[key] = (torch.stack(tensors).max() if key.endswith("num_batches_tracked")
+                                   else weighted_average(tensors, w))
+
+    # -- local training ---------------------------------------------------------------
+    def param_groups(self):
+        return [{"params": list(self.model.fam.parameters()), "lr": self.lr_now(self.cfg.lr)},     # eta_F
+                {"params": list(self.model.mlp.parameters()), "lr": self.lr_now(self.args.lr_mlp)}]  # eta_M
+
+    def loss(self, model, batch, payload, client):
+        a = self.args
+        I, y = batch
+        It = adapt(model.fam(I), I)                                      # (1) I~
+        L_contr = contrastive_loss(It, self.text[y], a.logit_scale)      # (3)
+        O = model.mlp(It)
+        L_mlp = F.cross_entropy(O, y)                                    # (4)
+        S = It @ self.text.t()                                           # raw cosines
+        if a.sim_weight == "adaptive":
+            with torch.no_grad():                                        # (6)
+                varpi = entropy_weight(F.softmax(a.logit_scale * S, dim=1),
+                                       F.softmax(O, dim=1), a.entropy).mean()
+        else:
+            varpi = 0.5
+        L_sim = class_level_kl(a.sim_logit_scale * S, O, a.sim_tau, varpi)   # (5)
+        return L_contr + L_mlp + a.lambda_sim * L_sim                    # (7)
+
+    # -- evaluation -------------------------------------------------------------------
+    @torch.no_grad()
+    def _heads(self, fam_state: dict, private: dict | None, idx):
+        self.load_model(fam_state, private or {})
+        self.model.eval()
+        I = self.features[torch.as_tensor(idx, dtype=torch.long)]
+        It = adapt(self.model.fam(I), I)
+        p_fam = F.softmax(self.args.logit_scale * It @ self.text.t(), dim=1)
+        p_mlp = F.softmax(self.model.mlp(It), dim=1) if private is not None else None
+        return p_fam, p_mlp
+
+    @on_one_thread
+    def predict(self, server, client, idx):
+        p_global, _ = self._heads(server.weights, None, idx)
+        if client.id < 0:                                 # held-out: the server FAM's head
+            return {"personal": p_global.cpu().numpy(), "global": p_global.cpu().numpy()}
+        fam = client.state.get("fam") if self.args.personal_fam == "client" else None
+        p_fam, p_mlp = self._heads(fam or server.weights, client.state["private"], idx)
+        p = ensemble(p_fam, p_mlp, self.args.entropy)                   # (9)
+        return {"personal": p.cpu().numpy(), "global": p_global.cpu().numpy()}

@@ -1,0 +1,1007 @@
+"""CLIP in the federation: what the CLIP methods share (algorithms/clip_zeroshot.py,
+clip_linear.py, fedclip.py, facmic.py, fedmedclip.py, and models.py's `--model clip:NAME`).
+
+1. Loading (`resolve_model`, `resolve_weights`, `ClipBackbone`). `--clip-model` is any
+   open_clip model name (default ViT-B-32), a name registered with
+   `open_clip.add_model_config`, or the path of a .json model config (open_clip's format,
+   or an open_clip_config.json with a `model_cfg`). `--pretrained` is an open_clip tag
+   (`openai`, `laion2b_s34b_b79k`, ...), a local checkpoint (.pt/.pth/.bin/.safetensors),
+   `local-dir:PATH` (a folder holding one, as open_clip writes them), or `none` (random
+   initialisation from the run seed, only when asked for). A tag is looked up in the local
+   caches first (Hugging Face hub cache, ~/.cache/clip); where its weights are not on this
+   machine and cannot be downloaded the run stops with a one-line error that names the tag
+   and says how to pass a local file. A named tag never falls back to random weights.
+2. Class prompts (`prompt_class_names`, `ClipBackbone.text_features`): T_c =
+   normalise(mean_t normalise(CLIP_text(template_t.format(name_c)))), default template
+   "a picture of a {}" (FedMedCLIP's public code), with readable clinical names for the
+   ISIC/HAM classes and readable folder names for imagefolder; class names that are mere
+   numbers (medmnist) are refused unless `--class-names` gives them.
+3. The frozen-feature cache (`FeatureStore`, `ClipBackbone.image_features`): image
+   features I = CLIP_img(preprocess(x)) are computed once per (image content, model
+   config, weights, preprocessing, torch/open_clip versions, device type), with a progress
+   bar, and stored on disk under the data cache folder (`--feature-cache auto`: beside
+   the decoded-image cache, else $FEDMED_CACHE or ~/.cache/fedmed) as shards written
+   atomically (tmp file + os.replace). Every round, every CLIP algorithm and every later
+   run reads them back; the CLIP towers are then never run again (with text features also
+   cached, a warm run does not even build the CLIP model).
+4. Modules: FedCLIP's attention adapter, FACMIC's feature-attention module (FAM) and
+   LMMD loss, FedMedCLIP's masked linear layer (per-row learnable threshold), masked FAM
+   and private masked MLP; the symmetric image-text contrastive loss; the fp16 + zlib
+   packing of a state dict.
+5. `ClipMethod`: the Algorithm base of the CLIP methods (features in `setup`, `batch`
+   returns cached features, zero-shot head, paper optimiser with per-round LR decay).
+
+Specification: ../shared/methods/fedmedclip.md. Equations are numbered there by section.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import hashlib
+import io
+import json
+import os
+import re
+import sys
+import time
+import uuid
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fedmed
+from fedmed import Algorithm, UsageError
+
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CACHE_FORMAT = 1
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
+
+
+def flag(default, help: str):
+    """A dataclass field whose help text run.py shows in --help."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+@dataclass
+class ClipArgs:
+    """Flags shared by every CLIP method (same names, types and meanings everywhere)."""
+    clip_model: str = flag("ViT-B-32", "open_clip model name, or the path of a .json "
+                           "open_clip model config")
+    pretrained: str = flag("openai", "open_clip tag (e.g. openai), a local checkpoint "
+                           ".pt/.bin/.safetensors, local-dir:PATH, or none (random weights)")
+    prompts: str = flag("a picture of a {}", "class-prompt template(s), '|'-separated; {} is "
+                        "the class name")
+    class_names: str = flag("", "comma-separated readable class names for the prompts, in "
+                            "label order (default: the dataset's, made readable)")
+    logit_scale: float = flag(100.0, "s: scale of the CLIP cosine logits (exp of OpenAI "
+                              "CLIP's logit_scale)")
+    clip_preprocess: str = flag("clip", "clip (the weights' mean/std) | imagenet (FedMedCLIP "
+                                "public code)")
+    feature_cache: str = flag("auto", "folder of the frozen CLIP feature cache; auto: beside "
+                              "the image cache ($FEDMED_CACHE or ~/.cache/fedmed); none: memory only")
+    feature_batch_size: int = flag(64, "images per forward pass when extracting CLIP features")
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------- 1. loading
+
+@dataclass
+class ModelSpec:
+    name: str                       # the name open_clip knows it by (after registration)
+    config: dict                    # embed_dim, vision_cfg, text_cfg, ...
+    path: str | None = None         # the .json it came from, if any
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.config["embed_dim"])
+
+    @property
+    def image_size(self) -> int:
+        s = self.config["vision_cfg"].get("image_size", 224)
+        return int(s[0] if isinstance(s, (list, tuple)) else s)
+
+
+def _open_clip_dir() -> Path | None:
+    import importlib.util
+    spec = importlib.util.find_spec("open_clip")
+    return Path(list(spec.submodule_search_locations)[0]) if spec else None
+
+
+def _read_json(path: Path, flag: str) -> dict:
+    try:
+        with open(path) as f:
+            cfg = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"{flag} {path}: cannot be read as JSON ({type(e).__name__}); give an "
+                         "open_clip model config (.json with embed_dim, vision_cfg, text_cfg)")
+    cfg = cfg.get("model_cfg", cfg) if isinstance(cfg, dict) else cfg
+    if not isinstance(cfg, dict) or not all(k in cfg for k in ("embed_dim", "vision_cfg", "text_cfg")):
+        raise UsageError(f"{flag} {path}: not an open_clip model config (needs embed_dim, "
+                         "vision_cfg and text_cfg)")
+    return cfg
+
+
+def resolve_model(name: str) -> ModelSpec:
+    """The architecture named by --clip-model, without building it (importing open_clip
+    only when the name is neither a .json file nor one of its shipped configs)."""
+    if name.endswith(".json"):
+        p = Path(name).expanduser()
+        if not p.is_file():
+            raise UsageError(f"--clip-model {name}: no such file; give an open_clip model "
+                             "name (e.g. ViT-B-32) or the path of a .json model config")
+        return ModelSpec(p.stem, _read_json(p, "--clip-model"), str(p.resolve()))
+    if "open_clip" in sys.modules:                       # configs registered at run time
+        cfg = sys.modules["open_clip"].get_model_config(name)
+        if cfg is not None:
+            return ModelSpec(name, cfg)
+    d = _open_clip_dir()
+    if d is not None and (d / "model_configs" / f"{name}.json").is_file():
+        return ModelSpec(name, _read_json(d / "model_configs" / f"{name}.json", "--clip-model"))
+    import open_clip
+    cfg = open_clip.get_model_config(name)
+    if cfg is None:
+        known = open_clip.list_models()
+        near = [m for m in known if m.lower().startswith(name.lower()[:5])][:5] or known[:5]
+        raise UsageError(f"--clip-model {name!r} is not an open_clip model (e.g. "
+                         f"{', '.join(near)}); give one of open_clip.list_models() or a .json config")
+    return ModelSpec(name, cfg)
+
+
+def _register(spec: ModelSpec):
+    """Make open_clip know `spec.name` (a .json config is added to its registry)."""
+    import open_clip
+    if spec.path is not None:
+        known = open_clip.get_model_config(spec.name)
+        if known is None:
+            open_clip.add_model_config(spec.path)
+        elif known != spec.config:
+            raise UsageError(f"--clip-model {spec.path}: another model config is already named "
+                             f"{spec.name!r}; rename the file")
+    return open_clip
+
+
+@dataclass
+class WeightsSpec:
+    kind: str                        # none | file | tag
+    path: str | None                 # checkpoint file to load
+    identity: str                    # what the feature cache key records
+    tag: str | None = None
+    quick_gelu: bool = False
+    mean: tuple = OPENAI_MEAN
+    std: tuple = OPENAI_STD
+
+
+def _file_identity(path: str) -> str:
+    st = os.stat(path)
+    return f"{os.path.abspath(path)}:{st.st_size}:{st.st_mtime_ns}"
+
+
+def _find_in_dir(d: Path) -> str | None:
+    pref = ["open_clip_model.safetensors", "open_clip_pytorch_model.safetensors",
+            "open_clip_pytorch_model.bin", "open_clip_pytorch_model.pth", "model.safetensors",
+            "pytorch_model.bin", "pytorch_model.pth", "model.pth"]
+    for n in pref:
+        if (d / n).is_file():
+            return str(d / n)
+    files = sorted(p for p in d.iterdir() if p.suffix in CHECKPOINT_SUFFIXES and p.is_file())
+    return str(files[0]) if files else None
+
+
+def _tag_local_file(model: str, tag: str, pcfg: dict) -> str | None:
+    """The tag's checkpoint if it is already on this machine (no network access)."""
+    if pcfg.get("file") and os.path.isfile(pcfg["file"]):
+        return pcfg["file"]
+    hub = pcfg.get("hf_hub", "")
+    if hub:
+        try:
+            from huggingface_hub import hf_hub_download
+        except ImportError:
+            hf_hub_download = None
+        if hf_hub_download is not None:
+            repo, filename = os.path.split(hub)
+            names = [filename] if filename else ["open_clip_model.safetensors",
+                                                  "open_clip_pytorch_model.bin"]
+            if filename.endswith((".bin", ".pth")):
+                names.insert(0, filename[:-4] + ".safetensors")
+            for n in names:
+                try:
+                    return hf_hub_download(repo, n, local_files_only=True)
+                except Exception:  # noqa: BLE001 - not in the local cache
+                    pass
+    url = pcfg.get("url", "")
+    if url:
+        p = os.path.join(os.path.expanduser("~/.cache/clip"), os.path.basename(url))
+        if os.path.isfile(p):
+            return p
+    return None
+
+
+def _online(host: str = "huggingface.co") -> bool:
+    import socket
+    try:
+        socket.getaddrinfo(host, 443)
+        return True
+    except OSError:
+        return False
+
+
+def resolve_weights(spec: ModelSpec, pretrained: str, seed: int) -> WeightsSpec:
+    """What --pretrained names, checked now (before any image is touched)."""
+    p = (pretrained or "").strip()
+    if p.lower() == "none":
+        return WeightsSpec("none", None, f"random-init:seed={seed}")
+    if p.startswith("local-dir:"):
+        d = Path(p[len("local-dir:"):]).expanduser()
+        if not d.is_dir():
+            raise UsageError(f"--pretrained {p}: {d} is not a folder; give local-dir:FOLDER "
+                             "holding an open_clip checkpoint, or a checkpoint file")
+        if (d / "open_clip_config.json").is_file():
+            cfg = _read_json(d / "open_clip_config.json", "--pretrained")
+            if cfg != spec.config:
+                raise UsageError(f"--pretrained {p}: its open_clip_config.json describes another "
+                                 f"architecture than --clip-model {spec.name}; pass --clip-model "
+                                 f"{d / 'open_clip_config.json'}")
+        f = _find_in_dir(d)
+        if f is None:
+            raise UsageError(f"--pretrained {p}: no checkpoint (.safetensors/.bin/.pth/.pt) in "
+                             f"{d}; put the weights file there or pass the file itself")
+        return WeightsSpec("file", f, "file:" + _file_identity(f))
+    if os.path.isfile(p):
+        return WeightsSpec("file", p, "file:" + _file_identity(p))
+    if p.endswith(CHECKPOINT_SUFFIXES) or os.sep in p:
+        raise UsageError(f"--pretrained {p}: no such file; give an existing checkpoint file, "
+                         "local-dir:FOLDER, an open_clip tag, or none")
+    import open_clip
+    from open_clip import pretrained as ocp
+    pcfg = ocp.get_pretrained_cfg(spec.name, p)
+    if not pcfg:
+        tags = ocp.list_pretrained_tags_by_model(spec.name)
+        raise UsageError(f"--pretrained {p!r} is neither a file nor an open_clip tag of "
+                         f"{spec.name} (its tags: {', '.join(tags[:6]) or 'none'}{', ...' if len(tags) > 6 else ''}); pass a local "
+                         "checkpoint file, local-dir:FOLDER, or none for random weights")
+    f = _tag_local_file(spec.name, p, pcfg)
+    if f is None and _online():
+        try:
+            f = ocp.download_pretrained(pcfg)
+        except Exception:  # noqa: BLE001 - reported below as the one-line error
+            f = None
+    if not f:
+        raise UsageError(f"--pretrained {p}: the {spec.name} weights of tag '{p}' are not on this "
+                         "machine and need a download, which failed (no network?); download them where "
+                         f"there is one (open_clip.create_model('{spec.name}', pretrained='{p}')) "
+                         "and pass the checkpoint file with --pretrained PATH")
+    del open_clip
+    return WeightsSpec("tag", f, f"tag:{p}:" + _file_identity(f), tag=p,
+                       quick_gelu=bool(pcfg.get("quick_gelu", False)),
+                       mean=tuple(pcfg.get("mean", OPENAI_MEAN)), std=tuple(pcfg.get("std", OPENAI_STD)))
+
+
+def _one_line(e: Exception) -> str:
+    return " ".join(str(e).split())[:200] or type(e).__name__
+
+
+def load_weights(model: nn.Module, path: str, spec: ModelSpec, flag: str = "--pretrained") -> None:
+    """Load a whole-CLIP checkpoint into `model`; a file of another architecture is a
+    one-line UsageError that names the first mismatch."""
+    from open_clip.factory import load_checkpoint, load_state_dict
+    try:
+        sd = load_state_dict(path)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is the user's to fix
+        raise UsageError(f"{flag} {path}: cannot be read as a checkpoint ({_one_line(e)}); pass "
+                         "a state dict saved with torch.save or safetensors")
+    if not isinstance(sd, dict) or not sd:
+        raise UsageError(f"{flag} {path}: not a state dict of tensors")
+    try:
+        load_checkpoint(model, path, strict=True)
+    except Exception as e:  # noqa: BLE001
+        own = model.state_dict()
+        missing = sorted(set(own) - set(sd))
+        unexpected = sorted(set(sd) - set(own))
+        wrong = sorted(k for k in set(own) & set(sd) if hasattr(sd[k], "shape")
+                       and tuple(own[k].shape) != tuple(sd[k].shape))
+        what = (f"shape mismatch at {wrong[0]}: file {tuple(sd[wrong[0]].shape)} vs model "
+                f"{tuple(own[wrong[0]].shape)}" if wrong else
+                f"missing {missing[:2]}" if missing else
+                f"unexpected {unexpected[:2]}" if unexpected else _one_line(e))
+        raise UsageError(f"{flag} {path}: does not fit --clip-model {spec.name} ({what}); pass a "
+                         "checkpoint of this architecture or the matching --clip-model")
+
+
+def build_clip(spec: ModelSpec, weights: WeightsSpec, seed: int) -> nn.Module:
+    """The open_clip model, frozen, in eval mode, on the CPU. Random initialisation is
+    drawn from the (seed, "clip-init") stream, so `none` means the same weights for a seed."""
+    import logging
+    open_clip = _register(spec)
+    logging.disable(logging.WARNING)                 # "initialized randomly": we load next
+    try:
+        with fedmed.seeded(seed, "clip-init"):
+            model = open_clip.create_model(spec.name, pretrained=None,
+                                           force_quick_gelu=weights.quick_gelu)
+    finally:
+        logging.disable(logging.NOTSET)
+    if weights.path is not None:
+        load_weights(model, weights.path, spec)
+    model.eval().requires_grad_(False)
+    return model
+
+
+# ---------------------------------------------------------------- 2. class prompts
+
+CLINICAL_NAMES = {"mel": "melanoma", "nv": "melanocytic nevus", "bcc": "basal cell carcinoma",
+                  "ak": "actinic keratosis", "akiec": "actinic keratosis",
+                  "bkl": "benign keratosis", "df": "dermatofibroma", "vasc": "vascular lesion",
+                  "scc": "squamous cell carcinoma", "unk": "unknown lesion"}
+
+
+def readable(name: str) -> str:
+    """A folder or code name as words: 'glioma_tumor' -> 'glioma tumor', 'NoTumor' ->
+    'no tumor', 'MEL' -> 'melanoma' (ISIC/HAM diagnosis codes)."""
+    if name.lower() in CLINICAL_NAMES:
+        return CLINICAL_NAMES[name.lower()]
+    s = re.sub(r"([a-z])([A-Z])", r"\1 \2", name)
+    words = [w for w in re.split(r"[\s_\-.]+", s) if w]
+    return " ".join(w if (w.isupper() and len(w) <= 5) else w.lower() for w in words)
+
+
+def prompt_class_names(fed, class_names: str = "") -> list:
+    """The readable name of each class for its prompt."""
+    C = fed.num_classes
+    if class_names.strip():
+        names = [n.strip() for n in class_names.split(",")]
+        if len(names) != C or not all(names):
+            raise UsageError(f"--class-names gives {len(names)} name(s) for {C} classes "
+                             f"({', '.join(map(str, fed.classes))}); give one per class, comma-separated")
+        return names
+    if all(re.fullmatch(r"\s*\d+\s*", str(c)) for c in fed.classes):
+        raise UsageError(f"--dataset {fed.name}: no class names for prompts (its classes are the "
+                         f"numbers {', '.join(map(str, fed.classes[:4]))}{', ...' if C > 4 else ''}); "
+                         "pass --class-names with one readable name per class in label order")
+    return [readable(str(c)) for c in fed.classes]
+
+
+def prompt_templates(prompts: str) -> list:
+    t = [p.strip() for p in prompts.split("|") if p.strip()]
+    if not t or not all("{}" in p for p in t):
+        raise UsageError(f"--prompts {prompts!r}: every template needs {{}} where the class name "
+                         "goes, e.g. 'a picture of a {}'")
+    return t
+
+
+# ---------------------------------------------------------------- 3. the feature cache
+
+def default_cache_root(fed) -> str:
+    """Beside the decoded-image cache when there is one, else $FEDMED_CACHE or
+    ~/.cache/fedmed (datasets.default_cache_dir)."""
+    img = (fed.info or {}).get("image_cache")
+    if img:
+        return os.path.dirname(img)
+    import datasets
+    return datasets.default_cache_dir()
+
+
+def image_hashes(x: torch.Tensor) -> list:
+    """A 16-byte BLAKE2b digest of each image's pixels (and shape)."""
+    out = []
+    for a in x.numpy():
+        h = hashlib.blake2b(digest_size=16, person=b"fedmed-img")
+        h.update(np.array(a.shape, np.int64).tobytes())
+        h.update(a.tobytes())
+        out.append(h.digest())
+    return out
+
+
+class FeatureStore:
+    """Features by image digest for one (model, weights, preprocessing) key: a folder of
+    shards part-*.npz {h: uint8 [n, 16], f: float32 [n, d]}, each written to a temporary
+    file and renamed into place, so readers never see half a file and concurrent runs
+    only ever add shards. `root` None keeps nothing on disk."""
+
+    MAX_SHARDS = 16
+
+    def __init__(self, root: str | None, key: dict, label: str):
+        self.key = key
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+        self.dir = (os.path.join(root, "clip-features", f"{label}-{digest[:20]}")
+                    if root else None)
+        self.mem_h: dict = {}
+
+    def _shards(self) -> list:
+        if self.dir is None or not os.path.isdir(self.dir):
+            return []
+        return sorted(os.path.join(self.dir, n) for n in os.listdir(self.dir)
+                      if n.startswith("part-") and n.endswith(".npz"))
+
+    def load(self) -> tuple[dict, np.ndarray | None]:
+        """({digest: row}, features [n, d]) of everything stored."""
+        hs, fs = [], []
+        for p in self._shards():
+            try:
+                with np.load(p) as z:
+                    hs.append(z["h"])
+                    fs.append(z["f"])
+            except (OSError, ValueError, KeyError, EOFError) as e:  # removed or damaged
+                if not isinstance(e, FileNotFoundError):
+                    log(f"clip features: skipping unreadable shard {p} ({type(e).__name__})")
+        if not hs:
+            return {}, None
+        h = np.concatenate(hs)
+        index = {bytes(r): i for i, r in enumerate(h)}
+        return index, np.concatenate(fs)
+
+    def add(self, h: np.ndarray, f: np.ndarray) -> None:
+        if self.dir is None or not len(h):
+            return
+        try:
+            os.makedirs(self.dir, exist_ok=True)
+            meta = os.path.join(self.dir, "key.json")
+            if not os.path.exists(meta):
+                fedmed.atomic_write(meta, json.dumps(self.key, indent=1, sort_keys=True))
+            name = os.path.join(self.dir, f"part-{time.strftime('%Y%m%d%H%M%S')}-{uuid.uuid4().hex[:8]}.npz")
+            buf = io.BytesIO()
+            np.savez(buf, h=h.astype(np.uint8), f=f.astype(np.float32))
+            fedmed.atomic_write(name, buf.getvalue())
+        except OSError as e:
+            raise UsageError(f"--feature-cache {os.path.dirname(os.path.dirname(self.dir))}: cannot "
+                             f"write the CLIP feature cache there ({_one_line(e)}); give a writable "
+                             "folder or --feature-cache none")
+        self._compact()
+
+    def _compact(self) -> None:
+        """Merge the shards into one when there are many (a reader that loses a shard it
+        was about to open just recomputes those features)."""
+        shards = self._shards()
+        if len(shards) <= self.MAX_SHARDS:
+            return
+        index, f = self.load()
+        if f is None:
+            return
+        h = np.frombuffer(b"".join(index), np.uint8).reshape(-1, 16)
+        rows = np.fromiter(index.values(), np.int64, len(index))
+        buf = io.BytesIO()
+        np.savez(buf, h=h, f=f[rows])
+        fedmed.atomic_write(os.path.join(self.dir, f"part-{time.strftime('%Y%m%d%H%M%S')}-"
+                                         f"merged-{uuid.uuid4().hex[:8]}.npz"), buf.getvalue())
+        for p in shards:
+            try:
+                os.remove(p)
+            except OSError:
+                pass
+
+    def text_path(self, key: str) -> str | None:
+        if self.dir is None:
+            return None
+        return os.path.join(self.dir, f"text-{hashlib.sha256(key.encode()).hexdigest()[:20]}.npy")
+
+
+class Bar:
+    """A progress bar on stderr (a line every 10 s when stderr is not a terminal)."""
+
+    def __init__(self, total: int, what: str):
+        self.total, self.what, self.done = total, what, 0
+        self.t0 = self.last = time.perf_counter()
+        self.tty = sys.stderr.isatty()
+
+    def update(self, n: int) -> None:
+        self.done += n
+        now = time.perf_counter()
+        if not self.tty and now - self.last < 10 and self.done < self.total:
+            return
+        self.last = now
+        rate = self.done / max(now - self.t0, 1e-9)
+        fill = int(30 * self.done / max(self.total, 1))
+        eta = (self.total - self.done) / max(rate, 1e-9)
+        line = (f"[{'#' * fill}{'.' * (30 - fill)}] {self.done}/{self.total} {self.what} "
+                f"({rate:.1f}/s, {eta:.0f}s left)")
+        sys.stderr.write(("\r" + line.ljust(100) + ("\n" if self.done >= self.total else ""))
+                         if self.tty else line + "\n")
+        sys.stderr.flush()
+
+
+class ClipBackbone:
+    """The frozen CLIP towers, built only when a feature is missing from the cache."""
+
+    def __init__(self, args: ClipArgs, seed: int, device: torch.device, cache_root: str | None):
+        self.args, self.seed, self.device = args, seed, device
+        self.spec = resolve_model(args.clip_model)
+        self.weights = resolve_weights(self.spec, args.pretrained, seed)
+        if args.clip_preprocess not in ("clip", "imagenet"):
+            raise UsageError(f"--clip-preprocess {args.clip_preprocess!r} is unknown; use clip or imagenet")
+        if args.feature_batch_size < 1:
+            raise UsageError(f"--feature-batch-size must be >= 1 (got {args.feature_batch_size})")
+        mean, std = ((self.weights.mean, self.weights.std) if args.clip_preprocess == "clip"
+                     else (IMAGENET_MEAN, IMAGENET_STD))
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+        S = self.spec.image_size
+        self.preprocess_name = (f"uint8/255;bicubic-antialias-to-{S}-if-needed;clamp01;"
+                                f"mean={[round(m, 8) for m in mean]};std={[round(s, 8) for s in std]}")
+        from importlib import metadata
+        try:
+            oc_version = metadata.version("open_clip_torch")
+        except metadata.PackageNotFoundError:
+            oc_version = None
+        key = {"format": CACHE_FORMAT, "model": self.spec.name, "model_config": self.spec.config,
+               "weights": self.weights.identity, "quick_gelu": self.weights.quick_gelu,
+               "preprocess": self.preprocess_name, "torch": torch.__version__,
+               "open_clip": oc_version, "device": device.type}
+        label = re.sub(r"[^A-Za-z0-9.]+", "-", f"{self.spec.name}-{self.weights.tag or self.weights.kind}")
+        self.store = FeatureStore(cache_root, key, label)
+        self._model = None
+        self.stats = {"model": self.spec.name, "weights": self.weights.identity,
+                      "preprocess": self.preprocess_name, "cache": self.store.dir}
+
+    @property
+    def model(self) -> nn.Module:
+        if self._model is None:
+            t0 = time.perf_counter()
+            self._model = build_clip(self.spec, self.weights, self.seed).to(self.device)
+            self.stats["build_seconds"] = time.perf_counter() - t0
+        return self._model
+
+    def preprocess(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 [B, 3, H, W] -> the model's normalised float input."""
+        x = x.to(self.device).float().div_(255)
+        S = self.spec.image_size
+        if x.shape[-1] != S or x.shape[-2] != S:
+            x = F.interpolate(x, size=(S, S), mode="bicubic", antialias=True,
+                              align_corners=False).clamp_(0, 1)
+        return (x - self.mean.to(x.device)) / self.std.to(x.device)
+
+    @torch.no_grad()
+    def encode_images(self, x: torch.Tensor) -> torch.Tensor:
+        """Raw (unnormalised) CLIP image embeddings I of uint8 images, in fp32."""
+        return self.model.encode_image(self.preprocess(x)).float()
+
+    def image_features(self, x: torch.Tensor) -> torch.Tensor:
+        """I for every image of x (uint8 [N, 3, H, W]), from the cache where it has them."""
+        t0 = time.perf_counter()
+        digests = image_hashes(x)
+        index, stored = self.store.load()
+        d = self.spec.embed_dim
+        out = torch.empty(len(digests), d, dtype=torch.float32)
+        todo, first = [], {}
+        for i, h in enumerate(digests):
+            j = index.get(h)
+            if j is not None and stored.shape[1] == d:
+                out[i] = torch.from_numpy(stored[j])
+            elif h in first:
+                continue                                  # same pixels as an earlier row
+            else:
+                first[h] = i
+                todo.append(i)
+        computed_seconds = 0.0
+        if todo:
+            self.model                                    # built (and timed) apart
+            t1 = time.perf_counter()
+            where = self.store.dir or "memory only (--feature-cache none)"
+            log(f"clip features: computing {len(todo):,} of {len(digests):,} images with "
+                f"{self.spec.name} ({self.weights.identity.split(':')[0]} weights) into {where}")
+            bar = Bar(len(todo), "images")
+            B, chunk_h, chunk_f = self.args.feature_batch_size, [], []
+            last_flush = time.perf_counter()
+            try:
+                for s in range(0, len(todo), B):
+                    rows = torch.as_tensor(todo[s:s + B])
+                    f = self.encode_images(x[rows]).cpu()
+                    out[rows] = f
+                    chunk_h += [digests[i] for i in todo[s:s + B]]
+                    chunk_f.append(f.numpy())
+                    bar.update(len(rows))
+                    if time.perf_counter() - last_flush > 60:     # keep progress if killed
+                        self.store.add(np.frombuffer(b"".join(chunk_h), np.uint8).reshape(-1, 16),
+                                       np.concatenate(chunk_f))
+                        chunk_h, chunk_f, last_flush = [], [], time.perf_counter()
+            finally:
+                if chunk_h:
+                    self.store.add(np.frombuffer(b"".join(chunk_h), np.uint8).reshape(-1, 16),
+                                   np.concatenate(chunk_f)[:len(chunk_h)])
+            for i, h in enumerate(digests):                      # duplicates of computed rows
+                if h in first and i != first[h]:
+                    out[i] = out[first[h]]
+            computed_seconds = time.perf_counter() - t1
+            log(f"clip features: computed {len(todo):,} images in {computed_seconds:.1f}s "
+                f"({len(todo) / max(computed_seconds, 1e-9):.1f} images/s)")
+        self.stats.update(images=len(digests), computed=len(todo), extract_seconds=computed_seconds,
+                          feature_seconds=time.perf_counter() - t0)
+        return out
+
+    def text_features(self, names: list, templates: list) -> torch.Tensor:
+        """T [C, d]: the L2-normalised mean over templates of the L2-normalised text
+        embeddings of each class's prompts (cached beside the image features)."""
+        key = json.dumps({"names": names, "templates": templates})
+        path = self.store.text_path(key)
+        if path and os.path.isfile(path):
+            try:
+                t = np.load(path)
+                if t.shape == (len(names), self.spec.embed_dim):
+                    return torch.from_numpy(t)
+            except (OSError, ValueError):
+                pass
+        import open_clip
+        tok = open_clip.get_tokenizer(self.spec.name)
+        with torch.no_grad():
+            rows = []
+            for n in names:
+                e = self.model.encode_text(tok([t.format(n) for t in templates]).to(self.device)).float()
+                e = F.normalize(e, dim=-1).mean(0)
+                rows.append(F.normalize(e, dim=0).cpu())
+            T = torch.stack(rows)
+        if path:
+            buf = io.BytesIO()
+            np.save(buf, T.numpy())
+            try:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                fedmed.atomic_write(path, buf.getvalue())
+            except OSError:
+                pass
+        return T
+
+
+# ---------------------------------------------------------------- 4. modules and losses
+
+class AttentionAdapter(nn.Module):
+    """FedCLIP's attention adapter (Lu et al. 2023, Eq. 3): a = softmax(W2 tanh(W1 I + b1)
+    + b2); the adapted feature is a * I. Linear(d,d) -> Tanh -> Linear(d,d) -> Softmax."""
+
+    def __init__(self, d: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(d, d), nn.Tanh(), nn.Linear(d, d), nn.Softmax(dim=1))
+
+    def forward(self, I):
+        return self.net(I)
+
+
+class FeatureAttention(nn.Module):
+    """FACMIC's feature-attention module (Wu et al. 2024): Linear(d,d) -> BatchNorm1d ->
+    LeakyReLU -> Linear(d,d) -> Softmax over the d features."""
+
+    def __init__(self, d: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(d, d), nn.BatchNorm1d(d), nn.LeakyReLU(),
+                                 nn.Linear(d, d), nn.Softmax(dim=1))
+
+    def forward(self, I):
+        return self.net(I)
+
+
+def adapt(attention: torch.Tensor, I: torch.Tensor) -> torch.Tensor:
+    """I~ = normalise(a * I) (sheet §3: the FAM reweights the image embedding)."""
+    return F.normalize(attention * I, dim=-1)
+
+
+def contrastive_loss(img: torch.Tensor, txt: torch.Tensor, s: float) -> torch.Tensor:
+    """Sheet §4: L_contr = 1/2 [CE(s I~ T_y^T, [1..B]) + CE(s T_y I~^T, [1..B])], for
+    L2-normalised img, txt [B, d]; same-class pairs in a batch are negatives."""
+    logits = s * img @ txt.t()
+    gt = torch.arange(len(img), device=img.device)
+    return (F.cross_entropy(logits, gt) + F.cross_entropy(logits.t(), gt)) / 2
+
+
+def gaussian_kernel(a: torch.Tensor, b: torch.Tensor, mul: float = 2.0, num: int = 5) -> torch.Tensor:
+    """Sum of `num` RBF kernels on [a; b] with bandwidths bw * mul^i, i = 0..num-1, where
+    bw = mean pairwise squared distance / mul^(num // 2) (DSAN's guassian_kernel: the
+    bandwidths are multiples of 2 around the mean, the smallest mean/4; no gradient
+    through the bandwidth)."""
+    total = torch.cat([a, b])
+    L2 = torch.cdist(total, total).pow(2)
+    n = len(total)
+    bw = L2.detach().sum() / max(n * n - n, 1) / (mul ** (num // 2))
+    bw = bw.clamp_min(1e-12)
+    return sum(torch.exp(-L2 / (bw * mul ** i)) for i in range(num))
+
+
+def lmmd(source: torch.Tensor, target: torch.Tensor, y_source: torch.Tensor,
+         p_target: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Local (class-conditional) MMD of Deep Subdomain Adaptation (Zhu et al., TNNLS 2021),
+    as FACMIC uses it (sheet §4):
+        LMMD = 1/|C'| sum_{c in C'} [w_s^cT K_ss w_s^c + w_t^cT K_tt w_t^c - 2 w_s^cT K_st w_t^c]
+    w_s^c = one-hot labels / class count, w_t^c = target probabilities / their class sum
+    (no gradient through the weights); C' = classes in both the source labels and the
+    target argmax."""
+    ns = len(source)
+    with torch.no_grad():
+        s_onehot = F.one_hot(y_source, num_classes).float()
+        s_sum = s_onehot.sum(0, keepdim=True)
+        s_vec = s_onehot / torch.where(s_sum == 0, torch.full_like(s_sum, 100.0), s_sum)
+        p = p_target.float()
+        t_sum = p.sum(0, keepdim=True)
+        t_vec = p / torch.where(t_sum == 0, torch.full_like(t_sum, 100.0), t_sum)
+        common = torch.zeros(num_classes, dtype=torch.bool, device=source.device)
+        common[y_source.unique()] = True
+        in_target = torch.zeros_like(common)
+        in_target[p.argmax(1).unique()] = True
+        common &= in_target
+        length = int(common.sum())
+        if length == 0:
+            return source.sum() * 0.0
+        s_vec = s_vec * common
+        t_vec = t_vec * common
+        w_ss = s_vec @ s_vec.t() / length
+        w_tt = t_vec @ t_vec.t() / length
+        w_st = s_vec @ t_vec.t() / length
+    K = gaussian_kernel(source, target)
+    SS, TT, ST = K[:ns, :ns], K[ns:, ns:], K[:ns, ns:]
+    return (w_ss * SS + w_tt * TT - 2 * w_st * ST).sum()
+
+
+class _MaskStep(torch.autograd.Function):
+    """m = 1[x > offset] with x = u - kappa. Backward: paper mode, a straight-through
+    estimator passing the gradient where |x| <= 1 (sheet §10.1, recommended); code mode,
+    the public code's custom step, which passes it only where |x| > 1."""
+
+    @staticmethod
+    def forward(ctx, x, offset: float, paper: bool):
+        ctx.save_for_backward(x)
+        ctx.paper = paper
+        return (x > offset).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        window = x.abs() <= 1 if ctx.paper else x.abs() > 1
+        return g * window.to(g.dtype), None, None
+
+
+class MaskedLinear(nn.Module):
+    """FedMedCLIP's masked linear layer (sheet §5):
+        u_r = mean_j |W_rj|,  m_r = step(u_r - kappa_r) = 1[u_r - kappa_r > 0.01],
+        y = x (W * m 1^T)^T + b * m   (paper mode: the bias is masked too [unverified]),
+        y = x (W * m 1^T)^T + b       (code mode: the bias is not masked).
+    W is Kaiming-uniform (a = sqrt 5, nn.Linear's), kappa starts at 0. In code mode kappa
+    gets no gradient in practice (|u - kappa| < 1): the mask is a fixed cut. In training
+    mode, [code] kappa is reset to 0 when <= 1% of the rows are kept."""
+
+    def __init__(self, d_in: int, d_out: int, mode: str = "paper", offset: float = 0.01):
+        super().__init__()
+        lin = nn.Linear(d_in, d_out)
+        self.weight = nn.Parameter(lin.weight.detach().clone())
+        self.bias = nn.Parameter(lin.bias.detach().clone())
+        self.threshold = nn.Parameter(torch.zeros(d_out))
+        self.mode, self.offset = mode, offset
+
+    def mask(self) -> torch.Tensor:
+        u = self.weight.abs().mean(dim=1)                       # u_r = mean_j |W_rj|
+        return _MaskStep.apply(u - self.threshold, self.offset, self.mode == "paper")  # m_r
+
+    def forward(self, x):
+        m = self.mask()
+        if self.training and m.detach().mean() <= 0.01:   # [code] kappa <- 0 when <= 1% kept
+            with torch.no_grad():
+                self.threshold.zero_()
+            m = self.mask()
+        b = self.bias * m if self.mode == "paper" else self.bias
+        return F.linear(x, self.weight * m[:, None], b)         # y = x (W * m 1^T)^T + b
+
+
+class SampleStandardize(nn.Module):
+    """Per-sample standardisation over the features, no affine, eps 1e-5 (what the
+    public code's InstanceNorm1d(d) does to a [B, d] tensor, sheet §10.5)."""
+
+    def forward(self, x):
+        mu = x.mean(dim=1, keepdim=True)
+        var = x.var(dim=1, unbiased=False, keepdim=True)
+        return (x - mu) / torch.sqrt(var + 1e-5)
+
+
+class MaskedFAM(nn.Module):
+    """FedMedCLIP's FAM: MaskedLinear(d,d) -> norm -> ReLU -> MaskedLinear(d,d) -> Softmax.
+    norm: instance (per-sample standardisation, default) | batch (BatchNorm1d, the first
+    public version) | none."""
+
+    def __init__(self, d: int, mode: str = "paper", norm: str = "instance", offset: float = 0.01):
+        super().__init__()
+        self.fc1 = MaskedLinear(d, d, mode, offset)
+        self.norm = {"instance": SampleStandardize, "batch": lambda: nn.BatchNorm1d(d),
+                     "none": nn.Identity}[norm]()
+        self.fc2 = MaskedLinear(d, d, mode, offset)
+
+    def forward(self, I):
+        return F.softmax(self.fc2(F.relu(self.norm(self.fc1(I)))), dim=1)
+
+
+class MaskedMLP(nn.Module):
+    """FedMedCLIP's private classifier: 3 x [MaskedLinear(d,d) -> BatchNorm1d -> ReLU] ->
+    MaskedLinear(d, C)."""
+
+    def __init__(self, d: int, num_classes: int, mode: str = "paper", offset: float = 0.01,
+                 hidden_layers: int = 3):
+        super().__init__()
+        layers = []
+        for _ in range(hidden_layers):
+            layers += [MaskedLinear(d, d, mode, offset), nn.BatchNorm1d(d), nn.ReLU()]
+        layers.append(MaskedLinear(d, num_classes, mode, offset))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return self.net(x)
+
+
+# ---------------------------------------------------------------- fp16 + zlib
+
+def pack_fp16_zlib(state: dict, level: int = -1) -> bytes:
+    """A state dict as one zlib blob (default level): a JSON header (names, dtypes,
+    shapes) and the raw bytes, floating tensors as float16, integer tensors as they are."""
+    header, parts = [], []
+    for k, v in state.items():
+        v = v.detach().cpu()
+        a = v.to(torch.float16).numpy() if v.is_floating_point() else v.numpy()
+        header.append([k, a.dtype.str, list(a.shape)])
+        parts.append(np.ascontiguousarray(a).tobytes())
+    h = json.dumps(header).encode()
+    return zlib.compress(len(h).to_bytes(4, "little") + h + b"".join(parts), level)
+
+
+def unpack_fp16_zlib(blob: bytes) -> dict:
+    """Inverse of pack_fp16_zlib; floating tensors come back as float32."""
+    raw = zlib.decompress(blob)
+    n = int.from_bytes(raw[:4], "little")
+    header = json.loads(raw[4:4 + n])
+    out, pos = {}, 4 + n
+    for k, dt, shape in header:
+        dtype = np.dtype(dt)
+        size = int(np.prod(shape)) * dtype.itemsize
+        a = np.frombuffer(raw, dtype, count=int(np.prod(shape)), offset=pos).reshape(shape)
+        pos += size
+        t = torch.from_numpy(a.copy())
+        out[k] = t.float() if t.is_floating_point() else t
+    return out
+
+
+# ---------------------------------------------------------------- the models.py entry
+
+class ClipImageClassifier(nn.Module):
+    """An open_clip image tower and a linear head on its embedding: the model of FedAvg
+    on the full CLIP image encoder (`--model clip:NAME`). Inputs of another size are
+    resized (bicubic) to the tower's input size."""
+
+    def __init__(self, visual: nn.Module, embed_dim: int, num_classes: int, image_size: int):
+        super().__init__()
+        self.visual = visual
+        self.head = nn.Linear(embed_dim, num_classes)
+        self.image_size = image_size
+
+    def forward(self, x):
+        S = self.image_size
+        if x.shape[-1] != S or x.shape[-2] != S:
+            x = F.interpolate(x, size=(S, S), mode="bicubic", align_corners=False)
+        return self.head(self.visual(x))
+
+
+def image_classifier(model_name: str, num_classes: int, weights: str | None = None) -> nn.Module:
+    """`--model clip:NAME`: the trainable CLIP image encoder of NAME (random weights, or a
+    whole-CLIP checkpoint given with --weights) with a linear head."""
+    import logging
+    spec = resolve_model(model_name)
+    open_clip = _register(spec)
+    logging.disable(logging.WARNING)
+    try:
+        model = open_clip.create_model(spec.name, pretrained=None)
+    finally:
+        logging.disable(logging.NOTSET)
+    if weights:
+        if not os.path.isfile(weights):
+            raise UsageError(f"--weights {weights}: no such file; pass a whole-CLIP checkpoint "
+                             f"of {spec.name} or leave --weights out")
+        load_weights(model, weights, spec, flag="--weights")
+    return ClipImageClassifier(model.visual, spec.embed_dim, num_classes, spec.image_size)
+
+
+# ---------------------------------------------------------------- 5. the CLIP algorithm base
+
+@contextlib.contextmanager
+def one_thread():
+    """Adapters train on [B, d] tensors: on a CPU, intra-op threads only add
+    synchronisation (and stall badly when the cores are shared), so the adapter work
+    runs on one thread; the caller's setting is restored after."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def on_one_thread(fn):
+    @functools.wraps(fn)
+    def wrapper(*a, **k):
+        with one_thread():
+            return fn(*a, **k)
+    return wrapper
+
+
+class ClipMethod(Algorithm):
+    """The base of the CLIP methods. Both CLIP towers are frozen, so their outputs are
+    computed once (`setup`, through the feature cache) and training runs on them:
+    `batch` returns the cached image features I [B, d] and the labels."""
+    Args = ClipArgs
+    # the paper's training recipe, applied by run.py to the flags the user leaves unset
+    recipe: dict = {}
+
+    @classmethod
+    def default_image_size(cls, args) -> int:
+        """Images are decoded at the CLIP model's input resolution (224 for ViT-B-32)."""
+        return resolve_model((args or ClipArgs()).clip_model).image_size
+
+    def __init__(self, cfg, args, fed):
+        args = args if args is not None else self.Args()
+        if fed.y.ndim != 1:
+            raise UsageError(f"--algo {getattr(self, 'name', 'clip')}: CLIP class prompts need "
+                             "single-label data; this dataset is multi-label")
+        self.class_names = prompt_class_names(fed, args.class_names)
+        self.templates = prompt_templates(args.prompts)
+        root = (None if args.feature_cache.lower() == "none" else
+                default_cache_root(fed) if args.feature_cache == "auto" else args.feature_cache)
+        self.backbone = ClipBackbone(args, cfg.seed, torch.device(cfg.device), root)
+        self.d = self.backbone.spec.embed_dim
+        super().__init__(cfg, args, fed)
+        self.features = None
+        self.text = None
+        self.info = {"clip": self.backbone.stats, "class_prompts":
+                     [self.templates[0].format(n) for n in self.class_names]}
+
+    def setup(self, server, clients):
+        super().setup(server, clients)
+        if self.features is None:
+            self.features = self.backbone.image_features(self.fed.x).to(self.device)
+            self.text = self.backbone.text_features(self.class_names, self.templates).to(self.device)
+
+    @on_one_thread
+    def train(self, client, payload, steps_scale: int = 1):
+        return super().train(client, payload, steps_scale)
+
+    @on_one_thread
+    def predict(self, server, client, idx):
+        return super().predict(server, client, idx)
+
+    def batch(self, idx, gen=None):
+        idx = torch.as_tensor(idx, dtype=torch.long)
+        return self.features[idx], self.fed.y[idx].to(self.device)
+
+    def zero_shot(self, feats: torch.Tensor) -> torch.Tensor:
+        """Sheet §4 zero-shot: p(c|x) = softmax_c(s cos(I, T_c))."""
+        return F.softmax(self.args.logit_scale * F.normalize(feats, dim=-1) @ self.text.t(), dim=1)
+
+    def lr_now(self, lr: float) -> float:
+        return lr * getattr(self.args, "lr_decay", 1.0) ** self.round
+
+    def param_groups(self) -> list:
+        return [{"params": [p for p in self.model.parameters() if p.requires_grad],
+                 "lr": self.lr_now(self.cfg.lr)}]
+
+    def make_optimizer(self, client):
+        """The papers' optimiser: Adam (AdamW for FedMedCLIP) with betas (0.9, 0.98),
+        eps 1e-6 and the learning rate decayed by lr_decay each round; `--optimizer sgd`
+        gives momentum SGD instead."""
+        groups = self.param_groups()
+        if self.cfg.optimizer == "adam":
+            cls = torch.optim.AdamW if getattr(self, "decoupled_weight_decay", False) else torch.optim.Adam
+            opt = cls(groups, betas=(0.9, 0.98), eps=1e-6, weight_decay=self.cfg.weight_decay)
+        else:
+            opt = torch.optim.SGD(groups, momentum=self.cfg.momentum,
+                                  weight_decay=self.cfg.weight_decay)
+        if self.cfg.keep_optimizer and "optimizer" in client.state:
+            opt.load_state_dict(client.state["optimizer"])
+            for g, lr in zip(opt.param_groups, [g["lr"] for g in groups]):
+                g["lr"] = lr
+        return opt
+
+    def local_batches(self, client, gen, steps_scale: int = 1):
+        """The public codes' training loaders drop the last incomplete batch (a client
+        with fewer than B images keeps its one short batch)."""
+        B = self.cfg.batch_size
+        for idx in super().local_batches(client, gen, steps_scale):
+            if len(idx) < B and client.n >= B and not self.cfg.local_steps:
+                continue
+            yield idx
