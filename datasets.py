@@ -64,7 +64,8 @@ class Federation:
     name: str
     classes: list                                       # class names, label order
     x: torch.Tensor                                     # uint8 [N, 3, H, W]
-    y: torch.Tensor                                     # int64 [N], -1 = no label
+    y: torch.Tensor                                     # int64 [N], -1 = no label; or
+    # multi-label [N, C] multi-hot (1 positive, 0 negative, -1 missing label)
     clients: list                                       # ClientSplit, training clients
     holdout: list = field(default_factory=list)         # ClientSplit, never trained on
     info: dict = field(default_factory=dict)            # provenance, saved in config.json
@@ -95,7 +96,7 @@ class Federation:
             tag = " (holdout)" if any(c is h for h in self.holdout) else ""
             for split in splits:
                 idx = getattr(c, "unlabeled" if split == "unlab" else split)
-                counts = np.bincount(y[idx][y[idx] >= 0], minlength=self.num_classes)
+                counts = class_counts(y[idx], self.num_classes)
                 lines.append(f"{(c.name + tag)[:19]:<20}{split:<7}"
                              + "".join(f"{v:>7}" for v in counts) + f"{len(idx):>8}")
         return "\n".join(lines)
@@ -104,14 +105,19 @@ class Federation:
         y = self.y.numpy()
         out = {}
         for c in self.clients + self.holdout:
-            out[c.name] = {s: np.bincount(y[getattr(c, s)][y[getattr(c, s)] >= 0],
-                                          minlength=self.num_classes).tolist()
+            out[c.name] = {s: class_counts(y[getattr(c, s)], self.num_classes).tolist()
                            for s in ("train", "test")}
             out[c.name]["unlabeled"] = int(len(c.unlabeled))
             out[c.name]["holdout"] = any(c is h for h in self.holdout)
             if c.label_set is not None:
                 out[c.name]["label_set"] = [int(k) for k in c.label_set]
         return out
+
+
+def class_counts(y: np.ndarray, C: int) -> np.ndarray:
+    """Images per class: labelled images of each class for integer labels y [n]; positive
+    labels of each class for multi-label y [n, C]."""
+    return (y == 1).sum(0) if y.ndim == 2 else np.bincount(y[y >= 0], minlength=C)
 
 
 def stratified_split(labels: np.ndarray, idx: np.ndarray, test_fraction: float,
@@ -1009,7 +1015,8 @@ def build(cat: Catalog, ns: argparse.Namespace, seed: int, log=None) -> Federati
     client is split after partitioning (stratified by class, --test-fraction); (3) the
     partition of the training side; an official or global test side is shared out to
     clients in proportion to their training images of each class (`distribute_by_class`);
-    (4) --max-images-per-client; (5) labelset: classes outside L_k -> unlabeled;
+    (4) --max-images-per-client; (5) labelset: classes outside L_k -> unlabeled (with
+    --oracle-labels L_k = all classes, the same draws otherwise: the full-label bound);
     (6) --unlabeled-fraction; (7) --holdout-client. All draws come from named streams
     np_rng(seed, "data", dataset, step, ...)."""
     C, labels, N = len(cat.classes), cat.y, len(cat.files)
@@ -1110,6 +1117,11 @@ def build(cat: Catalog, ns: argparse.Namespace, seed: int, log=None) -> Federati
         if C > len(clients) * m:
             notes.append(f"labelset: {C} classes > {len(clients)} clients x {m}: the round-robin "
                          "deal gives some clients more than --labels-per-client classes")
+        if ns.oracle_labels:        # the upper bound: same clients, same draws, all labels kept
+            notes.append("--oracle-labels: every training image keeps its label (label sets "
+                         "that would apply: " + "; ".join(" ".join(str(k) for k in L)
+                                                           for L in sets) + ")")
+            sets = [list(range(C))] * len(clients)
         for c, L in zip(clients, sets):
             inside = np.isin(labels[c.train], L)
             c.unlabeled = np.sort(np.concatenate([c.unlabeled, c.train[~inside]]))
@@ -1240,6 +1252,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="fewest images per client for --partition dirichlet (default: 10)")
     g.add_argument("--labels-per-client", type=int, default=3,
                    help="classes k each client annotates for --partition labelset (default: 3)")
+    g.add_argument("--oracle-labels", action="store_true",
+                   help="with --partition labelset: keep every training image's label (the "
+                   "full-label upper bound; same clients and images, label sets = all classes)")
     g.add_argument("--shards-per-client", type=int, default=2,
                    help="label-sorted shards per client for --partition shards (default: 2)")
     g.add_argument("--unlabeled-fraction", type=float, default=0.0,
@@ -1285,6 +1300,9 @@ def _check_flags(ns) -> None:
                          + ", ".join(PARTITIONS))
     if not 0 < ns.test_fraction < 1:
         raise UsageError(f"--test-fraction must lie in (0, 1) (got {ns.test_fraction})")
+    if getattr(ns, "oracle_labels", False) and ns.partition != "labelset":
+        raise UsageError("--oracle-labels only applies to --partition labelset (it keeps the "
+                         "labels that partition hides); add --partition labelset or drop it")
     if ns.image_size is not None and not 4 <= ns.image_size <= 4096:
         raise UsageError(f"--image-size must lie in 4..4096 (got {ns.image_size})")
     if ns.max_images_per_client is not None and ns.max_images_per_client < 2:
