@@ -173,6 +173,8 @@ def _main(argv) -> int:
                          stop_after=ns.stop_after, quiet=ns.quiet)
     if summary:
         print(fedmed.results_table(summary))
+        if hasattr(cls, "summary_table"):              # e.g. FedAL's label-efficiency curve
+            print(cls.summary_table(summary))
         print(f"mean balanced accuracy over clients {summary['balanced_accuracy']:.4f}, "
               f"pooled {summary['pooled_balanced_accuracy']:.4f}; bytes up "
               f"{summary['bytes_up']:,}, down {summary['bytes_down']:,}; results in {out}")
