@@ -138,7 +138,12 @@ def weighted_average(tensors: list, weights: list) -> torch.Tensor:
 # ---------------------------------------------------------------- losses and metrics
 
 def class_weights(y: np.ndarray, num_classes: int) -> torch.Tensor:
-    """alpha_c = N / N_c on the pooled training labels (0 for a class with no image)."""
+    """alpha_c = N / N_c on the pooled training labels (0 for a class with no image).
+    Multi-label y [N, C] (1 positive, 0 negative, -1 missing): the BCE pos_weight
+    alpha_c = #negatives_c / #positives_c over the observed entries (1 where c has none)."""
+    if y.ndim == 2:
+        pos, neg = (y == 1).sum(0).astype(np.float64), (y == 0).sum(0).astype(np.float64)
+        return torch.tensor(np.where(pos > 0, neg / np.maximum(pos, 1), 1.0), dtype=torch.float32)
     counts = np.bincount(y[y >= 0], minlength=num_classes).astype(np.float64)
     alpha = np.where(counts > 0, counts.sum() / np.maximum(counts, 1), 0.0)
     return torch.tensor(alpha, dtype=torch.float32)
@@ -153,6 +158,17 @@ def focal_loss(logits: torch.Tensor, y: torch.Tensor, alpha: torch.Tensor | None
     if alpha is not None:
         loss = alpha[y] * loss
     return loss.mean()
+
+
+def masked_bce(logits: torch.Tensor, y: torch.Tensor, pos_weight: torch.Tensor | None = None
+               ) -> torch.Tensor:
+    """Multi-label loss: binary cross-entropy with logits, averaged over the observed
+    entries of y [B, C] (y = -1 marks a missing label, which contributes nothing);
+    pos_weight_c multiplies the positive term, as in BCEWithLogitsLoss."""
+    observed = (y >= 0).to(logits.dtype)
+    l = F.binary_cross_entropy_with_logits(logits, y.clamp(min=0).to(logits.dtype),
+                                           pos_weight=pos_weight, reduction="none")
+    return (l * observed).sum() / observed.sum().clamp(min=1)
 
 
 def _auroc_binary(pos: np.ndarray, score: np.ndarray) -> float:
@@ -176,7 +192,10 @@ def _auroc_binary(pos: np.ndarray, score: np.ndarray) -> float:
 def classification_metrics(y: np.ndarray, prob: np.ndarray) -> dict:
     """Balanced accuracy (mean recall over the classes present in y, as sklearn), accuracy,
     macro F1 over all classes (zero_division = 0), macro one-vs-rest AUROC over the classes
-    with both positives and negatives in y, and mean cross-entropy."""
+    with both positives and negatives in y, and mean cross-entropy. A 2-D y is multi-label:
+    see `multilabel_metrics`."""
+    if y.ndim == 2:
+        return multilabel_metrics(y, prob)
     C = prob.shape[1]
     pred = prob.argmax(1)
     present = np.unique(y)
@@ -194,6 +213,40 @@ def classification_metrics(y: np.ndarray, prob: np.ndarray) -> dict:
             "macro_f1": float(np.mean(f1)),
             "macro_auroc": float(np.mean(aucs)) if aucs else float("nan"),
             "loss": float(-np.log(p_y).mean()),
+            "n": int(len(y))}
+
+
+def multilabel_metrics(y: np.ndarray, prob: np.ndarray, threshold: float = 0.5) -> dict:
+    """Multi-label metrics (y [N, C]: 1 positive, 0 negative, -1 missing; prob [N, C]
+    sigmoid probabilities; prediction = prob >= threshold). Each class c is scored on its
+    observed entries only, and only classes with an observed entry count:
+    balanced_accuracy = mean_c (TPR_c + TNR_c) / 2, where a class whose observed entries
+      are all of one kind uses the one defined rate (sklearn's balanced_accuracy_score
+      per class); accuracy = mean_c of the per-class accuracy; macro_f1 = mean_c of the
+      per-class F1 (zero_division = 0); macro_auroc = mean AUROC over the classes with
+      both positives and negatives; loss = mean binary cross-entropy over observed entries."""
+    pred = prob >= threshold
+    ba, acc, f1, aucs = [], [], [], []
+    for c in range(y.shape[1]):
+        obs = y[:, c] >= 0
+        if not obs.any():
+            continue
+        t, p = y[obs, c] == 1, pred[obs, c]
+        rates = ([np.mean(p[t])] if t.any() else []) + ([np.mean(~p[~t])] if (~t).any() else [])
+        ba.append(np.mean(rates))
+        acc.append(np.mean(p == t))
+        tp, fp, fn = np.sum(p & t), np.sum(p & ~t), np.sum(~p & t)
+        f1.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0)
+        if 0 < t.sum() < len(t):
+            aucs.append(_auroc_binary(t, prob[obs, c]))
+    obs = y >= 0
+    q = np.clip(prob, 1e-12, 1 - 1e-12)
+    bce = -(np.where(y == 1, np.log(q), np.log(1 - q)))[obs]
+    return {"balanced_accuracy": float(np.mean(ba)) if ba else float("nan"),
+            "accuracy": float(np.mean(acc)) if acc else float("nan"),
+            "macro_f1": float(np.mean(f1)) if f1 else float("nan"),
+            "macro_auroc": float(np.mean(aucs)) if aucs else float("nan"),
+            "loss": float(bce.mean()) if bce.size else float("nan"),
             "n": int(len(y))}
 
 
@@ -261,6 +314,10 @@ class Algorithm:
         self.private_keys = self._private_keys(affine, stats)     # never leave a client
         self.shared_keys = [k for k in self.init_weights if k not in self.private_keys]
         y = fed.y.numpy()
+        self.multilabel = y.ndim == 2                 # y [N, C]: sigmoid per class, masked BCE
+        if self.multilabel and cfg.loss == "focal":
+            raise UsageError("--loss focal is for single-label data; use --loss ce (masked "
+                             "BCE) with this multi-label dataset")
         train_y = np.concatenate([y[c.train] for c in fed.clients]) if fed.clients else y[:0]
         self.alpha = (class_weights(train_y, fed.num_classes).to(self.device)
                       if cfg.class_weights == "inverse" else None)
@@ -369,6 +426,8 @@ class Algorithm:
     def loss(self, model: nn.Module, batch, payload: dict, client: ClientState) -> torch.Tensor:
         x, y = batch
         logits = model(x)
+        if self.multilabel:                           # y [B, C], -1 = missing label
+            return masked_bce(logits, y, self.alpha)
         if self.cfg.loss == "focal":
             return focal_loss(logits, y, self.alpha, self.cfg.focal_gamma)
         return F.cross_entropy(logits, y, weight=self.alpha)
@@ -430,7 +489,8 @@ class Algorithm:
         idx = torch.as_tensor(idx, dtype=torch.long)
         for s in range(0, len(idx), self.cfg.eval_batch_size):
             x, _ = self.batch(idx[s:s + self.cfg.eval_batch_size])
-            out.append(F.softmax(self.model(x).float(), dim=1).cpu())
+            z = self.model(x).float()
+            out.append((torch.sigmoid(z) if self.multilabel else F.softmax(z, dim=1)).cpu())
         if not out:
             return np.zeros((0, self.fed.num_classes), np.float32)
         return torch.cat(out).numpy()
