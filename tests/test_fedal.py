@@ -1,0 +1,391 @@
+"""FedAL (algorithms/fedal.py): every item of section 11 of ../shared/methods/fedal.md,
+each checked against an independent computation, plus resume and bad input."""
+import dataclasses
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import datasets
+import fedmed
+import run
+from fedmed import Config, ServerState, transmit
+
+fedmed.load_algorithms()
+from algorithms.fedal import (FedAL, LabelLeak, acquisition_scores, entropy,  # noqa: E402
+                              select_top)
+
+SMALL = {"al_initial": 0.2, "al_budget": 0.6, "al_cycles": 2, "al_rounds_per_cycle": 1}
+
+
+@pytest.fixture(scope="module")
+def fed():
+    return datasets.make_synthetic(seed=3, clients=3, image_size=16)
+
+
+def make_fedal(fed, cfg_kw=None, **kw):
+    cfg = Config(**{"algo": "fedal", "model": "cnn", "batch_size": 16, "local_steps": 2,
+                    **(cfg_kw or {})})
+    algo = FedAL(cfg, FedAL.Args(**{**SMALL, **kw}), fed)
+    clients = fedmed.make_clients(fed)
+    server = ServerState()
+    algo.setup(server, clients)
+    return algo, server, clients
+
+
+def train_round(algo, server, clients, t):
+    """Round t through the hooks in the loop's order (all clients take part)."""
+    algo.round = t
+    algo.begin_round(server, clients)
+    uploads = {}
+    for c in algo.participants(server, clients):
+        payload, _ = transmit(algo.broadcast(server, c))
+        uploads[c.id], _ = transmit(algo.local_update(c, payload))
+    algo.aggregate(server, uploads)
+    return uploads
+
+
+def cli(tmp_path, *flags, name="out", algo="fedal"):
+    out = str(tmp_path / name)
+    base = ["--algo", algo, "--image-size", "16", "--clients", "3", "--local-steps", "2",
+            "--batch-size", "16", "--quiet", "--out", out]
+    if algo == "fedal":
+        base += ["--al-initial", "0.2", "--al-budget", "0.6", "--al-cycles", "2",
+                 "--al-rounds-per-cycle", "1"]
+    return run.main(base + list(flags)), out
+
+
+def ckpt(out):
+    return torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)
+
+
+def read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(s) for s in f]
+
+
+def drop_seconds(obj):
+    if isinstance(obj, dict):
+        return {k: drop_seconds(v) for k, v in obj.items() if k != "seconds"}
+    if isinstance(obj, list):
+        return [drop_seconds(v) for v in obj]
+    return obj
+
+
+def same_weights(a, b):
+    return all(torch.equal(a[k], b[k]) for k in a) and a.keys() == b.keys()
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory):
+    """One CLI run of the small schedule (p0 = 0.2 -> 0.6 in 2 acquisitions, R_c = 1)."""
+    rc, out = cli(tmp_path_factory.mktemp("fedal"))
+    assert rc == 0
+    return out
+
+
+# ---------------------------------------------------------------- 11.1 scores
+
+def hand_entropy(p):
+    return -sum(x * math.log(x) for x in p if x > 0)
+
+
+def test_scores_equal_their_formulas():
+    gen = np.random.default_rng(0)
+    p = gen.dirichlet(np.ones(5), size=4)
+    q = gen.dirichlet(np.ones(5), size=4)
+    for score in ("entropy_of_mean", "mean_entropy", "mi"):   # p_loc = p_glob = p
+        s = acquisition_scores("ensemble-entropy", score, p, p)
+        want = [hand_entropy(r) for r in p] if score != "mi" else [0.0] * 4
+        assert np.allclose(s, want, atol=1e-12)
+    a = acquisition_scores("ensemble-entropy", "entropy_of_mean", p, q)
+    b = acquisition_scores("ensemble-entropy", "mean_entropy", p, q)
+    mi = acquisition_scores("ensemble-entropy", "mi", p, q)
+    for i in range(4):
+        assert a[i] == pytest.approx(hand_entropy([(x + y) / 2 for x, y in zip(p[i], q[i])]))
+        assert b[i] == pytest.approx((hand_entropy(p[i]) + hand_entropy(q[i])) / 2)
+        assert mi[i] == pytest.approx(a[i] - b[i]) and mi[i] >= 0      # Jensen
+    one, two = np.eye(3)[[0]], np.eye(3)[[1]]                           # opposite one-hots
+    assert acquisition_scores("ensemble-entropy", "entropy_of_mean", one, two)[0] == pytest.approx(math.log(2))
+    assert acquisition_scores("ensemble-entropy", "mean_entropy", one, two)[0] == 0.0
+    assert acquisition_scores("ensemble-entropy", "mi", one, two)[0] == pytest.approx(math.log(2))
+    for C in (2, 6, 8):                                                 # uniform: log C
+        u = np.full((1, C), 1 / C)
+        assert acquisition_scores("ensemble-entropy", "entropy_of_mean", u, u)[0] == pytest.approx(math.log(C))
+    assert np.allclose(acquisition_scores("global-entropy", None, p, q), [hand_entropy(r) for r in q])
+    assert np.allclose(acquisition_scores("local-entropy", None, p, q), [hand_entropy(r) for r in p])
+    pbar = (p + q) / 2
+    assert np.allclose(acquisition_scores("least-confidence", None, p, q), 1 - pbar.max(1))
+    srt = np.sort(pbar, 1)
+    assert np.allclose(acquisition_scores("margin", None, p, q), srt[:, -2] - srt[:, -1])
+    assert entropy(np.array([[1.0, 0.0]]))[0] == 0.0                   # 0 log 0 = 0
+
+
+# ---------------------------------------------------------------- 11.2 selection
+
+def test_top_b_matches_hand_argsort_with_index_ties():
+    gen = np.random.default_rng(1)
+    for trial in range(30):
+        n = int(gen.integers(1, 40))
+        pool = np.sort(gen.choice(1000, n, replace=False))
+        scores = gen.integers(0, 4, n).astype(float)                     # many ties
+        b = int(gen.integers(0, n + 1))
+        hand = sorted(range(n), key=lambda i: (-scores[i], pool[i]))[:b]
+        assert select_top(scores, pool, b).tolist() == sorted(pool[hand].tolist())
+    pool = np.array([3, 7, 9, 12])                                       # a tie goes to 7, not 12
+    assert select_top(np.array([0.1, 0.5, 0.9, 0.5]), pool, 2).tolist() == [7, 9]
+
+
+def test_acquisition_moves_exactly_the_top_b_images(fed):
+    algo, server, clients = make_fedal(fed)
+    N = [len(c.train) + len(c.unlabeled) for c in clients]
+    train_round(algo, server, clients, 0)                 # FL phase 0 (R_c = 1)
+    expect, b = {}, {}
+    for c in clients:                                     # what acquisition 1 must take
+        s = algo.scores(server, c, 1)
+        b[c.id] = algo.acquisition_size(c, 1)
+        order = sorted(range(len(s)), key=lambda i: (-s[i], c.unlabeled[i]))[:b[c.id]]
+        expect[c.id] = (set(c.train.tolist()), set(c.unlabeled[order].tolist()),
+                        set(c.unlabeled.tolist()))
+    algo.round = 1
+    algo.begin_round(server, clients)
+    for c in clients:
+        L0, S, U0 = expect[c.id]
+        assert b[c.id] > 0 and len(S) == b[c.id]
+        assert set(c.train.tolist()) == L0 | S and set(c.unlabeled.tolist()) == U0 - S
+        assert not set(c.train.tolist()) & set(c.unlabeled.tolist())
+        assert len(c.train) + len(c.unlabeled) == N[c.id]
+        assert len(np.unique(c.train)) == len(c.train) and len(np.unique(c.unlabeled)) == len(c.unlabeled)
+    assert algo.oracle.queries == sum(b.values())
+
+
+@pytest.mark.parametrize("acq", ["random", "global-entropy", "local-entropy", "least-confidence",
+                                 "margin"])
+def test_every_baseline_acquires_b_per_client(fed, acq):
+    algo, server, clients = make_fedal(fed, acquisition=acq)
+    train_round(algo, server, clients, 0)
+    before = [len(c.train) for c in clients]
+    b = [algo.acquisition_size(c, 1) for c in clients]
+    algo.round = 1
+    algo.begin_round(server, clients)
+    assert [len(c.train) for c in clients] == [x + y for x, y in zip(before, b)]
+    assert algo.oracle.queries == sum(b)
+
+
+# ---------------------------------------------------------------- 11.3 label hygiene
+
+def test_training_reads_only_labelled_images_and_u_labels_raise(fed):
+    algo, server, clients = make_fedal(fed)
+    for c in clients:
+        assert len(c.unlabeled)
+        seen = torch.cat(list(algo.base.local_batches(c, torch.Generator().manual_seed(0))))
+        assert set(seen.tolist()) <= set(c.train.tolist())
+        with pytest.raises(LabelLeak):
+            algo.fed.y[torch.as_tensor(c.unlabeled[:3])]
+        with pytest.raises(LabelLeak):                    # the base method's own gathering
+            algo.base.batch(torch.as_tensor(c.unlabeled[:2]))
+        with pytest.raises(LabelLeak):                    # the oracle answers for U only
+            algo.oracle.query(1, c, c.train[:1])
+        assert (algo.fed.y.numpy()[c.unlabeled] == -1).all()     # not even stored there
+        assert torch.equal(algo.fed.y[torch.as_tensor(c.test)], fed.y[torch.as_tensor(c.test)])
+    assert algo.oracle.queries == 0
+
+
+def test_scrambled_unlabelled_labels_change_nothing_until_acquired(fed, tmp_path):
+    probe, _, clients = make_fedal(fed, al_cycles=1, al_rounds_per_cycle=2)
+    U0 = np.concatenate([c.unlabeled for c in clients])
+    y2 = fed.y.clone()
+    y2[torch.as_tensor(U0)] = (y2[torch.as_tensor(U0)] + 1) % fed.num_classes
+    scrambled = dataclasses.replace(fed, y=y2)
+    cfg = lambda: Config(algo="fedal", model="cnn", batch_size=16, local_steps=2)  # noqa: E731
+    args = FedAL.Args(**{**SMALL, "al_cycles": 1, "al_rounds_per_cycle": 2})
+    outs = {}
+    for name, f in (("true", fed), ("scrambled", scrambled)):
+        out = str(tmp_path / name)
+        fedmed.run(cfg(), args, f, out, stop_after=2, quiet=True)     # FL phase 0 only
+        outs[name] = (out, ckpt(out))
+    (a, ca), (b, cb) = outs["true"], outs["scrambled"]
+    assert same_weights(ca["server"]["weights"], cb["server"]["weights"])
+    fedmed.run(cfg(), args, fed, a, resume=True, quiet=True)
+    fedmed.run(cfg(), args, scrambled, b, resume=True, quiet=True)
+    ca, cb = ckpt(a), ckpt(b)
+    for s1, s2 in zip(ca["clients"], cb["clients"]):              # the same images acquired
+        assert np.array_equal(s1["train"], s2["train"])
+    assert not same_weights(ca["server"]["weights"], cb["server"]["weights"])  # labels used after
+
+
+# ---------------------------------------------------------------- 11.4 budget schedule
+
+def test_budget_schedule_rounds_and_oracle_count(small_run):
+    lines = read_jsonl(os.path.join(small_run, "metrics.jsonl"))
+    per = [m for m in lines if m["client"] != "pooled"]
+    assert sorted({m["round"] for m in per}) == [1, 2, 3]          # (A + 1) R_c rounds
+    for m in per:
+        N = m["labelled"] + m["unlabelled"]
+        frac = 0.2 + 0.2 * (m["round"] - 1)                         # p0 + c beta
+        assert abs(m["labelled"] - frac * N) <= 1, m
+        assert m["al_cycle"] == m["round"] - 1
+    first = {m["client"]: m["labelled"] for m in per if m["round"] == 1}
+    last = {m["client"]: m["labelled"] for m in per if m["round"] == 3}
+    acquired = sum(m["acquired"] for m in per if "acquired" in m)
+    s = json.load(open(os.path.join(small_run, "summary.json")))
+    assert s["al"]["oracle_queries"] == acquired == sum(last[k] - first[k] for k in last)
+    assert [round(p["label_fraction"], 1) for p in s["al_curve"]] == [0.2, 0.4, 0.6]
+    assert s["al_curve"][-1]["balanced_accuracy"] == pytest.approx(s["balanced_accuracy"])
+    assert sum(s["al_curve"][1]["acquired_classes"]) == s["al_curve"][1]["oracle_queries"]
+    pooled = [m for m in lines if m["client"] == "pooled"]        # the AL phase sends nothing
+    assert len({(m["bytes_up"], m["bytes_down"]) for m in pooled}) == 1
+    cfg = json.load(open(os.path.join(small_run, "config.json")))
+    assert cfg["config"]["rounds"] == 3 and "reconstruction" in cfg["algorithm_info"]["protocol"]
+
+
+def test_paper_defaults(fed):
+    algo = FedAL(Config(algo="fedal", model="cnn"), FedAL.Args(), fed)
+    assert (algo.args.al_initial, algo.args.al_budget, algo.A, algo.R_c) == (0.1, 0.5, 4, 10)
+    assert algo.cfg.rounds == 50 and algo.beta == pytest.approx(0.1)
+    assert algo.args.acquisition == "ensemble-entropy" and algo.args.al_score == "entropy_of_mean"
+    for k, N in enumerate(algo.N):
+        for c in range(5):
+            assert abs(algo.target(k, c) - (0.1 + 0.1 * c) * N) <= 1
+
+
+# ---------------------------------------------------------------- 11.5 determinism
+
+def test_same_seed_same_acquisitions_and_weights(small_run, tmp_path):
+    rc, again = cli(tmp_path, name="again")
+    rc2, other = cli(tmp_path, "--seed", "1", name="other")
+    assert rc == rc2 == 0
+    a, b, c = ckpt(small_run), ckpt(again), ckpt(other)
+    assert same_weights(a["server"]["weights"], b["server"]["weights"])
+    for s1, s2 in zip(a["clients"], b["clients"]):
+        assert np.array_equal(s1["train"], s2["train"]) and np.array_equal(s1["unlabeled"], s2["unlabeled"])
+    log1, log2 = a["server"]["state"]["al"]["oracle_log"], b["server"]["state"]["al"]["oracle_log"]
+    assert [e["indices"].tolist() for e in log1] == [e["indices"].tolist() for e in log2]
+    assert any(not np.array_equal(s1["train"], s3["train"]) for s1, s3 in zip(a["clients"], c["clients"]))
+
+
+# ---------------------------------------------------------------- 11.6 reduction to FedAvg
+
+def test_all_labelled_equals_fedavg_bit_for_bit(tmp_path):
+    rc1, al = cli(tmp_path, "--al-initial", "1", "--al-budget", "1", name="al")
+    rc2, avg = cli(tmp_path, "--rounds", "3", name="avg", algo="fedavg")
+    assert rc1 == rc2 == 0
+    assert same_weights(ckpt(al)["server"]["weights"], ckpt(avg)["server"]["weights"])
+    s1, s2 = (json.load(open(os.path.join(d, "summary.json"))) for d in (al, avg))
+    assert (s1["bytes_up"], s1["bytes_down"]) == (s2["bytes_up"], s2["bytes_down"])
+    assert s1["al"]["oracle_queries"] == 0
+    extra = {"al_cycle", "labelled", "unlabelled", "acquired", "acquired_classes", "oracle_queries"}
+    strip = [{k: v for k, v in m.items() if k not in extra}
+             for m in drop_seconds(read_jsonl(os.path.join(al, "metrics.jsonl")))]
+    assert strip == drop_seconds(read_jsonl(os.path.join(avg, "metrics.jsonl")))
+
+
+# ---------------------------------------------------------------- 11.7 eval mode
+
+def test_scoring_is_repeatable_and_leaves_bn_buffers_alone(fed):
+    algo, server, clients = make_fedal(fed)
+    algo.round = 0
+    algo.begin_round(server, clients)
+    c = clients[0]
+    payload, _ = transmit(algo.broadcast(server, c))
+    upload = algo.local_update(c, payload)               # theta_k scored right after it
+    assert "al_p_local" in c.state and len(c.state["al_p_local"]) == len(c.unlabeled)
+    sd = algo.base.model.state_dict()
+    for k in algo.base.bn_stats:                         # scoring with theta_k moved no buffer
+        assert torch.equal(sd[k], upload["w"][k]), k
+    for other in clients[1:]:
+        payload, _ = transmit(algo.broadcast(server, other))
+        algo.local_update(other, payload)
+    before = {k: v.clone() for k, v in server.weights.items()}
+    s1 = algo.scores(server, c, 1)
+    after = algo.base.model.state_dict()
+    s2 = algo.scores(server, c, 1)
+    assert np.array_equal(s1, s2)
+    assert same_weights(before, server.weights)
+    for k in algo.base.bn_stats:                         # theta_g scored as loaded, in eval mode
+        assert torch.equal(after[k], server.weights[k]), k
+    assert not algo.base.model.training
+
+
+def test_local_scores_are_kept_only_until_the_acquisition(fed):
+    algo, server, clients = make_fedal(fed, al_rounds_per_cycle=2)
+    train_round(algo, server, clients, 0)
+    assert not any("al_p_local" in c.state for c in clients)       # not the phase's last update
+    train_round(algo, server, clients, 1)
+    assert all("al_p_local" in c.state for c in clients)
+    algo.round = 2
+    algo.begin_round(server, clients)                              # acquisition 1
+    assert not any("al_p_local" in c.state for c in clients)
+    rec = server.state["al"]["acquisitions"][0]
+    assert all(v["local_model"] for v in rec["clients"].values())
+
+
+def test_reinit_restarts_the_base_method(fed):
+    algo, server, clients = make_fedal(fed, al_reinit=True)
+    train_round(algo, server, clients, 0)
+    assert not same_weights(server.weights, algo.base.init_weights)
+    algo.round = 1
+    algo.begin_round(server, clients)
+    assert same_weights(server.weights, algo.base.init_weights) and algo.oracle.queries > 0
+
+
+# ---------------------------------------------------------------- resume, base methods
+
+def test_stop_and_resume_mid_cycle_equals_uninterrupted(tmp_path):
+    """R_c = 2, A = 1 (4 rounds), 2 of 3 clients a round: a stop after round 2 ends FL
+    phase 0 (theta_k's scores are in the checkpoint; the acquisition runs after the
+    resume); a stop after round 3 is inside FL phase 1."""
+    flags = ["--al-rounds-per-cycle", "2", "--al-cycles", "1", "--fraction", "0.67"]
+    rc, full = cli(tmp_path, *flags, name="full")
+    assert rc == 0
+    a = ckpt(full)
+    for stop in (2, 3):
+        rc2, part = cli(tmp_path, *flags, "--stop-after", str(stop), name=f"part{stop}")
+        rc3, _ = cli(tmp_path, *flags, "--resume", name=f"part{stop}")
+        assert rc2 == rc3 == 0
+        b = ckpt(part)
+        assert same_weights(a["server"]["weights"], b["server"]["weights"])
+        for s1, s2 in zip(a["clients"], b["clients"]):
+            assert np.array_equal(s1["train"], s2["train"])
+        assert drop_seconds(read_jsonl(os.path.join(full, "metrics.jsonl"))) == \
+            drop_seconds(read_jsonl(os.path.join(part, "metrics.jsonl")))
+        assert drop_seconds(json.load(open(os.path.join(full, "summary.json")))) == \
+            drop_seconds(json.load(open(os.path.join(part, "summary.json"))))
+
+
+def test_fedprox_base_gets_its_mu(small_run, tmp_path, fed):
+    rc, prox0 = cli(tmp_path, "--base-algo", "fedprox", "--base-args", "mu=0", name="p0")
+    assert rc == 0                                                  # mu = 0 is FedAvg
+    assert same_weights(ckpt(prox0)["server"]["weights"], ckpt(small_run)["server"]["weights"])
+    algo, _, _ = make_fedal(fed, base_algo="fedprox", base_args="mu=0.3")
+    assert type(algo.base) is fedmed.ALGORITHMS["fedprox"] and algo.base.args.mu == 0.3
+    assert algo.info["base_args"] == {"mu": 0.3} and algo.base.fed.y is algo.labels
+
+
+# ---------------------------------------------------------------- bad input
+
+@pytest.mark.parametrize("flags,needle", [
+    (["--al-initial", "0"], "--al-initial"),
+    (["--al-initial", "1.5"], "--al-initial"),
+    (["--al-budget", "0.1"], "--al-budget"),
+    (["--al-budget", "1.5"], "--al-budget"),
+    (["--al-cycles", "-1"], "--al-cycles"),
+    (["--al-rounds-per-cycle", "0"], "--al-rounds-per-cycle"),
+    (["--acquisition", "coreset"], "--acquisition"),
+    (["--al-score", "bald"], "--al-score"),
+    (["--base-algo", "nope"], "--base-algo"),
+    (["--base-algo", "pooled"], "cannot be wrapped"),
+    (["--base-algo", "fedal"], "cannot be wrapped"),
+    (["--base-algo", "fedprox", "--base-args", "mu=abc"], "--base-args"),
+    (["--base-algo", "fedprox", "--base-args", "nu=1"], "--base-args"),
+    (["--base-args", "mu=1"], "--base-args"),
+    (["--unlabeled-fraction", "0.9"], "--al-initial"),
+])
+def test_bad_input_is_one_line_exit_2(tmp_path, capsys, flags, needle):
+    rc, out = cli(tmp_path, *flags)
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and needle in err and len(err.splitlines()) == 1, err
+    assert not os.path.exists(out)
