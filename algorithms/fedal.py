@@ -14,8 +14,10 @@ reconstruction [ours]; config.json records them under `algorithm_info`.
 
     init   L_k = a random p0 share of client k's N_k training images, stream
            (seed, "fedal-init", k); U_k = the rest. U_k's labels are hidden: the training
-           view of the labels (`HiddenLabels`) does not contain them, and only the
-           `Oracle` (the simulated annotators) holds them and logs every query.
+           view of the labels (`HiddenLabels`) does not contain them (reading one
+           raises, or reads -1 = "no label" under a base with its own local training,
+           e.g. semi-supervised FedLSM), and only the `Oracle` (the simulated
+           annotators) holds them and logs every query.
     cycle c = 0 .. A   (A = --al-cycles acquisitions, so T = (A + 1) R_c rounds)
       FL phase  R_c rounds (--al-rounds-per-cycle) of the base method on the L_k, with
                 n_k = |L_k|, warm-started from the previous global model
@@ -157,13 +159,16 @@ class LabelLeak(RuntimeError):
 
 class HiddenLabels:
     """The training view of the labels: a copy of y in which every image of an
-    unlabelled pool reads -1 (its label is not in this object at all). Indexing such an
-    image raises LabelLeak, so a method trains only on what the oracle revealed."""
+    unlabelled pool reads -1 (its label is not in this object at all), so a method trains
+    only on what the oracle revealed. `strict`: indexing such an image raises LabelLeak
+    (for a base method whose training draws its batches from L only, where any such read
+    is a bug); not strict: it reads -1, the Federation's "no label" (for a base method
+    with its own local training, e.g. a semi-supervised one that gathers images of U)."""
 
-    def __init__(self, y: torch.Tensor, hidden: np.ndarray):
+    def __init__(self, y: torch.Tensor, hidden: np.ndarray, strict: bool = True):
         self._y0, self._hidden0 = y.clone(), np.asarray(hidden, np.int64)
         self._y0[torch.as_tensor(self._hidden0)] = -1
-        self._strict = True
+        self.strict = self._strict = strict
         self.reset()
 
     def reset(self) -> None:
@@ -194,7 +199,7 @@ class HiddenLabels:
         try:
             yield
         finally:
-            self._strict = True
+            self._strict = self.strict
 
     def __len__(self) -> int:
         return len(self._y)
@@ -336,7 +341,9 @@ class FedAL(Algorithm):
         self.initial = splits
         pool = np.concatenate(U_all) if U_all else np.zeros(0, np.int64)
         self.oracle = Oracle(fed.y, pool)
-        self.labels = HiddenLabels(fed.y, pool)
+        # strict unless the base replaces FedAvg's local training (see HiddenLabels)
+        strict = Base.train is Algorithm.train and Base.local_update is Algorithm.local_update
+        self.labels = HiddenLabels(fed.y, pool, strict)
         import datasets
         view_clients = [datasets.ClientSplit(c.name, L, c.test, U, c.label_set)
                         for c, (L, U) in zip(fed.clients, splits)]
@@ -357,6 +364,7 @@ class FedAL(Algorithm):
             "local_model": "the client's weights after its last local update of the phase "
                            "(global model alone where it had none) [ours]",
             "warm_start": not a.al_reinit, "tie_break": "lower index [ours]",
+            "unlabelled_label_reads": "raise" if strict else "read -1 (no label)",
             "class_weights": "recomputed from the labelled pools each round [ours]",
             "N_k": dict(zip(names, self.N)), "initial_labelled": dict(zip(names, self.n0)),
             "targets": {n: [self.target(k, c) for c in range(self.A + 1)]

@@ -179,6 +179,7 @@ def test_every_baseline_acquires_b_per_client(fed, acq):
 
 def test_training_reads_only_labelled_images_and_u_labels_raise(fed):
     algo, server, clients = make_fedal(fed)
+    assert algo.labels.strict                             # FedAvg trains on L only
     for c in clients:
         assert len(c.unlabeled)
         seen = torch.cat(list(algo.base.local_batches(c, torch.Generator().manual_seed(0))))
@@ -363,6 +364,20 @@ def test_fedprox_base_gets_its_mu(small_run, tmp_path, fed):
     algo, _, _ = make_fedal(fed, base_algo="fedprox", base_args="mu=0.3")
     assert type(algo.base) is fedmed.ALGORITHMS["fedprox"] and algo.base.args.mu == 0.3
     assert algo.info["base_args"] == {"mu": 0.3} and algo.base.fed.y is algo.labels
+
+
+def test_semi_supervised_base_sees_no_label_on_u(fed):
+    """A base with its own local training (FedLSM gathers images of U) reads -1, the
+    Federation's "no label", on U instead of raising; the true labels stay with the oracle."""
+    algo, server, clients = make_fedal(fed, base_algo="fedlsm")
+    U = torch.as_tensor(clients[0].unlabeled)
+    assert not algo.labels.strict and (algo.fed.y[U] == -1).all()
+    train_round(algo, server, clients, 0)
+    b = [algo.acquisition_size(c, 1) for c in clients]
+    algo.round = 1
+    algo.begin_round(server, clients)
+    assert algo.oracle.queries == sum(b) > 0
+    assert (algo.fed.y[torch.as_tensor(clients[0].train)] >= 0).all()
 
 
 # ---------------------------------------------------------------- bad input
