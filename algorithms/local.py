@@ -3,9 +3,11 @@ on its own data with the same budget as the federated methods (E epochs or tau s
 round), and nothing is communicated (the byte counters read 0).
 
 Every tensor is private (the client keeps its whole model between rounds); client k is
-evaluated with its own model on its own test set, and the pooled test line concatenates
-those predictions. A held-out client is evaluated with the n_k-weighted average of the
-clients' models (an evaluation-only rule).
+evaluated with its own model on its own test set (view "local"), and the pooled test line
+concatenates those predictions. A held-out client is evaluated with the n_k-weighted
+average of the clients' models (an evaluation-only rule). In the last round every
+client's model is also evaluated on every client's test set and on the pooled test set
+(views "model:NAME"), as baselines.md asks of the local-only reference.
 Deviations: none; this is the standard reference point (see ../shared/methods/baselines.md).
 """
 from fedmed import Algorithm, register
@@ -25,3 +27,13 @@ class Local(Algorithm):
     def local_update(self, client, payload):
         super().local_update(client, payload)
         return {}
+
+    def predict(self, server, client, idx):
+        own = super().predict(server, client, idx)
+        if self.round < self.cfg.rounds - 1:
+            return own
+        views = {self.primary_view: own}
+        for k in self.clients:                        # cross-evaluation, last round only
+            self.load_model({}, k.state["private"])
+            views[f"model:{k.name}"] = self.forward_probs(idx)
+        return views

@@ -467,3 +467,17 @@ def test_several_views_each_get_metrics_and_the_first_is_primary(tmp_path, fed):
         np.mean([m["balanced_accuracy"] for m in uni]))
     pooled = [m for m in lines if m["client"] == "pooled" and m["view"] == "global"]
     assert s["bytes_up"] == sum(m["bytes_up"] for m in pooled)      # not double-counted
+
+
+def test_local_models_are_cross_evaluated_in_the_last_round(tmp_path):
+    rc, out = cli(tmp_path, "--algo", "local")
+    lines = read_jsonl(os.path.join(out, "metrics.jsonl"))
+    s = json.load(open(os.path.join(out, "summary.json")))
+    assert {m["view"] for m in lines if m["round"] < 3} == {"local"}
+    last = [m for m in lines if m["round"] == 3]
+    assert {m["view"] for m in last} == {"local", "model:site0", "model:site1", "model:site2"}
+    own = {m["client"]: m["balanced_accuracy"] for m in last if m["view"] == "local"}
+    for name in ("site0", "site1", "site2"):           # model k on its own test set = "local"
+        cross = [m for m in last if m["view"] == f"model:{name}" and m["client"] == name][0]
+        assert cross["balanced_accuracy"] == own[name]
+    assert s["view"] == "local" and set(s["views"]) == {"model:site0", "model:site1", "model:site2"}
