@@ -33,7 +33,8 @@ Client k, round r:
          M_mix = m_u AND m_c                                                    (UDE)
      loss
          single-label   L = CE_soft(z(x_s), y_P) + lambda_UDE CE_soft(z(x_mix), y_mix),
-                        CE_soft(z, y) = -1/B sum_i sum_c a_c y_ic log softmax(z_i)_c,
+                        CE_soft(z, y) = -1/B sum_i sum_c a_c y_ic log softmax(z_i)_c
+                        (a_c = 1 as the code; the core's class weights with --ce-weights),
                         rows without a target count in the mean (code)          (L-s)
          multi-label    L = mean(BCE(z(x_s), y_P) * W) + lambda_UDE mean(BCE(z(x_mix), y_mix) * M_mix),
                         W_c = pos_weight_c * m_c (m_c = 1 on observed entries)  (L-m)
@@ -73,8 +74,12 @@ Deviations:
    the teacher's thresholds, here observed entries always count;
  * the strong view is flips + a random translation of up to 1/8 of the side + brightness
    and contrast jitter + one cutout square (the code uses a RandAugment-style policy);
- * single-label losses carry the core's class weights a_c (--class-weights inverse, as
-   the baselines; --class-weights none gives the code's unweighted CE);
+ * none in the single-label loss by default: CE_soft is unweighted, as the code (a_c = 1);
+   --ce-weights multiplies it by the core's class weights a_c (--class-weights), as the
+   baselines' CE. On isic2019-mini the weighted variant collapsed: inverse-frequency
+   weights (up to ~135 for a class with 22 visible images) made the teacher confident in
+   that rare class on other clients' unlabelled images, its pseudo labels raised its
+   q_{k,c}, and AWPA fed the row back (see README, FedLSM);
  * batches come from a fresh per-round stream rng(seed, round, client) (the code walks
    the same permutation prefix every round, sheet pitfall 1); the optimiser, learning
    rate, model and budget are the run's --optimizer / --lr / --model / --local-steps;
@@ -114,6 +119,8 @@ class Args:
     tau_u_lo: float = field(default=0.005, metadata=_h("multi-label negative threshold on U"))
     mix_alpha: float = field(default=0.2, metadata=_h("UDE mixup lambda ~ Beta(alpha, alpha)"))
     lambda_ude: float = field(default=0.1, metadata=_h("weight lambda_UDE of the mixup loss"))
+    ce_weights: bool = field(default=False, metadata=_h(
+        "single-label: weight CE_soft by the --class-weights alpha_c (the code: unweighted)"))
     empty_class: str = field(default="keep", metadata=_h(
         "AWPA row of a class no client counted: keep (previous row) | samples (n_k average)"))
     ude_compat: bool = field(default=False, metadata=_h(
@@ -334,7 +341,7 @@ class FedLSM(Algorithm):
         steps = cfg.local_steps * steps_scale or cfg.local_epochs * -(-len(P) // B_P)
         mix = a.batch_u > 0 and len(U) > 0 and len(Cf) > 0
         pw = self.pos_weight if self.multilabel else None
-        alpha = None if self.multilabel else self.alpha
+        alpha = self.alpha if a.ce_weights and not self.multilabel else None
         model.train()
         opt = self.make_optimizer(client)
         dev = self.device
