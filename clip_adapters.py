@@ -733,7 +733,7 @@ def lmmd(source: torch.Tensor, target: torch.Tensor, y_source: torch.Tensor,
         w_st = s_vec @ t_vec.t() / length
     K = gaussian_kernel(source, target)
     SS, TT, ST = K[:ns, :ns], K[ns:, ns:], K[:ns, ns:]
-    return (w_ss * SS + w_tt * TT - 2 * w_st * ST).sum()
+    return (w_ss * SS).sum() + (w_tt * TT).sum() - 2 * (w_st * ST).sum()
 
 
 class _MaskStep(torch.autograd.Function):
@@ -830,9 +830,11 @@ class MaskedMLP(nn.Module):
 
 # ---------------------------------------------------------------- fp16 + zlib
 
-def pack_fp16_zlib(state: dict, level: int = -1) -> bytes:
-    """A state dict as one zlib blob (default level): a JSON header (names, dtypes,
-    shapes) and the raw bytes, floating tensors as float16, integer tensors as they are."""
+def pack_fp16_zlib(state: dict, level: int = -1) -> torch.Tensor:
+    """A state dict as one zlib blob (default level) of a JSON header (names, dtypes,
+    shapes) and the raw bytes, floating tensors as float16, integer tensors as they are.
+    The blob travels as a uint8 tensor: torch.save stores a tensor's bytes as they are,
+    while a Python `bytes` object is pickled as latin-1 text (about 1.5x larger)."""
     header, parts = [], []
     for k, v in state.items():
         v = v.detach().cpu()
@@ -840,12 +842,13 @@ def pack_fp16_zlib(state: dict, level: int = -1) -> bytes:
         header.append([k, a.dtype.str, list(a.shape)])
         parts.append(np.ascontiguousarray(a).tobytes())
     h = json.dumps(header).encode()
-    return zlib.compress(len(h).to_bytes(4, "little") + h + b"".join(parts), level)
+    blob = zlib.compress(len(h).to_bytes(4, "little") + h + b"".join(parts), level)
+    return torch.frombuffer(bytearray(blob), dtype=torch.uint8)
 
 
-def unpack_fp16_zlib(blob: bytes) -> dict:
+def unpack_fp16_zlib(blob) -> dict:
     """Inverse of pack_fp16_zlib; floating tensors come back as float32."""
-    raw = zlib.decompress(blob)
+    raw = zlib.decompress(blob.numpy().tobytes() if torch.is_tensor(blob) else blob)
     n = int.from_bytes(raw[:4], "little")
     header = json.loads(raw[4:4 + n])
     out, pos = {}, 4 + n
@@ -987,7 +990,11 @@ class ClipMethod(Algorithm):
         groups = self.param_groups()
         if self.cfg.optimizer == "adam":
             cls = torch.optim.AdamW if getattr(self, "decoupled_weight_decay", False) else torch.optim.Adam
-            opt = cls(groups, betas=(0.9, 0.98), eps=1e-6, weight_decay=self.cfg.weight_decay)
+            kw = dict(betas=(0.9, 0.98), eps=1e-6, weight_decay=self.cfg.weight_decay)
+            try:                                  # the fused kernel: same update, ~5x faster on CPU
+                opt = cls(groups, fused=True, **kw)
+            except (RuntimeError, TypeError, ValueError):
+                opt = cls(groups, **kw)
         else:
             opt = torch.optim.SGD(groups, momentum=self.cfg.momentum,
                                   weight_decay=self.cfg.weight_decay)

@@ -4,7 +4,10 @@
 torchvision backbones (`resnet18`, `efficientnet_b0`, `densenet121`) are built with no
 download; `--weights PATH` loads a local checkpoint (an ImageNet checkpoint with its
 1000-class head, whose head is then replaced, or one of our own with `num_classes`
-outputs).
+outputs). `clip:NAME` is the image encoder of the open_clip model NAME (e.g.
+`clip:ViT-B-32`, random weights, or a whole-CLIP checkpoint with --weights) with a linear
+head: FedAvg on the full CLIP image encoder, the communication baseline of the CLIP
+methods (clip_adapters.image_classifier).
 """
 from __future__ import annotations
 
@@ -84,8 +87,12 @@ def _load(model: nn.Module, sd: dict, path: str, name: str) -> None:
 
 def build(name: str, num_classes: int, weights: str | None = None) -> nn.Module:
     """A freshly initialised model (seed it from outside with fedmed.seeded)."""
+    if name.startswith("clip:"):                        # the full CLIP image encoder + head
+        import clip_adapters
+        return clip_adapters.image_classifier(name[len("clip:"):], num_classes, weights)
     if name not in MODELS:
-        raise UsageError(f"--model {name!r} is unknown; choose one of {', '.join(MODELS)}")
+        raise UsageError(f"--model {name!r} is unknown; choose one of {', '.join(MODELS)} "
+                         "or clip:NAME (an open_clip image encoder)")
     sd = _read_checkpoint(weights) if weights else None
     if name == "cnn":
         model = SmallCNN(num_classes)

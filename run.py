@@ -153,6 +153,9 @@ def _main(argv) -> int:
     ns = build_parser().parse_args(argv)
     if ns.bn == "none":
         ns.bn = "params_only"
+    for key, value in getattr(fedmed.ALGORITHMS.get(ns.algo), "recipe", {}).items():
+        if getattr(ns, key) is None:                    # the paper's recipe (e.g. CLIP methods)
+            setattr(ns, key, value)
     for key, value in datasets.RECIPES.get(ns.dataset, {}).items():
         if getattr(ns, key) is None:                    # a flag the user left unset
             setattr(ns, key, value)

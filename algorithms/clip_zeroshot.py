@@ -13,6 +13,7 @@ prompt(s) ("a picture of a {class}"; several templates are averaged, Radford et 
 Deviations: the images are the dataset's centred squares at the CLIP input size (no
 resize-shortest-side + centre crop); s is fixed at 100 (OpenAI CLIP's learned value).
 """
+import numpy as np
 import torch
 from torch import nn
 
@@ -38,5 +39,7 @@ class ClipZeroShot(ClipMethod):
     @on_one_thread
     @torch.no_grad()
     def predict(self, server, client, idx):
+        if len(idx) == 0:
+            return np.zeros((0, self.fed.num_classes), np.float32)
         I = self.features[torch.as_tensor(idx, dtype=torch.long)]
         return self.zero_shot(I).cpu().numpy()        # (1)

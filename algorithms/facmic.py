@@ -28,6 +28,7 @@ train/test split is the project's, not the code's 80/10/10; the last round is re
 """
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -60,7 +61,6 @@ class FACMIC(FedCLIP):
 
     def setup(self, server, clients):
         super().setup(server, clients)
-        import numpy as np
         self.target = torch.as_tensor(np.concatenate([h.test for h in self.holdout]),
                                       dtype=torch.long)
 

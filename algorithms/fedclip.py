@@ -24,6 +24,7 @@ the last round is reported (no validation-based selection).
 """
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -68,6 +69,9 @@ class FedCLIP(ClipMethod):
 
     @on_one_thread
     def predict(self, server, client, idx):
+        if len(idx) == 0:
+            empty = np.zeros((0, self.fed.num_classes), np.float32)
+            return {"global": empty, "personal": empty}
         private = self.average_private() if self.private_keys else {}
         glob = self._probs({**self.init_weights, **server.weights, **private}, idx)
         own = client.state.get("adapter") if client.id >= 0 else None

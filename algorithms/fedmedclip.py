@@ -52,6 +52,7 @@ all its images (the code's drop_last dropped up to B-1).
 """
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -227,6 +228,9 @@ class FedMedCLIP(ClipMethod):
 
     @on_one_thread
     def predict(self, server, client, idx):
+        if len(idx) == 0:
+            empty = np.zeros((0, self.fed.num_classes), np.float32)
+            return {"personal": empty, "global": empty}
         p_global, _ = self._heads(server.weights, None, idx)
         if client.id < 0:                                 # held-out: the server FAM's head
             return {"personal": p_global.cpu().numpy(), "global": p_global.cpu().numpy()}
