@@ -269,6 +269,51 @@ def make_synthetic(seed: int, clients: int = 5, image_size: int = 32,
                             "image_size": size})
 
 
+def make_synthetic_multilabel(seed: int, clients: int = 5, image_size: int = 32,
+                              labels_per_client: int = 3, test_fraction: float = 0.25,
+                              oracle_labels: bool = False) -> Federation:
+    """A multi-label federation in the chest X-ray style of FedLSM (no download): each
+    image shows any subset of the six shapes (each present with a client-specific
+    prevalence in [0.15, 0.5]), at random places and sizes, on a noisy background with the
+    client's own noise level; y [N, 6] is multi-hot. Label sets as the labelset partition
+    (`assign_label_sets`): on a client's training images the classes outside its set are
+    missing (-1) unless --oracle-labels; test labels are complete."""
+    if clients < 1:
+        raise UsageError(f"--clients must be >= 1 (got {clients})")
+    C, size = len(SYNTHETIC_CLASSES), image_size
+    if not 1 <= labels_per_client <= C:
+        raise UsageError(f"--labels-per-client must lie in 1..{C} (got {labels_per_client})")
+    sets = assign_label_sets(C, clients, labels_per_client, np_rng(seed, "synthetic-ml", "sets"))
+    xs, ys, splits, start = [], [], [], 0
+    for k in range(clients):
+        g = np_rng(seed, "synthetic-ml", k)
+        n = int(g.integers(80, 201))
+        Y = (g.random((n, C)) < g.uniform(0.15, 0.5, C)).astype(np.float32)
+        img = 0.4 + 0.08 * np.kron(g.normal(0, 1, (n, size // 4, size // 4)),
+                                   np.ones((4, 4)))[:, :size, :size].astype(np.float32)
+        for c in range(C):
+            on = np.flatnonzero(Y[:, c])
+            r = g.uniform(0.14, 0.22, len(on)).astype(np.float32) * size
+            cx, cy = (g.uniform(0.2, 0.8, (2, len(on))).astype(np.float32) * size)
+            img[on] += 0.4 * _shape_masks(np.full(len(on), c), cx, cy, r, size)
+        img = np.repeat(img[:, None], 3, axis=1) + g.normal(0, g.uniform(0.02, 0.08), (n, 3, size, size))
+        xs.append(np.clip(img * 255, 0, 255).astype(np.uint8))
+        perm = g.permutation(n) + start
+        n_test = max(1, int(round(test_fraction * n)))
+        train, test = np.sort(perm[n_test:]), np.sort(perm[:n_test])
+        if not oracle_labels:
+            Y[np.ix_(train - start, [c for c in range(C) if c not in sets[k]])] = -1
+        ys.append(Y)
+        splits.append(ClientSplit(f"site{k}", train, test,
+                                  label_set=list(range(C)) if oracle_labels else sets[k]))
+        start += n
+    return Federation("synthetic-multilabel", list(SYNTHETIC_CLASSES),
+                      torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys)),
+                      splits, info={"generator": "datasets.make_synthetic_multilabel",
+                                    "seed": seed, "image_size": size, "label_sets": sets,
+                                    "oracle_labels": oracle_labels})
+
+
 # ---------------------------------------------------------------- partitioners
 #
 # Each partitioner takes the labels of the whole catalog and the indices `idx` of the
@@ -1222,7 +1267,7 @@ def cache_dir(ns) -> str | None:
 
 # ---------------------------------------------------------------- command line
 
-DATASETS = {"synthetic", *CATALOGS}
+DATASETS = {"synthetic", "synthetic-multilabel", *CATALOGS}
 
 
 # Training settings a dataset recommends, used for the flags the user leaves unset (run.py).
@@ -1300,7 +1345,8 @@ def _check_flags(ns) -> None:
                          + ", ".join(PARTITIONS))
     if not 0 < ns.test_fraction < 1:
         raise UsageError(f"--test-fraction must lie in (0, 1) (got {ns.test_fraction})")
-    if getattr(ns, "oracle_labels", False) and ns.partition != "labelset":
+    if (getattr(ns, "oracle_labels", False) and ns.partition != "labelset"
+            and ns.dataset != "synthetic-multilabel"):
         raise UsageError("--oracle-labels only applies to --partition labelset (it keeps the "
                          "labels that partition hides); add --partition labelset or drop it")
     if ns.image_size is not None and not 4 <= ns.image_size <= 4096:
@@ -1332,6 +1378,20 @@ def load(args: argparse.Namespace, seed: int) -> Federation:
         raise UsageError(f"--dataset {args.dataset!r} is unknown; choose one of "
                          + ", ".join(sorted(DATASETS)))
     _check_flags(args)
+    if args.dataset == "synthetic-multilabel":      # label sets built in (FedLSM, multi-label)
+        if args.partition not in (None, "labelset"):
+            raise UsageError("--partition: synthetic-multilabel has built-in label sets; use "
+                             "--partition labelset or leave it out")
+        if args.unlabeled_fraction:
+            raise UsageError("--unlabeled-fraction does not apply to synthetic-multilabel "
+                             "(its missing labels come from the label sets); drop it")
+        fed = make_synthetic_multilabel(seed, args.clients, args.image_size or 32,
+                                        args.labels_per_client, args.test_fraction,
+                                        args.oracle_labels)
+        notes: list = []
+        fed.holdout = take_holdout(fed.clients, args.holdout_client, notes)
+        fed.info["notes"] = notes
+        return fed
     if args.dataset == "synthetic":
         if args.partition not in (None, "natural"):
             raise UsageError("--partition: the synthetic dataset has natural sites only; "

@@ -450,3 +450,23 @@ def test_client_with_empty_label_set_is_refused(tmp_path, fed):
     with pytest.raises(fedmed.UsageError, match="empty label set") as e:
         fedmed.run(Config(algo="fedlsm", rounds=1), fedlsm.Args(), bad, str(tmp_path / "o"), quiet=True)
     assert "\n" not in str(e.value)
+
+
+def test_synthetic_multilabel_dataset_from_the_command_line(tmp_path, capsys):
+    ns = datasets.namespace(dataset="synthetic-multilabel", clients=3, image_size=16)
+    fed = datasets.load(ns, seed=0)
+    y = fed.y.numpy()
+    assert y.shape[1] == 6 and set(np.unique(y)) == {-1.0, 0.0, 1.0}
+    for c in fed.clients:
+        outside = [k for k in range(6) if k not in c.label_set]
+        assert (y[c.train][:, outside] == -1).all() and (y[c.train][:, c.label_set] >= 0).all()
+        assert (y[c.test] >= 0).all()                                  # complete test labels
+    oracle = datasets.load(datasets.namespace(dataset="synthetic-multilabel", clients=3,
+                                              image_size=16, oracle_labels=True), seed=0)
+    assert (oracle.y.numpy() >= 0).all() and torch.equal(oracle.x, fed.x)
+    flags = ["--dataset", "synthetic-multilabel", "--clients", "3", "--image-size", "16",
+             "--rounds", "1", "--local-steps", "2", "--batch-size", "16", "--quiet"]
+    assert run.main(flags + ["--algo", "fedlsm", "--n-u", "5", "--n-c", "10",
+                             "--out", str(tmp_path / "a")]) == 0
+    assert run.main(flags + ["--partition", "iid", "--out", str(tmp_path / "b")]) == 2
+    assert "--partition" in capsys.readouterr().err
