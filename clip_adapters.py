@@ -268,8 +268,9 @@ def resolve_weights(spec: ModelSpec, pretrained: str, seed: int) -> WeightsSpec:
     pcfg = ocp.get_pretrained_cfg(spec.name, p)
     if not pcfg:
         tags = ocp.list_pretrained_tags_by_model(spec.name)
+        shown = ", ".join(tags[:6]) + (", ..." if len(tags) > 6 else "") if tags else "none"
         raise UsageError(f"--pretrained {p!r} is neither a file nor an open_clip tag of "
-                         f"{spec.name} (its tags: {', '.join(tags[:6]) or 'none'}{', ...' if len(tags) > 6 else ''}); pass a local "
+                         f"{spec.name} (its tags: {shown}); pass a local "
                          "checkpoint file, local-dir:FOLDER, or none for random weights")
     f = _tag_local_file(spec.name, p, pcfg)
     if f is None and _online():
@@ -362,7 +363,8 @@ def prompt_class_names(fed, class_names: str = "") -> list:
         names = [n.strip() for n in class_names.split(",")]
         if len(names) != C or not all(names):
             raise UsageError(f"--class-names gives {len(names)} name(s) for {C} classes "
-                             f"({', '.join(map(str, fed.classes))}); give one per class, comma-separated")
+                             f"({', '.join(map(str, fed.classes))}); give one per class, "
+                             "comma-separated")
         return names
     if all(re.fullmatch(r"\s*\d+\s*", str(c)) for c in fed.classes):
         raise UsageError(f"--dataset {fed.name}: no class names for prompts (its classes are the "
@@ -448,7 +450,8 @@ class FeatureStore:
             meta = os.path.join(self.dir, "key.json")
             if not os.path.exists(meta):
                 fedmed.atomic_write(meta, json.dumps(self.key, indent=1, sort_keys=True))
-            name = os.path.join(self.dir, f"part-{time.strftime('%Y%m%d%H%M%S')}-{uuid.uuid4().hex[:8]}.npz")
+            name = os.path.join(self.dir, f"part-{time.strftime('%Y%m%d%H%M%S')}-"
+                                          f"{uuid.uuid4().hex[:8]}.npz")
             buf = io.BytesIO()
             np.savez(buf, h=h.astype(np.uint8), f=f.astype(np.float32))
             fedmed.atomic_write(name, buf.getvalue())
@@ -517,7 +520,8 @@ class ClipBackbone:
         self.spec = resolve_model(args.clip_model)
         self.weights = resolve_weights(self.spec, args.pretrained, seed)
         if args.clip_preprocess not in ("clip", "imagenet"):
-            raise UsageError(f"--clip-preprocess {args.clip_preprocess!r} is unknown; use clip or imagenet")
+            raise UsageError(f"--clip-preprocess {args.clip_preprocess!r} is unknown; use clip "
+                             "or imagenet")
         if args.feature_batch_size < 1:
             raise UsageError(f"--feature-batch-size must be >= 1 (got {args.feature_batch_size})")
         mean, std = ((self.weights.mean, self.weights.std) if args.clip_preprocess == "clip"
@@ -536,7 +540,8 @@ class ClipBackbone:
                "weights": self.weights.identity, "quick_gelu": self.weights.quick_gelu,
                "preprocess": self.preprocess_name, "torch": torch.__version__,
                "open_clip": oc_version, "device": device.type}
-        label = re.sub(r"[^A-Za-z0-9.]+", "-", f"{self.spec.name}-{self.weights.tag or self.weights.kind}")
+        label = re.sub(r"[^A-Za-z0-9.]+", "-",
+                       f"{self.spec.name}-{self.weights.tag or self.weights.kind}")
         self.store = FeatureStore(cache_root, key, label)
         self._model = None
         self.stats = {"model": self.spec.name, "weights": self.weights.identity,
@@ -992,7 +997,8 @@ class ClipMethod(Algorithm):
         gives momentum SGD instead."""
         groups = self.param_groups()
         if self.cfg.optimizer == "adam":
-            cls = torch.optim.AdamW if getattr(self, "decoupled_weight_decay", False) else torch.optim.Adam
+            cls = (torch.optim.AdamW if getattr(self, "decoupled_weight_decay", False)
+                   else torch.optim.Adam)
             kw = dict(betas=(0.9, 0.98), eps=1e-6, weight_decay=self.cfg.weight_decay)
             try:                                  # the fused kernel: same update, ~5x faster on CPU
                 opt = cls(groups, fused=True, **kw)

@@ -195,8 +195,10 @@ class FedMedCLIP(ClipMethod):
 
     # -- local training ---------------------------------------------------------------
     def param_groups(self):
-        return [{"params": list(self.model.fam.parameters()), "lr": self.lr_now(self.cfg.lr)},     # eta_F
-                {"params": list(self.model.mlp.parameters()), "lr": self.lr_now(self.args.lr_mlp)}]  # eta_M
+        return [{"params": list(self.model.fam.parameters()),              # eta_F gamma^r
+                 "lr": self.lr_now(self.cfg.lr)},
+                {"params": list(self.model.mlp.parameters()),              # eta_M gamma^r
+                 "lr": self.lr_now(self.args.lr_mlp)}]
 
     def loss(self, model, batch, payload, client):
         a = self.args

@@ -112,7 +112,8 @@ def main() -> None:
     if not a.skip_communication:
         m = str(a.comm_images_per_client)
         base = common + ["--max-images-per-client", m, "--rounds", "1"]
-        wf, sf, _ = run_py(base + ["--algo", "fedmedclip", "--out", os.path.join(work, "comm-fedmedclip")], env)
+        wf, sf, _ = run_py(base + ["--algo", "fedmedclip",
+                                   "--out", os.path.join(work, "comm-fedmedclip")], env)
         wa, sa, _ = run_py(base + ["--algo", "fedavg", "--model", f"clip:{a.clip_model}",
                                    "--image-size", "224", "--batch-size", "8",
                                    "--out", os.path.join(work, "comm-fedavg")], env)

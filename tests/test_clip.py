@@ -371,7 +371,8 @@ def test_checkpoint_file_loads_back_with_identical_outputs(tiny, tmp_path):
     path = tmp_path / "tiny.pt"
     torch.save(model.state_dict(), path)
     from safetensors.torch import save_file
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "tiny.safetensors"))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()},
+              str(tmp_path / "tiny.safetensors"))
     (tmp_path / "dir").mkdir()
     torch.save(model.state_dict(), tmp_path / "dir" / "open_clip_pytorch_model.bin")
     ref = ca.ClipBackbone(ca.ClipArgs(clip_model="fedmed-tiny-test", pretrained="none"), 123,
