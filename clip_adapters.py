@@ -657,7 +657,7 @@ class ClipBackbone:
 # ---------------------------------------------------------------- 4. modules and losses
 
 class AttentionAdapter(nn.Module):
-    """FedCLIP's attention adapter (Lu et al. 2023, Eq. 3): a = softmax(W2 tanh(W1 I + b1)
+    """FedCLIP's attention adapter (AttAI; Lu et al. 2023): a = softmax(W2 tanh(W1 I + b1)
     + b2); the adapted feature is a * I. Linear(d,d) -> Tanh -> Linear(d,d) -> Softmax."""
 
     def __init__(self, d: int):
