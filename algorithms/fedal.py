@@ -75,6 +75,9 @@ set they would leak U's label histogram). (4) The sheet's `--al-local-model loca
 of rounds: T = (A + 1) R_c replaces --rounds (config.json records T, and --rounds as
 given under algorithm_info.rounds_rule). It is derived rather than validated because
 the command line cannot tell an explicit --rounds from a dataset recipe's default.
+(6) Refused: multi-label data and --partition labelset (annotators who cannot label some
+classes); a base method's own `recipe` of defaults is not applied under --algo fedal
+(pass its settings as flags).
 """
 from __future__ import annotations
 
@@ -300,7 +303,8 @@ class FedAL(Algorithm):
         Base = fedmed.ALGORITHMS.get(a.base_algo)
         wrappable = sorted(n for n, c in fedmed.ALGORITHMS.items() if self._wrappable(c))
         if Base is None or not self._wrappable(Base):
-            why = "is unknown" if Base is None else "cannot be wrapped (it has no per-client local update)"
+            why = ("is unknown" if Base is None
+                   else "cannot be wrapped (it has no per-client local update)")
             raise UsageError(f"--base-algo {a.base_algo!r} {why}; choose one of "
                              + ", ".join(wrappable))
         base_args = parse_base_args(Base, a.base_args)
@@ -582,7 +586,8 @@ class FedAL(Algorithm):
         out = {"al_curve": curve,
                "al": {"acquisition": self.args.acquisition, "score": self.args.al_score,
                       "base_algo": self.args.base_algo,
-                      "oracle_queries": sum(len(e["indices"]) for e in server.state["al"]["oracle_log"])}}
+                      "oracle_queries": sum(len(e["indices"])
+                                            for e in server.state["al"]["oracle_log"])}}
         if len(curve) > 1 and curve[-1]["label_fraction"] > curve[0]["label_fraction"]:
             f = np.array([p["label_fraction"] for p in curve])
             ba = np.array([p["balanced_accuracy"] for p in curve])

@@ -109,12 +109,13 @@ def test_scores_equal_their_formulas():
         assert b[i] == pytest.approx((hand_entropy(p[i]) + hand_entropy(q[i])) / 2)
         assert mi[i] == pytest.approx(a[i] - b[i]) and mi[i] >= 0      # Jensen
     one, two = np.eye(3)[[0]], np.eye(3)[[1]]                           # opposite one-hots
-    assert acquisition_scores("ensemble-entropy", "entropy_of_mean", one, two)[0] == pytest.approx(math.log(2))
-    assert acquisition_scores("ensemble-entropy", "mean_entropy", one, two)[0] == 0.0
-    assert acquisition_scores("ensemble-entropy", "mi", one, two)[0] == pytest.approx(math.log(2))
+    ens = lambda score, p, q: acquisition_scores("ensemble-entropy", score, p, q)[0]  # noqa: E731
+    assert ens("entropy_of_mean", one, two) == pytest.approx(math.log(2))
+    assert ens("mean_entropy", one, two) == 0.0
+    assert ens("mi", one, two) == pytest.approx(math.log(2))
     for C in (2, 6, 8):                                                 # uniform: log C
         u = np.full((1, C), 1 / C)
-        assert acquisition_scores("ensemble-entropy", "entropy_of_mean", u, u)[0] == pytest.approx(math.log(C))
+        assert ens("entropy_of_mean", u, u) == pytest.approx(math.log(C))
     assert np.allclose(acquisition_scores("global-entropy", None, p, q), [hand_entropy(r) for r in q])
     assert np.allclose(acquisition_scores("local-entropy", None, p, q), [hand_entropy(r) for r in p])
     pbar = (p + q) / 2
@@ -158,7 +159,8 @@ def test_acquisition_moves_exactly_the_top_b_images(fed):
         assert set(c.train.tolist()) == L0 | S and set(c.unlabeled.tolist()) == U0 - S
         assert not set(c.train.tolist()) & set(c.unlabeled.tolist())
         assert len(c.train) + len(c.unlabeled) == N[c.id]
-        assert len(np.unique(c.train)) == len(c.train) and len(np.unique(c.unlabeled)) == len(c.unlabeled)
+        assert len(np.unique(c.train)) == len(c.train)
+        assert len(np.unique(c.unlabeled)) == len(c.unlabeled)
     assert algo.oracle.queries == sum(b.values())
 
 
@@ -262,10 +264,12 @@ def test_same_seed_same_acquisitions_and_weights(small_run, tmp_path):
     a, b, c = ckpt(small_run), ckpt(again), ckpt(other)
     assert same_weights(a["server"]["weights"], b["server"]["weights"])
     for s1, s2 in zip(a["clients"], b["clients"]):
-        assert np.array_equal(s1["train"], s2["train"]) and np.array_equal(s1["unlabeled"], s2["unlabeled"])
+        assert np.array_equal(s1["train"], s2["train"])
+        assert np.array_equal(s1["unlabeled"], s2["unlabeled"])
     log1, log2 = a["server"]["state"]["al"]["oracle_log"], b["server"]["state"]["al"]["oracle_log"]
     assert [e["indices"].tolist() for e in log1] == [e["indices"].tolist() for e in log2]
-    assert any(not np.array_equal(s1["train"], s3["train"]) for s1, s3 in zip(a["clients"], c["clients"]))
+    assert any(not np.array_equal(s1["train"], s3["train"])
+               for s1, s3 in zip(a["clients"], c["clients"]))
 
 
 # ---------------------------------------------------------------- 11.6 reduction to FedAvg
