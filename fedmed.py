@@ -606,6 +606,10 @@ def make_clients(fed) -> list:
                          f"({len(empty)} such client(s)); use fewer --clients or another partition")
     if not fed.clients:
         raise UsageError("--holdout-client left no client to train; hold out fewer clients")
+    no_test = [c.name for c in fed.clients if len(c.test) == 0]
+    if no_test:                                       # every client is evaluated every round
+        raise UsageError(f"client {no_test[0]} has no test image ({len(no_test)} such client(s)); "
+                         "raise --max-images-per-client or --test-fraction")
     return [ClientState(k, c.name, np.asarray(c.train), np.asarray(c.test),
                         np.asarray(c.unlabeled), c.label_set) for k, c in enumerate(fed.clients)]
 

@@ -47,14 +47,19 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def _add_dataclass_flags(group, cls, defaults_shown: bool, seen: set) -> None:
+def _add_dataclass_flags(group, cls, seen: set, only: set | None = None,
+                         users: dict | None = None) -> None:
+    """A flag per field of dataclass `cls` (skipping those already added, and those not in
+    `only` when given); `users` names the algorithms that read a shared flag."""
     for f in dataclasses.fields(cls):
-        if f.name in seen or f.name == "algo":
+        if f.name in seen or f.name == "algo" or (only is not None and f.name not in only):
             continue
         seen.add(f.name)
         default = f.default
         kind = type(default) if default is not None else str
         text = HELP.get(f.name, f.metadata.get("help", ""))
+        if users:
+            text += f" [{', '.join(users[f.name])}]"
         if kind is bool:
             group.add_argument(_flag(f.name), action="store_true", default=None,
                                help=f"{text} (default: {default})")
@@ -74,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="algorithm: " + ", ".join(sorted(fedmed.ALGORITHMS)) + " (default: fedavg)")
     datasets.add_arguments(p)
     seen: set = set()
-    _add_dataclass_flags(p.add_argument_group("training"), Config, True, seen)
+    _add_dataclass_flags(p.add_argument_group("training"), Config, seen)
     o = p.add_argument_group("output")
     o.add_argument("--out", default=None, help="results folder (default: runs/ALGO-DATASET-TIME)")
     o.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
@@ -82,14 +87,30 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--stop-after", type=int, default=None, metavar="R",
                    help="stop after round R (resume later with --resume)")
     o.add_argument("--quiet", action="store_true", help="no progress bar")
+    users: dict = {}                                    # flag -> algorithms that read it
+    for name in sorted(fedmed.ALGORITHMS):
+        for f in dataclasses.fields(fedmed.ALGORITHMS[name].Args or _NoArgs):
+            users.setdefault(f.name, []).append(name)
+    shared = {k for k, v in users.items() if len(v) > 1 and k not in seen}
+    if shared:
+        g = p.add_argument_group("options read by several algorithms")
+        for name in sorted(fedmed.ALGORITHMS):
+            cls = fedmed.ALGORITHMS[name]
+            if cls.Args is not None:
+                _add_dataclass_flags(g, cls.Args, seen, only=shared, users=users)
     for name in sorted(fedmed.ALGORITHMS):
         cls = fedmed.ALGORITHMS[name]
         if cls.Args is not None:
             fields = [f for f in dataclasses.fields(cls.Args) if f.name not in seen]
             if fields:
                 g = p.add_argument_group(f"{name} (only with --algo {name})")
-                _add_dataclass_flags(g, cls.Args, True, seen)
+                _add_dataclass_flags(g, cls.Args, seen)
     return p
+
+
+@dataclasses.dataclass
+class _NoArgs:
+    pass
 
 
 def _fill(cls, ns: argparse.Namespace):

@@ -399,6 +399,14 @@ def test_client_left_empty_is_refused(tmp_path, fed):
     assert not os.path.exists(tmp_path / "o")
 
 
+def test_client_without_test_images_is_refused(tmp_path, fed):
+    c = fed.clients[0]
+    bad = datasets.Federation("bad", fed.classes, fed.x, fed.y, fed.clients[1:] + [
+        datasets.ClientSplit("site7", c.train, np.zeros(0, np.int64))])
+    with pytest.raises(fedmed.UsageError, match="site7 has no test image"):
+        fedmed.run(Config(rounds=1), None, bad, str(tmp_path / "o"), quiet=True)
+
+
 def test_resume_from_other_configuration_is_refused(tmp_path, capsys):
     cli(tmp_path, "--stop-after", "1")
     rc, out = cli(tmp_path, "--resume", "--lr", "0.5")
