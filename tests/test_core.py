@@ -12,6 +12,7 @@ import datasets
 import fedmed
 import run
 from fedmed import Config, ServerState, transmit
+from helpers import drop_seconds, read_jsonl
 
 fedmed.load_algorithms()
 
@@ -37,19 +38,6 @@ def cli(tmp_path, *flags, name="out"):
     base = ["--image-size", "16", "--clients", "3", "--rounds", "3", "--local-epochs", "1",
             "--batch-size", "16", "--quiet", "--out", out]
     return run.main(base + list(flags)), out
-
-
-def read_jsonl(path):
-    with open(path) as f:
-        return [json.loads(s) for s in f]
-
-
-def drop_seconds(obj):
-    if isinstance(obj, dict):
-        return {k: drop_seconds(v) for k, v in obj.items() if k != "seconds"}
-    if isinstance(obj, list):
-        return [drop_seconds(v) for v in obj]
-    return obj
 
 
 # ---------------------------------------------------------------- aggregation

@@ -13,6 +13,7 @@ import datasets
 import fedmed
 import run
 from fedmed import Config, ServerState, transmit
+from helpers import drop_seconds, read_jsonl
 
 fedmed.load_algorithms()
 from algorithms.fedal import (FedAL, LabelLeak, acquisition_scores, entropy,  # noqa: E402
@@ -60,19 +61,6 @@ def cli(tmp_path, *flags, name="out", algo="fedal"):
 
 def ckpt(out):
     return torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)
-
-
-def read_jsonl(path):
-    with open(path) as f:
-        return [json.loads(s) for s in f]
-
-
-def drop_seconds(obj):
-    if isinstance(obj, dict):
-        return {k: drop_seconds(v) for k, v in obj.items() if k != "seconds"}
-    if isinstance(obj, list):
-        return [drop_seconds(v) for v in obj]
-    return obj
 
 
 def same_weights(a, b):
