@@ -89,7 +89,7 @@ def main():
     a = ap.parse_args()
     fedmed.load_algorithms()
     fed = datasets.make_synthetic(0, a.clients, a.image_size)
-    cfg = Config(rounds=a.rounds)
+    cfg = Config(**{**datasets.RECIPES["synthetic"], "rounds": a.rounds})   # as `python run.py`
     print(f"synthetic federation: {len(fed.clients)} clients, {sum(len(c.train) for c in fed.clients)} "
           f"training images of {a.image_size} px; {cfg.rounds} rounds x {cfg.local_epochs} epochs, "
           f"batch {cfg.batch_size}; torch threads {torch.get_num_threads()}")
