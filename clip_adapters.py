@@ -488,30 +488,6 @@ class FeatureStore:
         return os.path.join(self.dir, f"text-{hashlib.sha256(key.encode()).hexdigest()[:20]}.npy")
 
 
-class Bar:
-    """A progress bar on stderr (a line every 10 s when stderr is not a terminal)."""
-
-    def __init__(self, total: int, what: str):
-        self.total, self.what, self.done = total, what, 0
-        self.t0 = self.last = time.perf_counter()
-        self.tty = sys.stderr.isatty()
-
-    def update(self, n: int) -> None:
-        self.done += n
-        now = time.perf_counter()
-        if not self.tty and now - self.last < 10 and self.done < self.total:
-            return
-        self.last = now
-        rate = self.done / max(now - self.t0, 1e-9)
-        fill = int(30 * self.done / max(self.total, 1))
-        eta = (self.total - self.done) / max(rate, 1e-9)
-        line = (f"[{'#' * fill}{'.' * (30 - fill)}] {self.done}/{self.total} {self.what} "
-                f"({rate:.1f}/s, {eta:.0f}s left)")
-        sys.stderr.write(("\r" + line.ljust(100) + ("\n" if self.done >= self.total else ""))
-                         if self.tty else line + "\n")
-        sys.stderr.flush()
-
-
 class ClipBackbone:
     """The frozen CLIP towers, built only when a feature is missing from the cache."""
 
@@ -593,7 +569,7 @@ class ClipBackbone:
             where = self.store.dir or "memory only (--feature-cache none)"
             log(f"clip features: computing {len(todo):,} of {len(digests):,} images with "
                 f"{self.spec.name} ({self.weights.identity.split(':')[0]} weights) into {where}")
-            bar = Bar(len(todo), "images")
+            bar = fedmed.Progress(len(todo), what="images", every=10.0)   # a line per 10 s off a tty
             B, chunk_h, chunk_f = self.args.feature_batch_size, [], []
             last_flush = time.perf_counter()
             try:

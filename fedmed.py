@@ -567,12 +567,15 @@ def comparable_config(record: dict) -> dict:
 
 
 class Progress:
-    """A one-line progress bar on stderr (a line per round when stderr is not a tty)."""
+    """A one-line progress bar on stderr. Off a terminal it prints a line per step, or at
+    most one every `every` seconds (and the last). With `what`, it shows rate and ETA."""
 
-    def __init__(self, total: int, start: int = 0, enabled: bool = True):
+    def __init__(self, total: int, start: int = 0, enabled: bool = True, what: str = "",
+                 every: float = 0.0):
         self.total, self.done, self.enabled = total, start, enabled
+        self.what, self.every, self.start = what, every, start
         self.tty = sys.stderr.isatty()
-        self.t0 = time.perf_counter()
+        self.t0 = self.last = time.perf_counter()
 
     def status(self, text: str) -> None:
         """What is happening inside the current step (shown on a terminal only)."""
@@ -580,15 +583,23 @@ class Progress:
             sys.stderr.write("\r" + f"  {text}"[:150].ljust(150))
             sys.stderr.flush()
 
-    def step(self, text: str) -> None:
-        self.done += 1
-        if not self.enabled:
+    def step(self, text: str = "") -> None:
+        self.update(1, text)
+
+    def update(self, n: int, text: str = "") -> None:
+        self.done += n
+        now = time.perf_counter()
+        if not self.enabled or (not self.tty and now - self.last < self.every
+                                and self.done < self.total):
             return
-        w = 30
-        fill = int(w * self.done / max(self.total, 1))
-        bar = f"[{'#' * fill}{'.' * (w - fill)}] {self.done}/{self.total} {text}"
+        self.last = now
+        fill = int(30 * self.done / max(self.total, 1))
+        bar = f"[{'#' * fill}{'.' * (30 - fill)}] {self.done}/{self.total} {text}"
+        if self.what:
+            rate = (self.done - self.start) / max(now - self.t0, 1e-9)
+            bar += f"{self.what} ({rate:.1f}/s, {(self.total - self.done) / max(rate, 1e-9):.0f}s left)"
         if self.tty:
-            sys.stderr.write("\r" + bar[:150].ljust(150) + ("\n" if self.done == self.total else ""))
+            sys.stderr.write("\r" + bar[:150].ljust(150) + ("\n" if self.done >= self.total else ""))
         else:
             sys.stderr.write(bar + "\n")
         sys.stderr.flush()
