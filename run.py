@@ -52,8 +52,9 @@ def _add_dataclass_flags(group, cls, seen: set, only: set | None = None,
     """A flag per field of dataclass `cls` (skipping those already added, and those not in
     `only` when given); `users` names the algorithms that read a shared flag."""
     for f in dataclasses.fields(cls):
-        if f.name in seen or f.name == "algo" or (only is not None and f.name not in only):
-            continue
+        if (f.name in seen or f.name == "algo" or f.metadata.get("internal")
+                or (only is not None and f.name not in only)):
+            continue                                    # internal: set by a protocol only
         seen.add(f.name)
         default = f.default
         kind = type(default) if default is not None else str
@@ -90,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     users: dict = {}                                    # flag -> algorithms that read it
     for name in sorted(fedmed.ALGORITHMS):
         for f in dataclasses.fields(fedmed.ALGORITHMS[name].Args or _NoArgs):
+            if f.metadata.get("internal"):
+                continue
             users.setdefault(f.name, []).append(name)
     shared = {k for k, v in users.items() if len(v) > 1 and k not in seen}
     if shared:
@@ -152,8 +155,9 @@ def prepare_out(ns: argparse.Namespace, cfg: Config) -> str:
     out = ns.out or os.path.join("runs", f"{cfg.algo}-{ns.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
     exists = os.path.isdir(out) and os.listdir(out)
     if ns.resume:
-        if not os.path.isfile(os.path.join(out, "checkpoint.pt")):
-            raise UsageError(f"--resume: no checkpoint.pt in {out}; give the --out of an earlier run")
+        marker = "config.json" if hasattr(fedmed.ALGORITHMS[cfg.algo], "protocol") else "checkpoint.pt"
+        if not os.path.isfile(os.path.join(out, marker)):
+            raise UsageError(f"--resume: no {marker} in {out}; give the --out of an earlier run")
     elif exists and not ns.overwrite:
         raise UsageError(f"--out {out} already holds results; pass --overwrite to replace them, "
                          "--resume to continue, or another --out")
@@ -193,8 +197,15 @@ def _main(argv) -> int:
               f"({', '.join(fed.classes)})")
         print(fed.table())
     data_args = {a: getattr(ns, a) for a in datasets.ARG_NAMES}
-    summary = fedmed.run(cfg, args, fed, out, resume=ns.resume, data_args=data_args,
-                         stop_after=ns.stop_after, quiet=ns.quiet)
+    if hasattr(cls, "protocol"):                       # several runs of the loop (e.g. FCU)
+        if ns.stop_after is not None:
+            raise UsageError(f"--stop-after does not apply to --algo {cfg.algo} (several runs); "
+                             "interrupt it and continue with --resume")
+        summary = cls.protocol(cfg, args, fed, out, resume=ns.resume, data_args=data_args,
+                               quiet=ns.quiet)
+    else:
+        summary = fedmed.run(cfg, args, fed, out, resume=ns.resume, data_args=data_args,
+                             stop_after=ns.stop_after, quiet=ns.quiet)
     if summary:
         print(fedmed.results_table(summary))
         if hasattr(cls, "summary_table"):              # e.g. FedAL's label-efficiency curve

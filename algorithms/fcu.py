@@ -1,0 +1,677 @@
+"""FCU: federated client unlearning by model-contrastive unlearning (MCU) and
+frequency-guided memory preservation (FGMP), with its baselines and a forgetting audit.
+
+Z. Deng, L. Luo, H. Chen, Enable the Right to be Forgotten with Federated Client
+Unlearning in Medical Imaging, MICCAI 2024, LNCS pp. 240-250, arXiv:2407.02356; public
+code dzp2095/FCU. Specification sheet: ../shared/methods/fcu.md. Baselines: retraining
+from scratch without the client; continued training on the remaining clients; projected
+gradient ascent, A. Halimi, S. Kadhe, A. Rawat, N. Baracaldo, Federated Unlearning: How to
+Efficiently Erase a Client in FL?, arXiv:2207.05521 (2022). The contrastive form of MCU is
+MOON's (Q. Li, B. He, D. Song, CVPR 2021, arXiv:2103.16257) with the roles swapped.
+
+The protocol (`--algo fcu` runs all of it; every phase is one `fedmed.run` of this class,
+in its own folder under --out, so each is checkpointed and --resume continues it):
+  original  R rounds of FedAvg over all K clients from theta_0 -> theta_o. Client u keeps
+            its last local model w_u (PGA's reference needs it; nothing else does).
+  retrain   R rounds of FedAvg from theta_0 over the K - 1 others, the same schedule and
+            the same seed streams (round t, client k) as the original: the gold standard.
+  continue  R_post post-training rounds over the K - 1 others, from theta_o.
+  pga       round 0: u runs projected gradient ascent on D_f from w_ref, uploads once;
+            then the R_post post-training rounds.
+  fcu       round 0: u runs MCU + FGMP on D_f from theta_o, uploads once; then the R_post
+            post-training rounds.
+  fcu_code  the same with the public release's FGMP (code convention, half-open window),
+            so that one audit runs both conventions (sheet section 10.1).
+Every unlearning method starts from the same theta_o; continue, pga and fcu share the
+post-training schedule; only u ever touches D_f after the original run.
+
+MCU (sheet section 4), f = g_theta(x) the penultimate (pooled) features, f_o = g_theta_o(x),
+f_d = g_theta_d(x) with theta_d = theta_0 (the "downgraded" model), both references in
+eval mode and without gradient, tau = 0.5:
+    L_MCU = -log[ exp(cos(f, f_d)/tau) / (exp(cos(f, f_d)/tau) + exp(cos(f, f_o)/tau)) ]
+T Adam steps (lr 1e-5, betas (0.9, 0.9999), weight decay 5e-4) on batches of D_f with
+training augmentation; after every E steps FGMP on every conv and linear weight W:
+    M      = W as a matrix: conv [N, C, k, k] -> permute (C, k, k, N) -> (C k) x (k N)
+    F      = fftshift(FFT2(M)),  A = |F|,  Phi = angle(F)
+    Omega  = a centred window of half-sizes b_h = floor(h r / 2), b_w = floor(w r / 2)
+    Fuse(base, donor) = Re IFFT2(ifftshift(Omega A_donor + (1 - Omega) A_base) e^{i Phi_base})
+    paper:  W <- Fuse(base = W, donor = W_o)   (low frequencies of theta_o kept)
+    code:   W <- Fuse(base = W_o, donor = W)   (--fgmp-convention code, the release)
+BN parameters and buffers and biases come from the fusion's base (--fgmp-bn-from).
+
+PGA (Halimi et al., Sec. 3): w_ref = (n w_o - n_u w_u) / (n - n_u) (the aggregate without
+u's last update; uniform weighting: (K w_o - w_u) / (K - 1)); delta = --pga-radius x the
+mean l2 distance from w_ref to 10 random initialisations; starting at w_ref, SGD steps
+that MAXIMISE the cross-entropy on D_f, each followed by the projection onto
+||w - w_ref|| <= delta (trainable parameters), for at most --pga-epochs epochs, stopping
+after the first epoch whose D_f accuracy is below --pga-stop-accuracy.
+
+Post-training (continue, pga, fcu): R_post FedAvg rounds over the K - 1 others with Adam
+(lr 1e-4, state carried across rounds), --post-local-steps steps a round, uniform
+weights 1/(K - 1) (--post-weighting samples: n_k).
+
+The audit (any method's final model goes through the same `audit_model`), in
+summary.json under `audit` and printed as a table: balanced accuracy and AUROC on the
+global test set (every client's test images, u's included); accuracy, error and BA on
+D_f (u's training images, clean) and on D_r (the others' training images); a loss-based
+membership-inference attack (Yeom et al., CSF 2018): score = -CE(x, y), AUROC of D_f
+(members) against u's held-out test images (non-members); with --backdoor, the attack
+success rate: the share of test images of other classes than the target that the model
+assigns to the target once the trigger is stamped on them; and the cost: sample gradients
+(the sum of the batch sizes of every optimiser step), optimiser steps, the rounds' wall
+seconds (training only, evaluation excluded) and bytes. `speedup_vs_retrain` = retrain's
+sample gradients / FCU's; `speedup_vs_retrain_wall` the same for wall seconds, both
+measured in the same command.
+
+Backdoor (--backdoor) [ours; the sheet notes the paper's poisoning script is not public]:
+a share --backdoor-fraction of u's training images (drawn from those not of the target
+class, stream (seed, "backdoor")) carry a black-and-white checkerboard patch of side
+ceil(--backdoor-patch x image side) in the bottom-right corner, stamped after the flip
+augmentation, and the label --backdoor-target. Only u's training batches are stamped;
+evaluation images never are (except the attack-success measurement).
+
+Defaults (sheet section 7; public code): T = 100, E = 10, r = 0.7 (ISIC2018; 0.5 for
+ICH), tau = 0.5, Adam 1e-5, B = 64 (the recipe of --algo fcu), R_post = 20, 20 post-local
+iterations, post Adam 1e-4, equal post weights, u = client 0. Halimi et al.: radius 1/3
+of the distance to random models, early stop at an accuracy threshold (their MNIST tau
+0.12; here 0 means chance, 1/C).
+
+Deviations: (1) the fusion convention defaults to the paper's (the release keeps the
+unlearned model's low frequencies: --fgmp-convention code). (2) The FGMP window is the
+symmetric inclusive one (frequencies -b..b, no imaginary residue, asserted < 1e-6
+relative), the release's half-open window behind --fgmp-window code; a side with b = 0
+is not fused in both (the sheet's pitfall 5). (3) theta_o and theta_d are in eval mode
+(the release updates theta_o's BN statistics on D_f). (4) theta_d is the stored theta_0
+of the original run, not a re-instantiated ImageNet model (identical when the run starts
+from ImageNet weights). (5) FGMP is computed in float64. (6) The Adam state of the
+unlearning optimiser carries across fusions. (7) In retrain and post-training the inverse
+class weights are computed from the remaining clients' labels only (u's data has no
+influence after the request). (8) PGA checks its stopping rule once an epoch (on all of
+D_f, in eval mode; not counted as gradient cost) and ascends the unweighted CE.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fedmed
+from fedmed import (IMAGENET_MEAN, IMAGENET_STD, Algorithm, UsageError, class_weights,
+                    classification_metrics, np_rng, register, seeded, torch_rng)
+
+METHODS = ("retrain", "continue", "pga", "fcu", "fcu_code")
+PHASES = ("original",) + METHODS
+
+
+def _f(default, help: str, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class Args:
+    forget_client: str = _f("0", "client u that asks to be forgotten: its name or index")
+    unlearn_methods: str = _f("retrain,continue,pga,fcu,fcu_code",
+                              "comma list of the methods the audit compares with the original")
+    unlearn_steps: int = _f(100, "T: MCU steps of the unlearning client")
+    fusion_interval: int = _f(10, "E: MCU steps between two FGMP fusions")
+    fgmp_ratio: float = _f(0.7, "r: low-frequency window ratio in [0, 1] (0.5 for ICH)")
+    fgmp_convention: str = _f("paper", "paper (keep theta_o's low frequencies) | code (release)")
+    fgmp_window: str = _f("symmetric", "symmetric (inclusive, Hermitian) | code (half-open)")
+    fgmp_bn_from: str = _f("base", "BN tensors and biases after a fusion: base | orig | unlearned")
+    mcu_tau: float = _f(0.5, "temperature of the MCU loss")
+    unlearn_lr: float = _f(1e-5, "Adam learning rate of the MCU steps")
+    post_rounds: int = _f(20, "R_post: post-training rounds on the remaining clients")
+    post_local_steps: int = _f(20, "local steps a post-training round")
+    post_lr: float = _f(1e-4, "Adam learning rate of post-training (state carried)")
+    post_weighting: str = _f("uniform", "post-training aggregation: uniform (1/(K-1)) | samples")
+    pga_lr: float = _f(0.01, "SGD learning rate of projected gradient ascent")
+    pga_epochs: int = _f(5, "most epochs of gradient ascent on D_f")
+    pga_radius: float = _f(1 / 3, "delta as a share of the mean distance w_ref-random models")
+    pga_stop_accuracy: float = _f(0.0, "stop ascent below this D_f accuracy (0: chance, 1/C)")
+    backdoor: bool = _f(False, "stamp a trigger on a share of u's training images, relabelled")
+    backdoor_target: str = _f("0", "the trigger's target class: name or index")
+    backdoor_fraction: float = _f(0.2, "share of u's training images that carry the trigger")
+    backdoor_patch: float = _f(0.125, "trigger side as a share of the image side")
+    phase: str = _f("audit", "which part of the protocol this run is", internal=True)
+    from_run: str = _f("", "folder of the original run the phase starts from", internal=True)
+
+
+# ---------------------------------------------------------------- the equations
+
+def mcu_loss(f: torch.Tensor, f_o: torch.Tensor, f_d: torch.Tensor, tau: float) -> torch.Tensor:
+    """L_MCU, batch mean: -log softmax([cos(f, f_d), cos(f, f_o)] / tau)[0]."""
+    pos = F.cosine_similarity(f, f_d, dim=1) / tau
+    neg = F.cosine_similarity(f, f_o, dim=1) / tau
+    logits = torch.stack([pos, neg], dim=1)
+    return F.cross_entropy(logits, torch.zeros(len(f), dtype=torch.long, device=f.device))
+
+
+def as_matrix(w: torch.Tensor) -> torch.Tensor:
+    """FGMP's matrix view: conv [N, C, k, k] -> (C k) x (k N); a matrix as it is."""
+    if w.dim() == 4:
+        N, C, kh, kw = w.shape
+        return w.permute(1, 2, 3, 0).reshape(C * kh, kw * N)
+    if w.dim() == 2:
+        return w
+    raise ValueError(f"FGMP fuses conv and linear weights, not shape {tuple(w.shape)}")
+
+
+def from_matrix(m: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    if like.dim() == 4:
+        N, C, kh, kw = like.shape
+        return m.reshape(C, kh, kw, N).permute(3, 0, 1, 2).contiguous()
+    return m
+
+
+def window(h: int, w: int, r: float, kind: str = "symmetric") -> torch.Tensor:
+    """Omega_r on the fftshift-ed spectrum: centre (h // 2, w // 2), half-sizes
+    b = floor(side r / 2). symmetric: rows c-b..c+b inclusive (frequencies -b..b, so
+    the window is Hermitian and the fused matrix real), clipped to the matrix; code:
+    rows c-b..c+b-1 (2b rows, the release). Empty when b_h or b_w is 0."""
+    bh, bw = math.floor(h * r / 2), math.floor(w * r / 2)
+    mask = torch.zeros(h, w, dtype=torch.bool)
+    if bh == 0 or bw == 0:
+        return mask
+    ch, cw = h // 2, w // 2
+    extra = 1 if kind == "symmetric" else 0
+    mask[max(ch - bh, 0):ch + bh + extra, max(cw - bw, 0):cw + bw + extra] = True
+    return mask
+
+
+def fuse(base: torch.Tensor, donor: torch.Tensor, r: float, kind: str = "symmetric"
+         ) -> torch.Tensor:
+    """Fuse(base, donor): the donor's amplitude inside Omega_r (low frequencies), the
+    base's outside, the base's phase everywhere; float64, cast back to base's dtype.
+    So r = 0 returns the base, Fuse(W, W) = W, and with the whole spectrum in the window
+    the result has the donor's amplitude and the base's phase (the donor itself when the
+    two share their phase)."""
+    mb, md = as_matrix(base.double()), as_matrix(donor.double())
+    fb = torch.fft.fftshift(torch.fft.fft2(mb))
+    fd = torch.fft.fftshift(torch.fft.fft2(md))
+    om = window(*mb.shape, r, kind)
+    amp = torch.where(om, fd.abs(), fb.abs())
+    out = torch.fft.ifft2(torch.fft.ifftshift(torch.polar(amp, fb.angle())))
+    if kind == "symmetric":
+        residue = out.imag.abs().max().item()
+        scale = max(out.real.abs().max().item(), 1e-30)
+        assert residue <= 1e-6 * scale, f"FGMP imaginary residue {residue / scale:.2e}"
+    return from_matrix(out.real, base).to(base.dtype)
+
+
+def fused_keys(model: nn.Module) -> list:
+    """The state-dict keys FGMP fuses: the weights of every conv and linear layer (norm
+    layers and biases are skipped)."""
+    return [f"{n}.weight" for n, m in model.named_modules()
+            if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear))]
+
+
+def fgmp(current: dict, orig: dict, keys: list, r: float, convention: str = "paper",
+         kind: str = "symmetric", bn_from: str = "base") -> dict:
+    """One FGMP fusion of the unlearning model `current` with theta_o (`orig`)."""
+    base, donor = (current, orig) if convention == "paper" else (orig, current)
+    rest = {"base": base, "orig": orig, "unlearned": current}[bn_from]
+    out = {k: v.clone() for k, v in rest.items()}
+    for k in keys:
+        out[k] = fuse(base[k], donor[k], r, kind)
+    return out
+
+
+def penultimate(model: nn.Module, head: nn.Module, x: torch.Tensor) -> tuple:
+    """(features entering the classifier head, logits) in one forward pass."""
+    seen = {}
+    hook = head.register_forward_pre_hook(lambda m, inp: seen.__setitem__("f", inp[0]))
+    try:
+        logits = model(x)
+    finally:
+        hook.remove()
+    return seen["f"].flatten(1), logits
+
+
+def mia_auroc(member_loss: np.ndarray, nonmember_loss: np.ndarray) -> float:
+    """Loss-threshold membership inference (Yeom et al. 2018): score = -loss; AUROC of
+    members against non-members (0.5: the model does not tell them apart)."""
+    score = -np.concatenate([member_loss, nonmember_loss]).astype(np.float64)
+    is_member = np.r_[np.ones(len(member_loss), bool), np.zeros(len(nonmember_loss), bool)]
+    return fedmed._auroc_binary(is_member, score)
+
+
+def trigger(size: int, share: float) -> tuple:
+    """(side s, [s, s] pattern of 0/1): a checkerboard, 1 at the corner pixel."""
+    s = max(1, math.ceil(share * size))
+    ij = torch.arange(s)
+    return s, ((ij.view(-1, 1) + ij.view(1, -1)) % 2 == 0).float()
+
+
+def stamp(x: torch.Tensor, share: float) -> torch.Tensor:
+    """x (normalised images [B, 3, H, W]) with the trigger in the bottom-right corner."""
+    s, pattern = trigger(x.shape[-1], share)
+    x = x.clone()
+    patch = (pattern.view(1, 1, s, s) - IMAGENET_MEAN) / IMAGENET_STD
+    x[:, :, -s:, -s:] = patch.to(x.device, x.dtype)
+    return x
+
+
+def resolve_client(spec: str, names: list, flag: str = "--forget-client") -> int:
+    if spec in names:
+        return names.index(spec)
+    if spec.lstrip("-").isdigit() and 0 <= int(spec) < len(names):
+        return int(spec)
+    raise UsageError(f"{flag} {spec!r} is not a client of this federation (clients: "
+                     f"{', '.join(names)}); give one of these names or an index 0..{len(names) - 1}")
+
+
+def resolve_class(spec: str, classes: list) -> int:
+    if spec in classes:
+        return classes.index(spec)
+    if spec.isdigit() and int(spec) < len(classes):
+        return int(spec)
+    raise UsageError(f"--backdoor-target {spec!r} is not a class ({', '.join(classes)}); "
+                     f"give a class name or an index 0..{len(classes) - 1}")
+
+
+def methods_of(args) -> list:
+    ms = [m.strip() for m in args.unlearn_methods.split(",") if m.strip()]
+    bad = [m for m in ms if m not in METHODS]
+    if bad or not ms:
+        raise UsageError(f"--unlearn-methods {args.unlearn_methods!r}: unknown "
+                         f"{bad[0] if bad else 'empty list'}; choose from {', '.join(METHODS)}")
+    return ms
+
+
+# ---------------------------------------------------------------- the algorithm
+
+@register("fcu")
+class FCU(Algorithm):
+    Args = Args
+    recipe = {"batch_size": 64}                        # the public code's B
+
+    def __init__(self, cfg, args, fed):
+        super().__init__(cfg, args, fed)
+        self.validate(cfg, args, fed)
+        names = [c.name for c in fed.clients]
+        self.u = resolve_client(args.forget_client, names)
+        self.phase = args.phase
+        self.train_cfg = cfg
+        self.post_cfg = dataclasses.replace(
+            cfg, optimizer="adam", lr=args.post_lr, local_steps=args.post_local_steps,
+            keep_optimizer=True, weighting=args.post_weighting)
+        self.unlearn_cfg = dataclasses.replace(
+            cfg, local_steps=args.unlearn_steps, local_epochs=1)
+        head_name = __import__("models").HEADS.get(cfg.model.split(":")[0], "classifier")
+        self.head_name = head_name
+        self.fused = fused_keys(self.model)
+        y = fed.y.numpy()
+        others = np.concatenate([c.train for k, c in enumerate(fed.clients) if k != self.u])
+        self.alpha_all = self.alpha
+        self.alpha_rest = (class_weights(y[others], fed.num_classes).to(self.device)
+                           if cfg.class_weights == "inverse" else None)
+        self.poison = torch.zeros(len(fed.y), dtype=torch.bool)
+        self.target = None
+        if args.backdoor:
+            self.target = resolve_class(args.backdoor_target, list(fed.classes))
+            mine = np.asarray(fed.clients[self.u].train)
+            pool = mine[y[mine] != self.target]
+            n = int(round(args.backdoor_fraction * len(mine)))
+            pick = np_rng(cfg.seed, "backdoor").choice(pool, size=min(n, len(pool)), replace=False)
+            self.poison[torch.as_tensor(np.sort(pick), dtype=torch.long)] = True
+        self.info = {"phase": self.phase, "forget_client": names[self.u],
+                     "poisoned_images": int(self.poison.sum()),
+                     "backdoor_target": (fed.classes[self.target] if self.target is not None
+                                         else None)}
+
+    @staticmethod
+    def validate(cfg, args, fed) -> None:
+        if len(fed.clients) < 2:
+            raise UsageError("--forget-client: the federation has a single client, and "
+                             "forgetting it leaves no one to train; use --clients 2 or more")
+        resolve_client(args.forget_client, [c.name for c in fed.clients])
+        methods_of(args)
+        if fed.y.dim() == 2:
+            raise UsageError("--algo fcu is for single-label data; this dataset is multi-label")
+        if cfg.bn != "average":
+            raise UsageError(f"--bn {cfg.bn}: FCU exchanges the whole model; use --bn average")
+        for flag, v, ok in (("--fgmp-convention", args.fgmp_convention, ("paper", "code")),
+                            ("--fgmp-window", args.fgmp_window, ("symmetric", "code")),
+                            ("--fgmp-bn-from", args.fgmp_bn_from, ("base", "orig", "unlearned")),
+                            ("--post-weighting", args.post_weighting, ("uniform", "samples"))):
+            if v not in ok:
+                raise UsageError(f"{flag} {v!r} is unknown; choose {' or '.join(ok)}")
+        if not 0 <= args.fgmp_ratio <= 1:
+            raise UsageError(f"--fgmp-ratio must lie in [0, 1] (got {args.fgmp_ratio})")
+        for flag, v in (("--unlearn-steps", args.unlearn_steps),
+                        ("--fusion-interval", args.fusion_interval),
+                        ("--post-rounds", args.post_rounds),
+                        ("--post-local-steps", args.post_local_steps),
+                        ("--pga-epochs", args.pga_epochs)):
+            if v < 1:
+                raise UsageError(f"{flag} must be at least 1 (got {v})")
+        if args.backdoor and not 0 < args.backdoor_fraction <= 1:
+            raise UsageError(f"--backdoor-fraction must lie in (0, 1] (got {args.backdoor_fraction})")
+        if args.backdoor:
+            resolve_class(args.backdoor_target, list(fed.classes))
+        if args.phase not in PHASES + ("audit",):
+            raise UsageError(f"phase {args.phase!r} is unknown")
+
+    # -- the schedule -----------------------------------------------------------------
+    @staticmethod
+    def phase_rounds(cfg, args, phase: str) -> int:
+        return {"original": cfg.rounds, "retrain": cfg.rounds, "continue": args.post_rounds,
+                "pga": 1 + args.post_rounds, "fcu": 1 + args.post_rounds,
+                "fcu_code": 1 + args.post_rounds}[phase]
+
+    def stage(self) -> str:
+        """What this round of this phase is: train | unlearn | post."""
+        if self.phase in ("original", "retrain", "audit"):
+            return "train"
+        if self.phase in ("pga", "fcu", "fcu_code") and self.round == 0:
+            return "unlearn"
+        return "post"
+
+    def setup(self, server, clients):
+        super().setup(server, clients)
+        if self.phase in ("continue", "pga", "fcu", "fcu_code"):
+            ck = self.read_original(self.args.from_run)
+            server.weights = {k: v.clone() for k, v in ck["server"]["weights"].items()}
+            server.state["theta_o"] = {k: v.clone() for k, v in server.weights.items()}
+            if self.phase == "pga":
+                last = ck["clients"][self.u]["state"].get("last_local")
+                if last is None:
+                    raise UsageError(f"{self.args.from_run}: the original run did not keep "
+                                     "u's last local model; rerun it with this version")
+                clients[self.u].state["last_local"] = last
+
+    def read_original(self, folder: str) -> dict:
+        path = os.path.join(folder, "checkpoint.pt")
+        if not os.path.isfile(path):
+            raise UsageError(f"{path} does not exist; run the original phase first")
+        ck = torch.load(path, map_location="cpu", weights_only=False)
+        with open(os.path.join(folder, "config.json")) as fh:
+            theirs = json.load(fh)["config"]
+        ours = dataclasses.asdict(self.train_cfg)
+        if any(theirs.get(k) != v for k, v in ours.items() if k != "rounds"):
+            raise UsageError(f"{folder} was trained with other settings; start the unlearning "
+                             "phases from an original run of the same flags")
+        if ck["round"] != theirs["rounds"]:
+            raise UsageError(f"{path} stopped after round {ck['round']} of "
+                             f"{theirs['rounds']}; finish it with --resume first")
+        return ck
+
+    def begin_round(self, server, clients):
+        stage = self.stage()
+        self.cfg = self.post_cfg if stage == "post" else self.train_cfg
+        self.alpha = self.alpha_all if self.phase in ("original", "audit") else self.alpha_rest
+        self.theta_o = server.state.get("theta_o")     # the trained model u holds
+
+    def participants(self, server, sampled):
+        if self.stage() == "unlearn":
+            return [self.clients[self.u]]
+        if self.phase in ("original", "audit"):
+            return sampled
+        return [c for c in sampled if c.id != self.u]      # u never trains again
+
+    def line_extra(self, server, client):
+        return {"stage": self.stage()}
+
+    # -- the hooks --------------------------------------------------------------------
+    def broadcast(self, server, client):
+        if self.stage() == "unlearn":
+            return {}                   # u already holds theta_o: nothing new is sent
+        return super().broadcast(server, client)
+
+    def local_update(self, client, payload):
+        if self.stage() == "unlearn":
+            weights = self.pga(client) if self.phase == "pga" else self.mcu_fgmp(client)
+            return {"w": weights, "n": client.n}
+        up = super().local_update(client, payload)
+        if self.phase == "original" and client.id == self.u:
+            client.state["last_local"] = {k: v.clone() for k, v in up["w"].items()}
+        return up
+
+    def aggregate(self, server, uploads):
+        if self.stage() == "unlearn":
+            server.weights = dict(uploads[self.u]["w"])       # theta_u replaces theta_o
+            return
+        super().aggregate(server, uploads)
+
+    def local_batches(self, client, gen, steps_scale: int = 1):
+        """The base schedule, counting every optimiser step and its sample gradients."""
+        for idx in super().local_batches(client, gen, steps_scale):
+            client.state["grad_steps"] = client.state.get("grad_steps", 0) + 1
+            client.state["grad_samples"] = client.state.get("grad_samples", 0) + len(idx)
+            yield idx
+
+    def batch(self, idx, gen=None):
+        """Training batches (gen given) of u's poisoned images carry the trigger and the
+        target label; evaluation batches never do."""
+        x, y = super().batch(idx, gen)
+        if gen is not None and self.target is not None:
+            hit = self.poison[idx].to(x.device)
+            if hit.any():
+                x[hit] = stamp(x[hit], self.args.backdoor_patch)
+                y[hit] = self.target
+        return x, y
+
+    # -- unlearning at u ---------------------------------------------------------------
+    def frozen(self, weights: dict) -> nn.Module:
+        m = copy.deepcopy(self.model)
+        m.load_state_dict({**self.init_weights, **weights})
+        m.eval()
+        for p in m.parameters():
+            p.requires_grad_(False)
+        return m
+
+    def mcu_fgmp(self, client) -> dict:
+        """Phase 2 at u: T Adam steps on L_MCU, FGMP every E steps; returns theta_u."""
+        a = self.args
+        theta_o = self.theta_o
+        ref_o, ref_d = self.frozen(theta_o), self.frozen(self.init_weights)
+        head = self.model.get_submodule(self.head_name)
+        head_o, head_d = (m.get_submodule(self.head_name) for m in (ref_o, ref_d))
+        self.load_model(theta_o, {})
+        model = self.model
+        model.train()
+        opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad],
+                               lr=a.unlearn_lr, betas=(0.9, 0.9999), weight_decay=5e-4)
+        self.cfg = self.unlearn_cfg
+        gen = torch_rng(self.cfg.seed, "batches", "unlearn", client.id)
+        with seeded(self.cfg.seed, "unlearn", client.id):
+            for step, idx in enumerate(self.local_batches(client, gen)):
+                x, _ = self.batch(idx, gen)
+                f, _ = penultimate(model, head, x)
+                with torch.no_grad():
+                    f_o, _ = penultimate(ref_o, head_o, x)
+                    f_d, _ = penultimate(ref_d, head_d, x)
+                loss = mcu_loss(f, f_o, f_d, a.mcu_tau)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                if (step + 1) % a.fusion_interval == 0:
+                    cur = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+                    model.load_state_dict(fgmp(cur, theta_o, self.fused, a.fgmp_ratio,
+                                               a.fgmp_convention, a.fgmp_window, a.fgmp_bn_from))
+        self.cfg = self.train_cfg
+        return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+    def reference_model(self, client) -> dict:
+        """w_ref: the aggregate of the last round without u's update (Halimi et al.)."""
+        w_o, w_u = self.theta_o, client.state["last_local"]
+        if self.train_cfg.weighting == "samples":
+            n, n_u = sum(c.n for c in self.clients), client.n
+        else:
+            n, n_u = len(self.clients), 1
+        ref = {}
+        for k, v in w_o.items():
+            if not v.is_floating_point():
+                ref[k] = v.clone()
+                continue
+            ref[k] = ((n * v.double() - n_u * w_u[k].double()) / (n - n_u)).to(v.dtype)
+        return ref
+
+    def pga_radius(self, ref: dict) -> float:
+        keys = [n for n, p in self.model.named_parameters() if p.requires_grad]
+        dists = []
+        for i in range(10):
+            with seeded(self.train_cfg.seed, "pga-random", i):
+                rand = self.build_model().state_dict()
+            dists.append(math.sqrt(sum(float((ref[k].double() - rand[k].double()).pow(2).sum())
+                                       for k in keys)))
+        return self.args.pga_radius * float(np.mean(dists))
+
+    def pga(self, client) -> dict:
+        """Projected gradient ascent on D_f inside the ball ||w - w_ref|| <= delta."""
+        a = self.args
+        ref = self.reference_model(client)
+        delta = self.pga_radius(ref)
+        self.load_model(ref, {})
+        model = self.model
+        params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        centre = {n: ref[n].to(self.device) for n, _ in params}
+        opt = torch.optim.SGD([p for _, p in params], lr=a.pga_lr, momentum=self.cfg.momentum)
+        stop = a.pga_stop_accuracy or 1.0 / self.fed.num_classes
+        y_f = self.fed.y[torch.as_tensor(client.train, dtype=torch.long)].numpy()
+        self.cfg = dataclasses.replace(self.train_cfg, local_epochs=1, local_steps=0)
+        client.state["pga_epochs"] = 0
+        for epoch in range(a.pga_epochs):
+            gen = torch_rng(self.cfg.seed, "batches", "pga", epoch, client.id)
+            model.train()
+            with seeded(self.cfg.seed, "pga", epoch, client.id):
+                for idx in self.local_batches(client, gen):
+                    x, y = self.batch(idx, gen)
+                    loss = -F.cross_entropy(model(x), y)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    with torch.no_grad():                 # projection onto the ball
+                        diff = {n: p - centre[n] for n, p in params}
+                        norm = math.sqrt(sum(float(d.pow(2).sum()) for d in diff.values()))
+                        if norm > delta:
+                            for n, p in params:
+                                p.copy_(centre[n] + diff[n] * (delta / norm))
+            client.state["pga_epochs"] = epoch + 1
+            acc = float((self.forward_probs(client.train).argmax(1) == y_f).mean())
+            if acc < stop:
+                break
+        self.cfg = self.train_cfg
+        return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+    # -- the audit --------------------------------------------------------------------
+    def summary_extra(self, server, lines):
+        first = lines[0]["view"] if lines else None
+        secs = sum(m.get("seconds", 0.0) for m in lines
+                   if m["client"] == "pooled" and m["view"] == first)
+        return {"phase": self.phase, "forget_client": self.clients[self.u].name,
+                "cost": {"grad_samples": int(sum(c.state.get("grad_samples", 0) for c in self.clients)),
+                         "grad_steps": int(sum(c.state.get("grad_steps", 0) for c in self.clients)),
+                         "train_seconds": float(secs)}}
+
+    @torch.no_grad()
+    def audit_model(self, weights: dict) -> dict:
+        """The audit of one model (any method's result)."""
+        self.load_model(weights, {})
+        fed, u = self.fed, self.clients[self.u]
+        y = fed.y.numpy()
+        test = np.concatenate([c.test for c in self.clients])
+        rest = np.concatenate([c.train for c in self.clients if c.id != self.u])
+        p_test, p_f, p_r, p_uh = (self.forward_probs(i) for i in (test, u.train, rest, u.test))
+        mt = classification_metrics(y[test], p_test)
+        mf = classification_metrics(y[u.train], p_f)
+        mr = classification_metrics(y[rest], p_r)
+        ce = lambda p, i: -np.log(np.clip(p[np.arange(len(i)), y[i]], 1e-12, None))  # noqa: E731
+        out = {"test_balanced_accuracy": mt["balanced_accuracy"], "test_auroc": mt["macro_auroc"],
+               "test_accuracy": mt["accuracy"],
+               "forgotten_accuracy": mf["accuracy"], "forgotten_error": 1 - mf["accuracy"],
+               "forgotten_balanced_accuracy": mf["balanced_accuracy"],
+               "remaining_balanced_accuracy": mr["balanced_accuracy"],
+               "remaining_accuracy": mr["accuracy"], "remaining_auroc": mr["macro_auroc"],
+               "mia_auroc": mia_auroc(ce(p_f, u.train), ce(p_uh, u.test))}
+        if self.target is not None:
+            out["backdoor_success"] = self.attack_success(test)
+        return out
+
+    @torch.no_grad()
+    def attack_success(self, idx: np.ndarray) -> float:
+        """Share of the images of `idx` not of the target class that the model assigns
+        to the target class once the trigger is stamped on them."""
+        idx = idx[self.fed.y.numpy()[idx] != self.target]
+        self.model.eval()
+        hits = 0
+        for s in range(0, len(idx), self.cfg.eval_batch_size):
+            x, _ = self.batch(torch.as_tensor(idx[s:s + self.cfg.eval_batch_size]))
+            hits += int((self.model(stamp(x, self.args.backdoor_patch)).argmax(1)
+                         == self.target).sum())
+        return hits / max(len(idx), 1)
+
+    # -- the whole protocol: one fedmed.run per phase, then the audit -----------------
+    @classmethod
+    def protocol(cls, cfg, args, fed, out: str, *, resume: bool = False,
+                 data_args: dict | None = None, quiet: bool = False, log=print) -> dict:
+        """original -> each unlearning method -> the audit table in out/summary.json."""
+        cls.validate(cfg, args, fed)
+        methods = methods_of(args)
+        os.makedirs(out, exist_ok=True)
+        if not resume and os.path.exists(os.path.join(out, "summary.json")):
+            os.remove(os.path.join(out, "summary.json"))
+        fedmed.atomic_write(os.path.join(out, "config.json"), fedmed.dumps(
+            {"config": dataclasses.asdict(cfg), "algorithm_args": dataclasses.asdict(args),
+             "data": data_args or {}, "phases": ["original"] + methods}))
+        runs = {}
+        for phase in ["original"] + [m for m in METHODS if m in methods]:
+            sub = os.path.join(out, phase)
+            a = dataclasses.replace(args, phase=phase, from_run=(
+                os.path.join(out, "original") if phase not in ("original", "retrain") else ""))
+            if phase == "fcu_code":                     # the public release's FGMP
+                a = dataclasses.replace(a, fgmp_convention="code", fgmp_window="code")
+            c = dataclasses.replace(cfg, rounds=cls.phase_rounds(cfg, args, phase))
+            again = resume and os.path.isfile(os.path.join(sub, "checkpoint.pt"))
+            if not quiet:
+                log(f"phase {phase}: {c.rounds} rounds{' (resumed)' if again else ''}")
+            runs[phase] = fedmed.run(c, a, fed, sub, resume=again, data_args=data_args,
+                                     quiet=quiet, log=log)
+        auditor = cls(cfg, dataclasses.replace(args, phase="audit"), fed)
+        auditor.setup(fedmed.ServerState(), fedmed.make_clients(fed))
+        audit = {}
+        for phase, s in runs.items():
+            ck = torch.load(os.path.join(out, phase, "checkpoint.pt"), map_location="cpu",
+                            weights_only=False)
+            audit[phase] = auditor.audit_model(ck["server"]["weights"])
+            audit[phase].update(s["cost"], bytes_up=s["bytes_up"], bytes_down=s["bytes_down"],
+                                rounds=s["rounds"])
+        summary = dict(runs["fcu"] if "fcu" in runs else runs[list(runs)[-1]])
+        summary.update(phase="audit", audit=audit, forget_client=auditor.info["forget_client"],
+                       backdoor_target=auditor.info["backdoor_target"])
+        if "retrain" in audit:
+            for m in ("fcu", "fcu_code", "pga", "continue"):
+                if m in audit:
+                    r, x = audit["retrain"], audit[m]
+                    key = "" if m == "fcu" else f"_{m}"
+                    summary[f"speedup_vs_retrain{key}"] = r["grad_samples"] / max(x["grad_samples"], 1)
+                    summary[f"speedup_vs_retrain_wall{key}"] = (r["train_seconds"]
+                                                                / max(x["train_seconds"], 1e-9))
+        fedmed.atomic_write(os.path.join(out, "summary.json"), fedmed.dumps(summary))
+        return summary
+
+    @staticmethod
+    def summary_table(summary: dict) -> str:
+        rows = [f"forgetting client {summary['forget_client']}"
+                + (f" (backdoor target {summary['backdoor_target']})"
+                   if summary.get("backdoor_target") else ""),
+                f"{'method':<10}{'test BA':>8}{'AUROC':>7}{'D_f acc':>8}{'D_r BA':>8}"
+                f"{'MIA':>7}{'backdoor':>9}{'sample grads':>14}{'train s':>9}"]
+        for m, a in summary["audit"].items():
+            bd = f"{a['backdoor_success']:>9.3f}" if "backdoor_success" in a else f"{'-':>9}"
+            rows.append(f"{m:<10}{a['test_balanced_accuracy']:>8.3f}{a['test_auroc']:>7.3f}"
+                        f"{a['forgotten_accuracy']:>8.3f}{a['remaining_balanced_accuracy']:>8.3f}"
+                        f"{a['mia_auroc']:>7.3f}{bd}{a['grad_samples']:>14,}{a['train_seconds']:>9.1f}")
+        if "speedup_vs_retrain" in summary:
+            rows.append(f"FCU speed-up vs retraining: {summary['speedup_vs_retrain']:.1f}x in "
+                        f"sample gradients, {summary['speedup_vs_retrain_wall']:.1f}x in wall time")
+        return "\n".join(rows)
