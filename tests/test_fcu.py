@@ -1,0 +1,442 @@
+"""FCU (algorithms/fcu.py): the MCU loss and FGMP against independent computations (numpy
+FFTs, explicit formulas), the protocol (who trains when, what is sent), the baselines, the
+audit's attack measurements, and bad input. Section 11 of ../shared/methods/fcu.md and
+the tests issue 5 asks for."""
+import dataclasses
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import datasets
+import fedmed
+import run
+from fedmed import Config, ServerState, transmit
+from helpers import read_jsonl
+
+fedmed.load_algorithms()
+from algorithms import fcu  # noqa: E402
+from algorithms.fcu import FCU  # noqa: E402
+
+SMALL_ARGS = {"unlearn_steps": 4, "fusion_interval": 2, "post_rounds": 2,
+              "post_local_steps": 2}
+
+
+@pytest.fixture(scope="module")
+def fed():
+    return datasets.make_synthetic(seed=3, clients=3, image_size=16)
+
+
+def small_cfg(**kw):
+    return Config(**{"algo": "fcu", "model": "cnn", "rounds": 2, "local_steps": 3,
+                     "batch_size": 8, **kw})
+
+
+def make(fed, cfg=None, **kw):
+    algo = FCU(cfg or small_cfg(), FCU.Args(**{**SMALL_ARGS, **kw}), fed)
+    clients = fedmed.make_clients(fed)
+    server = ServerState()
+    algo.setup(server, clients)
+    algo.begin_round(server, clients)
+    return algo, clients
+
+
+@pytest.fixture(scope="module")
+def audit(fed, tmp_path_factory):
+    """The whole protocol once on the small federation (u = client 1, backdoor on), with
+    every training batch's indices recorded per phase and round."""
+    seen = []
+    original = FCU.batch
+
+    def spy(self, idx, gen=None):
+        if gen is not None:
+            seen.append((self.phase, self.round, self.stage(), idx.tolist()))
+        return original(self, idx, gen)
+
+    out = str(tmp_path_factory.mktemp("fcu") / "out")
+    FCU.batch = spy
+    try:
+        summary = FCU.protocol(small_cfg(), FCU.Args(**SMALL_ARGS, forget_client="1",
+                                                     backdoor=True), fed, out, quiet=True)
+    finally:
+        FCU.batch = original
+    return summary, out, seen
+
+
+# ---------------------------------------------------------------- MCU
+
+def test_mcu_loss_equals_its_formula_by_hand():
+    g = torch.Generator().manual_seed(0)
+    f, f_o, f_d = (torch.randn(5, 7, generator=g, dtype=torch.float64) for _ in range(3))
+    tau = 0.5
+    got = fcu.mcu_loss(f, f_o, f_d, tau).item()
+    a, o, d = f.numpy(), f_o.numpy(), f_d.numpy()
+    cos = lambda x, y: (x * y).sum(1) / np.linalg.norm(x, axis=1) / np.linalg.norm(y, axis=1)  # noqa
+    pos, neg = np.exp(cos(a, d) / tau), np.exp(cos(a, o) / tau)
+    want = np.mean(-np.log(pos / (pos + neg)))
+    assert got == pytest.approx(want, rel=1e-12)
+
+
+def test_one_step_on_f_moves_towards_f_d_and_away_from_f_o():
+    """Toy vectors: f_d and f_o orthogonal unit axes, f between them (as the sheet)."""
+    f = torch.tensor([[1.0, 1.0, 0.5], [0.3, 2.0, -1.0], [2.0, 0.2, 0.0]], requires_grad=True)
+    f_d = torch.tensor([[1.0, 0.0, 0.0]]).expand(3, 3)
+    f_o = torch.tensor([[0.0, 1.0, 0.0]]).expand(3, 3)
+    before_d, before_o = F.cosine_similarity(f, f_d), F.cosine_similarity(f, f_o)
+    fcu.mcu_loss(f, f_o, f_d, 0.5).backward()
+    with torch.no_grad():
+        f2 = f - 0.1 * f.grad
+    assert (F.cosine_similarity(f2, f_d) > before_d).all()
+    assert (F.cosine_similarity(f2, f_o) < before_o).all()
+
+
+def test_references_get_no_gradient_and_keep_their_bn_buffers(fed):
+    algo, clients = make(fed)
+    theta_o = {k: v + 0.01 for k, v in algo.init_weights.items()
+               if v.is_floating_point()}
+    ref = algo.frozen(theta_o)
+    before = {k: v.clone() for k, v in ref.state_dict().items()}
+    x, _ = algo.batch(torch.as_tensor(clients[0].train[:8]), torch.Generator())
+    f, _ = fcu.penultimate(ref, ref.get_submodule(algo.head_name), x)
+    assert not f.requires_grad and not ref.training
+    assert all(torch.equal(before[k], v) for k, v in ref.state_dict().items())
+
+
+def test_penultimate_features_are_the_classifier_input(fed):
+    algo, clients = make(fed)
+    x, _ = algo.batch(torch.as_tensor(clients[0].train[:4]))
+    algo.model.eval()
+    f, logits = fcu.penultimate(algo.model, algo.model.classifier, x)
+    want = algo.model.features(x).mean(dim=(2, 3))
+    assert torch.allclose(f, want) and torch.allclose(logits, algo.model.classifier(want))
+
+
+# ---------------------------------------------------------------- FGMP
+
+def hand_fuse(base, donor, r, symmetric=True):
+    """FGMP with numpy's FFT and explicit index loops for the window."""
+    def mat(w):
+        if w.ndim == 4:
+            n, c, kh, kw = w.shape
+            return np.transpose(w, (1, 2, 3, 0)).reshape(c * kh, kw * n)
+        return w
+    mb, md = mat(base.astype(np.float64)), mat(donor.astype(np.float64))
+    h, w = mb.shape
+    fb, fd = np.fft.fftshift(np.fft.fft2(mb)), np.fft.fftshift(np.fft.fft2(md))
+    bh, bw = math.floor(h * r / 2), math.floor(w * r / 2)
+    inside = np.zeros((h, w), bool)
+    if bh and bw:
+        for i in range(h):
+            for j in range(w):
+                di, dj = i - h // 2, j - w // 2
+                if symmetric:
+                    inside[i, j] = -bh <= di <= bh and -bw <= dj <= bw
+                else:
+                    inside[i, j] = -bh <= di < bh and -bw <= dj < bw
+    amp = np.where(inside, np.abs(fd), np.abs(fb))
+    m = np.fft.ifft2(np.fft.ifftshift(amp * np.exp(1j * np.angle(fb)))).real
+    if base.ndim == 4:
+        n, c, kh, kw = base.shape
+        return np.transpose(m.reshape(c, kh, kw, n), (3, 0, 1, 2))
+    return m
+
+
+SHAPES = [(6, 4, 3, 3), (8, 5, 1, 1), (7, 12), (3, 10)]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("r", [0.0, 0.5, 0.7, 1.0])
+@pytest.mark.parametrize("kind", ["symmetric", "code"])
+def test_fuse_equals_an_independent_numpy_computation(shape, r, kind):
+    g = torch.Generator().manual_seed(hash((shape, r)) % 1000)
+    base, donor = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+    got = fcu.fuse(base, donor, r, kind).double().numpy()
+    want = hand_fuse(base.numpy(), donor.numpy(), r, kind == "symmetric")
+    assert np.allclose(got, want, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("r", [0.0, 0.5, 0.7, 1.0])
+def test_fuse_of_a_weight_with_itself_is_the_identity(shape, r):
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(2))
+    assert torch.allclose(fcu.fuse(w, w, r), w, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_ratio_0_returns_the_base_and_ratio_1_the_donor(shape):
+    """r = 0: the base, whatever the donor. r = 1: the donor's whole amplitude with the
+    base's phase, i.e. the donor itself whenever the two share their phase; tested with
+    a donor built from the base's phase and an unrelated (Hermitian) amplitude."""
+    g = torch.Generator().manual_seed(3)
+    base, other = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+    assert torch.allclose(fcu.fuse(base, other, 0.0), base, atol=1e-6)
+    mb = fcu.as_matrix(base.double())
+    amp = torch.fft.fft2(fcu.as_matrix(other.double())).abs()
+    donor_m = torch.fft.ifft2(torch.polar(amp, torch.fft.fft2(mb).angle()))
+    assert donor_m.imag.abs().max() < 1e-9
+    donor = fcu.from_matrix(donor_m.real, base).float()
+    assert torch.allclose(fcu.fuse(base, donor, 1.0), donor, atol=1e-5)
+    assert torch.allclose(fcu.fuse(base, 2 * base, 1.0), 2 * base, atol=1e-5)
+
+
+def test_code_window_size_and_symmetric_window():
+    for h, w, r in [(8, 12, 0.5), (7, 9, 0.7), (2, 1024, 0.5), (16, 16, 1.0)]:
+        code = fcu.window(h, w, r, "code")
+        bh, bw = math.floor(h * r / 2), math.floor(w * r / 2)
+        assert int(code.sum()) == (2 * bh) * (2 * bw)
+        sym = fcu.window(h, w, r, "symmetric")
+        # Hermitian: frequency (a, b) inside <=> (-a, -b) inside (indices mod the size)
+        for i, j in sym.nonzero().tolist():
+            a, b = i - h // 2, j - w // 2
+            assert sym[(-a + h // 2) % h, (-b + w // 2) % w]
+    assert int(fcu.window(2, 1024, 0.5, "code").sum()) == 0       # pitfall 5: not fused
+
+
+def test_code_window_leaves_an_imaginary_residue_the_symmetric_one_does_not():
+    w = torch.randn(16, 24, generator=torch.Generator().manual_seed(4))
+    d = torch.randn(16, 24, generator=torch.Generator().manual_seed(5))
+    fcu.fuse(w, d, 0.5, "symmetric")                 # asserts the residue < 1e-6
+    mb, md = w.double(), d.double()
+    fb, fd = (torch.fft.fftshift(torch.fft.fft2(m)) for m in (mb, md))
+    amp = torch.where(fcu.window(16, 24, 0.5, "code"), fd.abs(), fb.abs())
+    out = torch.fft.ifft2(torch.fft.ifftshift(torch.polar(amp, fb.angle())))
+    assert out.imag.abs().max() > 1e-4 * out.real.abs().max()
+
+
+def test_conventions_are_the_same_fusion_with_the_roles_swapped(fed):
+    algo, _ = make(fed)
+    g = torch.Generator().manual_seed(6)
+    cur = {k: v + 0.1 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v
+           for k, v in algo.init_weights.items()}
+    orig = {k: v + 0.1 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v
+            for k, v in algo.init_weights.items()}
+    paper = fcu.fgmp(cur, orig, algo.fused, 0.7, "paper")
+    code = fcu.fgmp(orig, cur, algo.fused, 0.7, "code")
+    for k in algo.fused:
+        assert torch.equal(paper[k], code[k])
+    bn = [k for k in cur if k not in algo.fused]
+    assert bn and all(torch.equal(paper[k], cur[k]) for k in bn)          # paper: base = theta
+    assert all(torch.equal(fcu.fgmp(cur, orig, algo.fused, 0.7, "code")[k], orig[k])
+               for k in bn)                                              # code: base = theta_o
+    assert all(torch.equal(fcu.fgmp(cur, orig, algo.fused, 0.7, "paper", bn_from="orig")[k],
+                           orig[k]) for k in bn)
+    assert sorted(algo.fused) == ["classifier.weight", "features.0.weight",
+                                  "features.4.weight", "features.8.weight"]
+
+
+# ---------------------------------------------------------------- the protocol
+
+def test_forgotten_client_never_trains_after_the_request(audit, fed):
+    summary, out, seen = audit
+    u = set(fed.clients[1].train.tolist())
+    touches = lambda phase, stage=None: [r for r in seen if r[0] == phase and  # noqa: E731
+                                         (stage is None or r[2] == stage) and u & set(r[3])]
+    assert touches("original")                               # u trained in the original
+    for phase in ("retrain", "continue"):
+        assert not touches(phase)
+    for phase in ("pga", "fcu", "fcu_code"):
+        assert touches(phase, "unlearn") and not touches(phase, "post")
+        unlearn = [r for r in seen if r[0] == phase and r[2] == "unlearn"]
+        assert all(set(r[3]) <= u for r in unlearn)          # unlearning reads only D_f
+    for phase in ("retrain", "continue", "fcu"):
+        lines = read_jsonl(os.path.join(out, phase, "metrics.jsonl"))
+        u_lines = [m for m in lines if m["client"] == fed.clients[1].name]
+        sent = [m["round"] for m in u_lines if m["bytes_up"]]
+        assert sent == ([1] if phase == "fcu" else [])      # u uploads once, in FCU only
+        assert all(m["bytes_down"] == 0 for m in u_lines)   # and is sent nothing
+
+
+def test_bytes_are_one_model_plus_post_training(audit, fed):
+    summary, out, _ = audit
+    algo, clients = make(fed)
+    up = {c.id: transmit({"w": algo.init_weights, "n": c.n})[1] for c in clients}
+    model = transmit({"w": algo.init_weights})[1]
+    s = json.load(open(os.path.join(out, "fcu", "summary.json")))
+    K, R_post, u = len(fed.clients), SMALL_ARGS["post_rounds"], 1
+    assert s["bytes_down"] == (K - 1) * R_post * model
+    assert s["bytes_up"] == up[u] + R_post * sum(up[k] for k in up if k != u)
+
+
+def batch_sizes(n, B, steps):
+    """Sizes of the minibatches of `steps` steps cycling through permutations of n
+    images, a final batch of 1 skipped (as fedmed's schedule)."""
+    sizes, per = [], [min(B, n - s) for s in range(0, n, B)]
+    per = [b for b in per if b >= 2 or n < 2]
+    while len(sizes) < steps:
+        sizes += per
+    return sizes[:steps]
+
+
+def test_costs_are_counted_and_the_speedup_is_their_ratio(audit, fed):
+    summary, out, _ = audit
+    cfg, B = small_cfg(), 8
+    u = 1
+    n = [len(c.train) for c in fed.clients]
+    rest = [k for k in range(len(n)) if k != u]
+    a = summary["audit"]
+    assert a["original"]["grad_samples"] == cfg.rounds * sum(sum(batch_sizes(m, B, 3)) for m in n)
+    assert a["retrain"]["grad_samples"] == cfg.rounds * sum(sum(batch_sizes(n[k], B, 3))
+                                                            for k in rest)
+    post = SMALL_ARGS["post_rounds"] * sum(sum(batch_sizes(n[k], B, 2)) for k in rest)
+    assert a["continue"]["grad_samples"] == post
+    assert a["fcu"]["grad_samples"] == sum(batch_sizes(n[u], B, 4)) + post
+    assert summary["speedup_vs_retrain"] == pytest.approx(
+        a["retrain"]["grad_samples"] / a["fcu"]["grad_samples"])
+    assert summary["speedup_vs_retrain_wall"] == pytest.approx(
+        a["retrain"]["train_seconds"] / a["fcu"]["train_seconds"])
+    for m in ("original", "retrain", "continue", "pga", "fcu", "fcu_code"):
+        for k in ("test_balanced_accuracy", "test_auroc", "forgotten_accuracy",
+                  "remaining_balanced_accuracy", "mia_auroc", "backdoor_success"):
+            assert 0 <= a[m][k] <= 1
+        assert a[m]["forgotten_error"] == pytest.approx(1 - a[m]["forgotten_accuracy"])
+
+
+def test_every_method_starts_from_the_same_original_model(audit, fed):
+    _, out, _ = audit
+    theta_o = torch.load(os.path.join(out, "original", "checkpoint.pt"),
+                         weights_only=False)["server"]["weights"]
+    for phase in ("continue", "pga", "fcu"):
+        ck = torch.load(os.path.join(out, phase, "checkpoint.pt"), weights_only=False)
+        assert all(torch.equal(ck["server"]["state"]["theta_o"][k], v) for k, v in theta_o.items())
+
+
+def test_retrain_equals_fedavg_without_the_client_bit_for_bit(fed, tmp_path):
+    """Same seed streams: retraining without the last client is FedAvg on the federation
+    from which that client was removed."""
+    cfg = small_cfg(class_weights="inverse")
+    args = FCU.Args(**SMALL_ARGS, forget_client=str(len(fed.clients) - 1), phase="retrain")
+    fedmed.run(cfg, args, fed, str(tmp_path / "retrain"), quiet=True)
+    without = dataclasses.replace(fed, clients=fed.clients[:-1])
+    fedmed.run(dataclasses.replace(cfg, algo="fedavg"), None, without,
+               str(tmp_path / "fedavg"), quiet=True)
+    a = torch.load(tmp_path / "retrain" / "checkpoint.pt", weights_only=False)["server"]["weights"]
+    b = torch.load(tmp_path / "fedavg" / "checkpoint.pt", weights_only=False)["server"]["weights"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_unlearning_with_zero_steps_of_change_returns_theta_o(fed, audit):
+    """With a zero learning rate, MCU changes nothing and FGMP of theta_o with itself is
+    the identity: the upload is theta_o."""
+    _, out, _ = audit
+    algo, clients = make(fed, forget_client="1", unlearn_lr=0.0, phase="fcu",
+                         from_run=os.path.join(out, "original"))
+    up = algo.mcu_fgmp(clients[1])
+    for k in algo.fused:
+        assert torch.allclose(up[k], algo.theta_o[k], atol=1e-6)
+
+
+def test_pga_reference_model_and_projection(fed, audit):
+    _, out, _ = audit
+    algo, clients = make(fed, forget_client="1", phase="pga", pga_lr=10.0, pga_epochs=1,
+                         from_run=os.path.join(out, "original"))
+    c = clients[1]
+    n, n_u = sum(x.n for x in clients), c.n
+    ref = algo.reference_model(c)
+    k = "classifier.weight"
+    hand = (n * algo.theta_o[k].double() - n_u * c.state["last_local"][k].double()) / (n - n_u)
+    assert torch.allclose(ref[k].double(), hand, atol=1e-6)
+    delta = algo.pga_radius(ref)
+    w = algo.pga(c)
+    keys = [name for name, p in algo.model.named_parameters()]
+    dist = math.sqrt(sum(float((w[q].double() - ref[q].double()).pow(2).sum()) for q in keys))
+    assert 0 < dist <= delta * (1 + 1e-5)                   # lr 10 hits the ball's edge
+
+
+# ---------------------------------------------------------------- the audit's attacks
+
+def test_trigger_only_on_the_forgotten_clients_training_images(fed):
+    algo, clients = make(fed, forget_client="1", backdoor=True, backdoor_fraction=0.5,
+                         backdoor_target="2")
+    poisoned = set(torch.nonzero(algo.poison).flatten().tolist())
+    assert poisoned and poisoned <= set(clients[1].train.tolist())
+    pool = [i for i in clients[1].train if fed.y[i] != 2]
+    assert len(poisoned) == min(round(0.5 * clients[1].n), len(pool))
+    assert all(fed.y[i] != 2 for i in poisoned)
+    every = torch.as_tensor(np.concatenate([c.train for c in clients] +
+                                           [c.test for c in clients]))
+    g1, g2 = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+    x, y = algo.batch(every, g1)
+    x0, y0 = fedmed.Algorithm.batch(algo, every, g2)          # the same flips, no trigger
+    changed = (x != x0).flatten(1).any(1) | (y != y0)
+    assert set(every[changed].tolist()) == poisoned
+    assert (y[changed] == 2).all()
+    s, pattern = fcu.trigger(16, 0.125)
+    assert s == 2 and torch.allclose(x[changed][:, :, -s:, -s:], fcu.stamp(x0[changed], 0.125)
+                                     [:, :, -s:, -s:])
+    xe, ye = algo.batch(every)                                 # evaluation: never stamped
+    assert torch.equal(ye, fed.y[every])
+    assert torch.equal(xe, fedmed.Algorithm.batch(algo, every)[0])
+
+
+def test_mia_auroc_is_half_on_one_distribution_and_one_when_separated():
+    rng = np.random.default_rng(0)
+    same = [fcu.mia_auroc(rng.exponential(1, 2000), rng.exponential(1, 2000)) for _ in range(5)]
+    assert abs(np.mean(same) - 0.5) < 0.02
+    assert fcu.mia_auroc(rng.uniform(0, 0.1, 300), rng.uniform(1, 2, 300)) == 1.0
+    assert fcu.mia_auroc(rng.uniform(1, 2, 300), rng.uniform(0, 0.1, 300)) == 0.0
+    # against scikit-learn's roc_auc_score on ties
+    from sklearn.metrics import roc_auc_score
+    m, nm = rng.integers(0, 5, 50).astype(float), rng.integers(0, 5, 70).astype(float)
+    want = roc_auc_score(np.r_[np.ones(50), np.zeros(70)], -np.r_[m, nm])
+    assert fcu.mia_auroc(m, nm) == pytest.approx(want)
+
+
+def test_mia_of_an_untrained_model_is_near_half(fed):
+    algo, clients = make(fed)
+    audit = algo.audit_model(algo.init_weights)
+    assert abs(audit["mia_auroc"] - 0.5) < 0.12
+
+
+def test_paper_defaults():
+    a = FCU.Args()
+    assert (a.unlearn_steps, a.fusion_interval, a.fgmp_ratio, a.mcu_tau, a.unlearn_lr,
+            a.post_rounds, a.post_local_steps, a.post_lr, a.post_weighting,
+            a.fgmp_convention, a.forget_client) == (100, 10, 0.7, 0.5, 1e-5, 20, 20, 1e-4,
+                                                    "uniform", "paper", "0")
+    assert FCU.recipe["batch_size"] == 64
+
+
+# ---------------------------------------------------------------- bad input
+
+def cli(tmp_path, *flags):
+    out = str(tmp_path / "out")
+    return run.main(["--algo", "fcu", "--image-size", "16", "--clients", "3", "--rounds", "1",
+                     "--local-steps", "1", "--post-rounds", "1", "--post-local-steps", "1",
+                     "--unlearn-steps", "2", "--fusion-interval", "1", "--quiet", "--out", out]
+                    + list(flags)), out
+
+
+@pytest.mark.parametrize("flags,needle", [
+    (["--forget-client", "site9"], "--forget-client"),
+    (["--forget-client", "7"], "--forget-client"),
+    (["--clients", "1"], "single client"),
+    (["--unlearn-methods", "fcu,magic"], "--unlearn-methods"),
+    (["--fgmp-convention", "swapped"], "--fgmp-convention"),
+    (["--fgmp-ratio", "1.5"], "--fgmp-ratio"),
+    (["--backdoor", "--backdoor-target", "zebra"], "--backdoor-target"),
+    (["--bn", "local"], "--bn"),
+    (["--stop-after", "1"], "--stop-after"),
+    (["--resume"], "--resume"),
+])
+def test_bad_input_is_one_line_exit_2(tmp_path, capsys, flags, needle):
+    rc, out = cli(tmp_path, *flags)
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and needle in err and len(err.splitlines()) == 1, err
+    assert not os.path.exists(out)
+
+
+def test_cli_runs_the_whole_audit_and_resumes(tmp_path, capsys):
+    rc, out = cli(tmp_path, "--unlearn-methods", "retrain,fcu")
+    text = capsys.readouterr().out
+    assert rc == 0 and "FCU speed-up vs retraining" in text
+    s = json.load(open(os.path.join(out, "summary.json")))
+    assert set(s["audit"]) == {"original", "retrain", "fcu"} and "speedup_vs_retrain" in s
+    assert s["forget_client"] == "site0"
+    rc2, _ = cli(tmp_path, "--unlearn-methods", "retrain,fcu", "--resume")
+    s2 = json.load(open(os.path.join(out, "summary.json")))
+    assert rc2 == 0 and s2["audit"]["fcu"]["test_balanced_accuracy"] == \
+        s["audit"]["fcu"]["test_balanced_accuracy"]
