@@ -131,7 +131,10 @@ def transmit(payload: dict) -> tuple[dict, int]:
 def weighted_average(tensors: list, weights: list) -> torch.Tensor:
     """sum_k weights_k * tensors_k / sum_k weights_k, in float64, cast back."""
     total = float(sum(weights))
-    out = sum(t.double() * (w / total) for t, w in zip(tensors, weights))
+    out = torch.zeros_like(tensors[0], dtype=torch.float64)     # ((0 + a_1) + a_2) + ..., in
+    term = torch.empty_like(out)                                # place: 2 buffers, not 3K
+    for t, w in zip(tensors, weights):
+        out.add_(term.copy_(t).mul_(w / total))
     return out.to(tensors[0].dtype)
 
 
