@@ -157,6 +157,36 @@ def test_threshold_gets_a_gradient_in_paper_mode_and_none_in_code_mode():
     assert torch.allclose(grads["paper"], hand, atol=1e-4)
 
 
+def test_row_score_gradient_is_autograds_through_abs_and_mean_bit_for_bit():
+    """_RowMeanAbs's hand-written backward (sign(W) * g / d_in) against autograd through
+    W.abs().mean(1): the same bits for u, for dL/dW (mask path plus linear path) and for
+    the other gradients, with an exact zero in W (sign 0) and a threshold near the
+    straight-through window's edges."""
+    for mode in ("paper", "code"):
+        for seed in range(3):
+            g = torch.Generator().manual_seed(seed)
+            torch.manual_seed(seed)
+            m = ca.MaskedLinear(48, 24, mode)
+            with torch.no_grad():
+                m.weight[0, :3] = 0.0
+                m.threshold.copy_(torch.randn(24, generator=g))
+            x, gy = torch.randn(6, 48, generator=g), torch.randn(6, 24, generator=g)
+            got = []
+            for autograd_path in (False, True):
+                m.zero_grad(set_to_none=True)
+                if autograd_path:
+                    u = m.weight.abs().mean(dim=1)
+                    mask = ca._MaskStep.apply(u - m.threshold, m.offset, mode == "paper")
+                    y = (F.linear(x, m.weight, m.bias) * mask if mode == "paper"
+                         else F.linear(x, m.weight) * mask + m.bias)
+                else:
+                    u, y = ca._RowMeanAbs.apply(m.weight), m(x)
+                (y * gy).sum().backward()
+                got.append([u.detach(), y.detach(), m.weight.grad, m.bias.grad, m.threshold.grad])
+            for a, b in zip(*got):
+                assert torch.equal(a.view(torch.int32), b.view(torch.int32))
+
+
 def test_collapsed_mask_resets_threshold_in_training():
     m = ca.MaskedLinear(8, 4, "paper")
     with torch.no_grad():
