@@ -276,6 +276,40 @@ def test_fam_output_is_a_distribution_and_uniform_attention_is_zero_shot(fed, ti
     assert torch.equal((ca.adapt(uniform, I) @ a.text.t()).argmax(1), zs)
 
 
+def test_fused_adam_is_torch_fused_adam_bit_for_bit_without_importing_dynamo():
+    """FusedAdam (the CLIP methods' optimiser) against torch.optim.Adam/AdamW(fused=True):
+    two parameter groups with their own learning rates, six steps, the same bits; and
+    no torch.optim.Optimizer is built (the reason it exists: constructing one imports
+    torch._dynamo), checked in a fresh process."""
+    import copy
+    import subprocess
+    for decoupled in (True, False):
+        torch.manual_seed(0)
+        a = ca.MaskedMLP(16, 3)
+        b = copy.deepcopy(a)
+        groups = lambda n: [{"params": list(n.net[:3].parameters()), "lr": 5e-5},  # noqa: E731
+                            {"params": list(n.net[3:].parameters()), "lr": 1e-3}]
+        ref = (torch.optim.AdamW if decoupled else torch.optim.Adam)(
+            groups(a), fused=True, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.02)
+        ours = ca.FusedAdam(groups(b), (0.9, 0.98), 1e-6, 0.02, decoupled)
+        g = torch.Generator().manual_seed(1)
+        for _ in range(6):
+            x, y = torch.randn(8, 16, generator=g), torch.randint(0, 3, (8,), generator=g)
+            for net, opt in ((a, ref), (b, ours)):
+                opt.zero_grad(set_to_none=True)
+                F.cross_entropy(net(x), y).backward()
+                opt.step()
+        for k, v in a.state_dict().items():
+            assert torch.equal(v, b.state_dict()[k]), k
+    code = ("import sys, torch; sys.path.insert(0, %r); import clip_adapters as ca; "
+            "p = torch.nn.Parameter(torch.ones(3)); p.grad = torch.ones(3); "
+            "o = ca.FusedAdam([{'params': [p], 'lr': 0.1}], (0.9, 0.98), 1e-6, 0.0, True); "
+            "o.step(); assert 'torch._dynamo' not in sys.modules; assert p[0] < 1"
+            % str(Path(__file__).resolve().parents[1]))
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+
 # ---------------------------------------------------------------- communication
 
 def test_fp16_zlib_round_trip_within_fp16_error():
