@@ -1009,8 +1009,9 @@ class ClipMethod(Algorithm):
                      [self.templates[0].format(n) for n in self.class_names]}
 
     def setup(self, server, clients):
-        super().setup(server, clients)
-        if self.features is None:
+        with one_thread():                        # copies of the initial adapter state
+            super().setup(server, clients)
+        if self.features is None:                 # the CLIP towers: every thread
             self.features = self.backbone.image_features(self.fed.x).to(self.device)
             self.text = self.backbone.text_features(self.class_names, self.templates).to(self.device)
 

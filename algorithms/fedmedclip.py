@@ -64,7 +64,7 @@ from torch import nn
 
 import fedmed
 from clip_adapters import (ClipArgs, ClipMethod, MaskedFAM, MaskedMLP, adapt,
-                           contrastive_loss, flag, on_one_thread, pack_fp16_zlib,
+                           contrastive_loss, flag, on_one_thread, one_thread, pack_fp16_zlib,
                            unpack_fp16_zlib)
 from fedmed import UsageError, register, weighted_average
 
@@ -167,12 +167,15 @@ class FedMedCLIP(ClipMethod):
 
     def setup(self, server, clients):
         super().setup(server, clients)
-        server.weights = {k: v.clone() for k, v in self.init_weights.items() if k.startswith("fam.")}
-        for c in clients:                              # each client initialises its own phi_k
-            with fedmed.seeded(self.cfg.seed, "mlp-init", c.id):
-                mlp = MaskedMLP(self.d, self.fed.num_classes, self.args.mask_compat,
-                                self.args.mask_offset)
-            c.state["private"] = {f"mlp.{k}": v.detach().clone() for k, v in mlp.state_dict().items()}
+        with one_thread():
+            server.weights = {k: v.clone() for k, v in self.init_weights.items()
+                              if k.startswith("fam.")}
+            for c in clients:                          # each client initialises its own phi_k
+                with fedmed.seeded(self.cfg.seed, "mlp-init", c.id):
+                    mlp = MaskedMLP(self.d, self.fed.num_classes, self.args.mask_compat,
+                                    self.args.mask_offset)
+                c.state["private"] = {f"mlp.{k}": v.detach().clone()
+                                      for k, v in mlp.state_dict().items()}
 
     # -- communication: the FAM only, fp16 + zlib (every hook on one thread, as ClipMethod's)
     @on_one_thread
