@@ -545,8 +545,9 @@ class ClipBackbone:
         """Raw (unnormalised) CLIP image embeddings I of uint8 images, in fp32."""
         return self.model.encode_image(self.preprocess(x)).float()
 
-    def image_features(self, x: torch.Tensor) -> torch.Tensor:
-        """I for every image of x (uint8 [N, 3, H, W]), from the cache where it has them."""
+    def image_features(self, x: torch.Tensor, progress: bool = True) -> torch.Tensor:
+        """I for every image of x (uint8 [N, 3, H, W]), from the cache where it has them;
+        `progress` False: no progress bar (--quiet)."""
         t0 = time.perf_counter()
         digests = image_hashes(x)
         index, stored = self.store.load()
@@ -569,7 +570,8 @@ class ClipBackbone:
             where = self.store.dir or "memory only (--feature-cache none)"
             log(f"clip features: computing {len(todo):,} of {len(digests):,} images with "
                 f"{self.spec.name} ({self.weights.identity.split(':')[0]} weights) into {where}")
-            bar = fedmed.Progress(len(todo), what="images", every=10.0)   # a line per 10 s off a tty
+            bar = fedmed.Progress(len(todo), enabled=progress, what="images",
+                                  every=10.0)                   # a line per 10 s off a tty
             B, chunk_h, chunk_f = self.args.feature_batch_size, [], []
             last_flush = time.perf_counter()
             try:
@@ -1012,7 +1014,8 @@ class ClipMethod(Algorithm):
         with one_thread():                        # copies of the initial adapter state
             super().setup(server, clients)
         if self.features is None:                 # the CLIP towers: every thread
-            self.features = self.backbone.image_features(self.fed.x).to(self.device)
+            self.features = self.backbone.image_features(self.fed.x, progress=not self.quiet
+                                                         ).to(self.device)
             self.text = self.backbone.text_features(self.class_names, self.templates).to(self.device)
 
     @on_one_thread

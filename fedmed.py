@@ -305,6 +305,7 @@ class Algorithm:
     Args = None
     name = "fedavg"
     primary_view = "global"           # name of the evaluated model in metrics.jsonl
+    quiet = False                     # no progress bar (run.py --quiet); set by the loop
 
     def __init__(self, cfg: Config, args, fed):
         self.cfg, self.args, self.fed = cfg, args, fed
@@ -639,6 +640,7 @@ def run(cfg: Config, args, fed, out: str, *, resume: bool = False, data_args: di
     `out`; returns the summary. The ONE round loop of the project."""
     clients = make_clients(fed)
     algo = ALGORITHMS[cfg.algo](cfg, args, fed)
+    algo.quiet = quiet                                # e.g. no feature-extraction bar in setup
     holdout = [ClientState(-1 - i, c.name, np.asarray(c.train), np.asarray(c.test))
                for i, c in enumerate(fed.holdout)]
     server = ServerState()

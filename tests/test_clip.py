@@ -512,6 +512,21 @@ def test_class_prompt_names():
 
 # ---------------------------------------------------------------- end to end (synthetic)
 
+def test_quiet_also_silences_the_feature_extraction_bar(tmp_path, tiny, capsys):
+    """--quiet means no progress bar at all: the feature extraction's neither (a cold
+    feature cache each time, so that the features are computed)."""
+    for quiet in (False, True):
+        name = "quiet" if quiet else "loud"
+        flags = ["--algo", "clip_zeroshot", "--clip-model", tiny, "--pretrained", "none",
+                 "--feature-cache", str(tmp_path / f"cache-{name}"), "--clients", "3",
+                 "--rounds", "1", "--out", str(tmp_path / name)] + (["--quiet"] if quiet else [])
+        assert run.main(flags) == 0
+        err = capsys.readouterr().err
+        assert "clip features: computed" in err                  # it did extract
+        bars = [s for s in err.splitlines() if "] " in s and " images (" in s]
+        assert (bars == []) == quiet, err
+
+
 def test_fedmedclip_cli_views_bytes_and_holdout(tmp_path, tiny, cache):
     code, out = cli(tmp_path, tiny, cache, "--algo", "fedmedclip", "--clients", "4",
                     "--holdout-client", "site3")
