@@ -87,7 +87,8 @@ from ImageNet weights). (5) FGMP is computed in float64. (6) The Adam state of t
 unlearning optimiser carries across fusions. (7) In retrain and post-training the inverse
 class weights are computed from the remaining clients' labels only (u's data has no
 influence after the request). (8) PGA checks its stopping rule once an epoch (on all of
-D_f, in eval mode; not counted as gradient cost) and ascends the unweighted CE.
+D_f, in eval mode; not counted as gradient cost) and ascends the unweighted CE; w_ref's
+BN running variances are clipped at 0 (the weighted difference can dip below it).
 """
 from __future__ import annotations
 
@@ -514,6 +515,8 @@ class FCU(Algorithm):
                 ref[k] = v.clone()
                 continue
             ref[k] = ((n * v.double() - n_u * w_u[k].double()) / (n - n_u)).to(v.dtype)
+            if k.endswith("running_var"):             # the difference can dip below 0
+                ref[k].clamp_(min=0)
         return ref
 
     def pga_radius(self, ref: dict) -> float:
@@ -590,6 +593,7 @@ class FCU(Algorithm):
                "test_accuracy": mt["accuracy"],
                "forgotten_accuracy": mf["accuracy"], "forgotten_error": 1 - mf["accuracy"],
                "forgotten_balanced_accuracy": mf["balanced_accuracy"],
+               "forgotten_auroc": mf["macro_auroc"],
                "remaining_balanced_accuracy": mr["balanced_accuracy"],
                "remaining_accuracy": mr["accuracy"], "remaining_auroc": mr["macro_auroc"],
                "mia_auroc": mia_auroc(ce(p_f, u.train), ce(p_uh, u.test))}
