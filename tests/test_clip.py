@@ -410,7 +410,59 @@ def test_zero_shot_is_the_argmax_of_cosine_computed_directly(fed, tiny, cache):
     assert (probs.argmax(1) == direct).all()
     assert np.allclose(probs.sum(1), 1, atol=1e-5)
     cached = a.features[torch.as_tensor(idx)]
-    assert torch.allclose(F.normalize(cached, dim=1), img, atol=1e-5)       # cache == on the fly
+    assert torch.equal(F.normalize(cached, dim=1), img)                     # cache == on the fly
+
+
+def test_training_from_cached_features_is_bit_identical_to_encoding_on_the_fly(fed, tiny,
+                                                                             tmp_path):
+    """Sheet §11.8, exactly: FedMedCLIP trained for two rounds (a) on features read back
+    from a warm on-disk cache, (b) on features computed in memory (--feature-cache none),
+    (c) with every training batch's images encoded by CLIP at the step that uses them,
+    ends with the same bits in every FAM and MLP tensor. Why it holds: the cache stores
+    the float32 that encode_images returns (the disk round trip is exact); (a), (b) and
+    (c) run the same preprocess and encode function; and an image's embedding has the
+    same bits whatever else is in its batch (extraction batches of 7 here, the last of
+    the 414 images alone; training batches of 16), because a lone image is encoded
+    beside a copy of itself (the CPU matrix products take another path for the tokens of
+    a single image). The last point rests on the BLAS giving each row of a product the
+    same bits for any number of rows >= 2, which holds for the CPU kernels here (at 1
+    and 2 threads) but no BLAS promises."""
+
+    class OnTheFly(fmc.FedMedCLIP):
+        def batch(self, idx, gen=None):
+            idx = torch.as_tensor(idx, dtype=torch.long)
+            return self.backbone.encode_images(self.fed.x[idx]), self.fed.y[idx]
+
+    store = str(tmp_path / "features")
+    runs = {}
+    for name, cls, cache in (("cold", fmc.FedMedCLIP, store), ("warm", fmc.FedMedCLIP, store),
+                             ("memory", fmc.FedMedCLIP, "none"), ("on the fly", OnTheFly, "none")):
+        cfg = Config(**{"algo": "fedmedclip", "rounds": 2, **cls.recipe, "batch_size": 16})
+        a = cls(cfg, fmc.Args(clip_model="fedmed-tiny-test", pretrained="none", feature_cache=cache,
+                              feature_batch_size=7), fed)
+        clients, server = fedmed.make_clients(fed), ServerState()
+        a.setup(server, clients)
+        for _ in range(2):
+            one_round(a, server, clients)
+        runs[name] = (a, server, clients)
+    assert runs["cold"][0].backbone.stats["computed"] == len(fed.x)
+    assert runs["warm"][0].backbone.stats["computed"] == 0          # read back from disk
+    assert runs["warm"][0].backbone._model is None
+    assert runs["on the fly"][0].backbone._model is not None       # CLIP ran in training
+    ref = runs["cold"][0].features
+    for name in ("warm", "memory"):
+        assert torch.equal(runs[name][0].features, ref), name
+    lone = runs["memory"][0].backbone.encode_images(fed.x[:1])       # a batch of one image
+    assert torch.equal(lone, ref[:1])
+    _, server0, clients0 = runs["cold"]
+    for name, (a, server, clients) in runs.items():
+        assert server.weights.keys() == server0.weights.keys()
+        for k, v in server.weights.items():                          # the shared FAM
+            assert torch.equal(v, server0.weights[k]), (name, k)
+        for c, c0 in zip(clients, clients0):                         # each client's FAM and MLP
+            for part in ("private", "fam"):
+                for k, v in c.state[part].items():
+                    assert torch.equal(v, c0.state[part][k]), (name, c.name, k)
 
 
 def test_features_are_computed_once_and_reused_by_other_algorithms(fed, tiny, tmp_path):
