@@ -44,7 +44,8 @@ u's last update; uniform weighting: (K w_o - w_u) / (K - 1)); delta = --pga-radi
 mean l2 distance from w_ref to 10 random initialisations; starting at w_ref, SGD steps
 that MAXIMISE the cross-entropy on D_f, each followed by the projection onto
 ||w - w_ref|| <= delta (trainable parameters), for at most --pga-epochs epochs, stopping
-after the first epoch whose D_f accuracy is below --pga-stop-accuracy.
+at the first minibatch whose accuracy (in the step's own forward pass, before the step)
+is below --pga-stop-accuracy.
 
 Post-training (continue, pga, fcu): R_post FedAvg rounds over the K - 1 others with Adam
 (lr 1e-4, state carried across rounds), --post-local-steps steps a round, uniform
@@ -59,7 +60,8 @@ membership-inference attack (Yeom et al., CSF 2018): score = -CE(x, y), AUROC of
 success rate: the share of test images of other classes than the target that the model
 assigns to the target once the trigger is stamped on them; and the cost: sample gradients
 (the sum of the batch sizes of every optimiser step), optimiser steps, the rounds' wall
-seconds (training only, evaluation excluded) and bytes. `speedup_vs_retrain` = retrain's
+seconds (training only, evaluation excluded) and bytes. PGA's and FCU's uploaded theta_u
+is audited too (`before_post_training`; row "theta_u"). `speedup_vs_retrain` = retrain's
 sample gradients / FCU's; `speedup_vs_retrain_wall` the same for wall seconds, both
 measured in the same command.
 
@@ -86,8 +88,9 @@ of the original run, not a re-instantiated ImageNet model (identical when the ru
 from ImageNet weights). (5) FGMP is computed in float64. (6) The Adam state of the
 unlearning optimiser carries across fusions. (7) In retrain and post-training the inverse
 class weights are computed from the remaining clients' labels only (u's data has no
-influence after the request). (8) PGA checks its stopping rule once an epoch (on all of
-D_f, in eval mode; not counted as gradient cost) and ascends the unweighted CE; w_ref's
+influence after the request). (8) PGA checks its stopping rule on each minibatch of D_f
+(its training-mode forward pass; the paper's exact check is not known here) and ascends
+the unweighted CE; w_ref's
 BN running variances are clipped at 0 (the weighted difference can dip below it).
 """
 from __future__ import annotations
@@ -137,7 +140,8 @@ class Args:
     pga_lr: float = _f(0.01, "SGD learning rate of projected gradient ascent")
     pga_epochs: int = _f(5, "most epochs of gradient ascent on D_f")
     pga_radius: float = _f(1 / 3, "delta as a share of the mean distance w_ref-random models")
-    pga_stop_accuracy: float = _f(0.0, "stop ascent below this D_f accuracy (0: chance, 1/C)")
+    pga_stop_accuracy: float = _f(0.0, "stop ascent below this D_f batch accuracy "
+                                  "(0: chance, 1/C; negative: never)")
     backdoor: bool = _f(False, "stamp a trigger on a share of u's training images, relabelled")
     backdoor_target: str = _f("0", "the trigger's target class: name or index")
     backdoor_fraction: float = _f(0.2, "share of u's training images that carry the trigger")
@@ -440,6 +444,7 @@ class FCU(Algorithm):
     def aggregate(self, server, uploads):
         if self.stage() == "unlearn":
             server.weights = dict(uploads[self.u]["w"])       # theta_u replaces theta_o
+            server.state["theta_u"] = dict(uploads[self.u]["w"])   # kept for the audit
             return
         super().aggregate(server, uploads)
 
@@ -540,16 +545,22 @@ class FCU(Algorithm):
         centre = {n: ref[n].to(self.device) for n, _ in params}
         opt = torch.optim.SGD([p for _, p in params], lr=a.pga_lr, momentum=self.cfg.momentum)
         stop = a.pga_stop_accuracy or 1.0 / self.fed.num_classes
-        y_f = self.fed.y[torch.as_tensor(client.train, dtype=torch.long)].numpy()
         self.cfg = dataclasses.replace(self.train_cfg, local_epochs=1, local_steps=0)
         client.state["pga_epochs"] = 0
+        done = False
         for epoch in range(a.pga_epochs):
             gen = torch_rng(self.cfg.seed, "batches", "pga", epoch, client.id)
             model.train()
             with seeded(self.cfg.seed, "pga", epoch, client.id):
                 for idx in self.local_batches(client, gen):
                     x, y = self.batch(idx, gen)
-                    loss = -F.cross_entropy(model(x), y)
+                    logits = model(x)
+                    if float((logits.argmax(1) == y).float().mean()) < stop:
+                        done = True                       # forgotten: stop before this step,
+                        client.state["grad_steps"] -= 1   # which computes no gradient
+                        client.state["grad_samples"] -= len(idx)
+                        break
+                    loss = -F.cross_entropy(logits, y)
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
@@ -560,8 +571,7 @@ class FCU(Algorithm):
                             for n, p in params:
                                 p.copy_(centre[n] + diff[n] * (delta / norm))
             client.state["pga_epochs"] = epoch + 1
-            acc = float((self.forward_probs(client.train).argmax(1) == y_f).mean())
-            if acc < stop:
+            if done:
                 break
         self.cfg = self.train_cfg
         return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
@@ -647,6 +657,9 @@ class FCU(Algorithm):
             ck = torch.load(os.path.join(out, phase, "checkpoint.pt"), map_location="cpu",
                             weights_only=False)
             audit[phase] = auditor.audit_model(ck["server"]["weights"])
+            if "theta_u" in ck["server"]["state"]:       # right after unlearning, before post
+                audit[phase]["before_post_training"] = auditor.audit_model(
+                    ck["server"]["state"]["theta_u"])
             audit[phase].update(s["cost"], bytes_up=s["bytes_up"], bytes_down=s["bytes_down"],
                                 rounds=s["rounds"])
         summary = dict(runs["fcu"] if "fcu" in runs else runs[list(runs)[-1]])
@@ -664,6 +677,13 @@ class FCU(Algorithm):
         return summary
 
     @staticmethod
+    def audit_row(name: str, a: dict) -> str:
+        bd = f"{a['backdoor_success']:>9.3f}" if "backdoor_success" in a else f"{'-':>9}"
+        return (f"{name:<10}{a['test_balanced_accuracy']:>8.3f}{a['test_auroc']:>7.3f}"
+                f"{a['forgotten_accuracy']:>8.3f}{a['remaining_balanced_accuracy']:>8.3f}"
+                f"{a['mia_auroc']:>7.3f}{bd}")
+
+    @staticmethod
     def summary_table(summary: dict) -> str:
         rows = [f"forgetting client {summary['forget_client']}"
                 + (f" (backdoor target {summary['backdoor_target']})"
@@ -671,10 +691,9 @@ class FCU(Algorithm):
                 f"{'method':<10}{'test BA':>8}{'AUROC':>7}{'D_f acc':>8}{'D_r BA':>8}"
                 f"{'MIA':>7}{'backdoor':>9}{'sample grads':>14}{'train s':>9}"]
         for m, a in summary["audit"].items():
-            bd = f"{a['backdoor_success']:>9.3f}" if "backdoor_success" in a else f"{'-':>9}"
-            rows.append(f"{m:<10}{a['test_balanced_accuracy']:>8.3f}{a['test_auroc']:>7.3f}"
-                        f"{a['forgotten_accuracy']:>8.3f}{a['remaining_balanced_accuracy']:>8.3f}"
-                        f"{a['mia_auroc']:>7.3f}{bd}{a['grad_samples']:>14,}{a['train_seconds']:>9.1f}")
+            rows.append(FCU.audit_row(m, a) + f"{a['grad_samples']:>14,}{a['train_seconds']:>9.1f}")
+            if "before_post_training" in a:
+                rows.append(FCU.audit_row(" theta_u", a["before_post_training"]))
         if "speedup_vs_retrain" in summary:
             rows.append(f"FCU speed-up vs retraining: {summary['speedup_vs_retrain']:.1f}x in "
                         f"sample gradients, {summary['speedup_vs_retrain_wall']:.1f}x in wall time")

@@ -332,6 +332,7 @@ def test_unlearning_with_zero_steps_of_change_returns_theta_o(fed, audit):
 def test_pga_reference_model_and_projection(fed, audit):
     _, out, _ = audit
     algo, clients = make(fed, forget_client="1", phase="pga", pga_lr=10.0, pga_epochs=1,
+                         pga_stop_accuracy=-1.0,
                          from_run=os.path.join(out, "original"))
     c = clients[1]
     n, n_u = sum(x.n for x in clients), c.n
@@ -440,3 +441,30 @@ def test_cli_runs_the_whole_audit_and_resumes(tmp_path, capsys):
     s2 = json.load(open(os.path.join(out, "summary.json")))
     assert rc2 == 0 and s2["audit"]["fcu"]["test_balanced_accuracy"] == \
         s["audit"]["fcu"]["test_balanced_accuracy"]
+
+
+def test_audit_test_ba_matches_the_loops_pooled_evaluation(audit):
+    """The audit's global test set is the loop's pooled test set: the same BA for the final
+    model (last round) and for theta_u (the unlearning round's line)."""
+    summary, out, _ = audit
+    for phase in ("original", "retrain", "fcu", "pga"):
+        pooled = [m for m in read_jsonl(os.path.join(out, phase, "metrics.jsonl"))
+                  if m["client"] == "pooled"]
+        a = summary["audit"][phase]
+        assert a["test_balanced_accuracy"] == pytest.approx(pooled[-1]["balanced_accuracy"])
+        if phase in ("fcu", "pga"):
+            assert a["before_post_training"]["test_balanced_accuracy"] == pytest.approx(
+                pooled[0]["balanced_accuracy"])
+        else:
+            assert "before_post_training" not in a
+
+
+def test_pga_stops_before_a_step_once_the_batch_accuracy_is_below_the_threshold(fed, audit):
+    _, out, _ = audit
+    algo, clients = make(fed, forget_client="1", phase="pga", pga_stop_accuracy=1.1,
+                         from_run=os.path.join(out, "original"))
+    c = clients[1]
+    ref = algo.reference_model(c)
+    w = algo.pga(c)                            # no batch reaches accuracy 1.1: no step
+    assert all(torch.equal(w[k], ref[k]) for k in algo.fused)
+    assert c.state.get("grad_steps", 0) == 0 and c.state.get("grad_samples", 0) == 0
