@@ -327,6 +327,9 @@ def test_fp16_zlib_round_trip_within_fp16_error():
             assert (back[k] - v).abs().max() <= v.abs().max() * 2 ** -11 + 1e-7
         else:
             assert torch.equal(back[k], v)
+    default = ca.pack_fp16_zlib(sd, strategy="default")             # zlib's own strategy
+    import zlib
+    assert zlib.decompress(default.numpy()) == zlib.decompress(blob.numpy())   # same bytes
     _, nbytes = transmit({"fam": blob})
     assert blob.dtype == torch.uint8 and blob.dim() == 1
     assert len(blob) < nbytes < len(blob) + 2048                  # the count is the blob's
