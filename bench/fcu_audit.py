@@ -67,18 +67,23 @@ def main() -> None:
         sys.exit(f"--data-dir {a.data_dir}: not found; pass the isic2019-mini folder")
     with ThreadPoolExecutor(a.jobs) as ex:
         sums = list(ex.map(lambda s: one(s, a), a.seeds))
-    methods = list(sums[0]["audit"])
+    order = ["original", "retrain", "continue", "pga", "fcu", "fcu_code"]
+    methods = sorted(sums[0]["audit"], key=lambda m: order.index(m) if m in order else 99)
     print(f"\nmean +- sd over seeds {a.seeds} (forgetting {sums[0]['forget_client']})")
     print("| method | " + " | ".join(h for _, h in COLS) + " |")
     print("|---" * (len(COLS) + 1) + "|")
-    for m in methods:
+    rows = [(m, [s["audit"][m] for s in sums]) for m in methods]
+    rows += [(f"{m}, theta_u before post-training", [s["audit"][m]["before_post_training"]
+                                                     for s in sums])
+             for m in methods if "before_post_training" in sums[0]["audit"][m]]
+    for m, audits in rows:
         cells = []
         for k, _ in COLS:
-            v = np.array([s["audit"][m].get(k, np.nan) for s in sums], float)
-            cells.append(f"{v.mean():,.0f}" if k == "grad_samples" else
-                         f"{v.mean():.1f} +- {v.std(ddof=1) if len(v) > 1 else 0:.1f}"
-                         if k == "train_seconds" else
-                         f"{v.mean():.3f} +- {v.std(ddof=1) if len(v) > 1 else 0:.3f}")
+            v = np.array([a.get(k, np.nan) for a in audits], float)
+            sd = v.std(ddof=1) if len(v) > 1 else 0.0
+            cells.append("" if np.isnan(v).all() else f"{v.mean():,.0f}" if k == "grad_samples"
+                         else f"{v.mean():.1f} +- {sd:.1f}" if k == "train_seconds"
+                         else f"{v.mean():.3f} +- {sd:.3f}")
         print(f"| {m} | " + " | ".join(cells) + " |")
     for key in ("speedup_vs_retrain", "speedup_vs_retrain_wall", "speedup_vs_retrain_fcu_code",
                 "speedup_vs_retrain_pga", "speedup_vs_retrain_continue"):
