@@ -100,7 +100,6 @@ import dataclasses
 import json
 import math
 import os
-import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -109,6 +108,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fedmed
+import models
 from fedmed import (IMAGENET_MEAN, IMAGENET_STD, Algorithm, UsageError, class_weights,
                     classification_metrics, np_rng, register, seeded, torch_rng)
 
@@ -271,7 +271,8 @@ def resolve_client(spec: str, names: list, flag: str = "--forget-client") -> int
     if spec.lstrip("-").isdigit() and 0 <= int(spec) < len(names):
         return int(spec)
     raise UsageError(f"{flag} {spec!r} is not a client of this federation (clients: "
-                     f"{', '.join(names)}); give one of these names or an index 0..{len(names) - 1}")
+                     f"{', '.join(names)}); give one of these names or an index "
+                     f"0..{len(names) - 1}")
 
 
 def resolve_class(spec: str, classes: list) -> int:
@@ -311,8 +312,7 @@ class FCU(Algorithm):
             keep_optimizer=True, weighting=args.post_weighting)
         self.unlearn_cfg = dataclasses.replace(
             cfg, local_steps=args.unlearn_steps, local_epochs=1)
-        head_name = __import__("models").HEADS.get(cfg.model.split(":")[0], "classifier")
-        self.head_name = head_name
+        self.head_name = models.HEADS.get(cfg.model, "classifier")   # its input: features
         self.fused = fused_keys(self.model)
         y = fed.y.numpy()
         others = np.concatenate([c.train for k, c in enumerate(fed.clients) if k != self.u])
@@ -360,7 +360,8 @@ class FCU(Algorithm):
             if v < 1:
                 raise UsageError(f"{flag} must be at least 1 (got {v})")
         if args.backdoor and not 0 < args.backdoor_fraction <= 1:
-            raise UsageError(f"--backdoor-fraction must lie in (0, 1] (got {args.backdoor_fraction})")
+            raise UsageError("--backdoor-fraction must lie in (0, 1] "
+                             f"(got {args.backdoor_fraction})")
         if args.backdoor:
             resolve_class(args.backdoor_target, list(fed.classes))
         if args.phase not in PHASES + ("audit",):
@@ -581,9 +582,9 @@ class FCU(Algorithm):
         first = lines[0]["view"] if lines else None
         secs = sum(m.get("seconds", 0.0) for m in lines
                    if m["client"] == "pooled" and m["view"] == first)
+        total = lambda key: int(sum(c.state.get(key, 0) for c in self.clients))  # noqa: E731
         return {"phase": self.phase, "forget_client": self.clients[self.u].name,
-                "cost": {"grad_samples": int(sum(c.state.get("grad_samples", 0) for c in self.clients)),
-                         "grad_steps": int(sum(c.state.get("grad_steps", 0) for c in self.clients)),
+                "cost": {"grad_samples": total("grad_samples"), "grad_steps": total("grad_steps"),
                          "train_seconds": float(secs)}}
 
     @torch.no_grad()
@@ -670,7 +671,8 @@ class FCU(Algorithm):
                 if m in audit:
                     r, x = audit["retrain"], audit[m]
                     key = "" if m == "fcu" else f"_{m}"
-                    summary[f"speedup_vs_retrain{key}"] = r["grad_samples"] / max(x["grad_samples"], 1)
+                    summary[f"speedup_vs_retrain{key}"] = (r["grad_samples"]
+                                                           / max(x["grad_samples"], 1))
                     summary[f"speedup_vs_retrain_wall{key}"] = (r["train_seconds"]
                                                                 / max(x["train_seconds"], 1e-9))
         fedmed.atomic_write(os.path.join(out, "summary.json"), fedmed.dumps(summary))
