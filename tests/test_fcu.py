@@ -468,3 +468,23 @@ def test_pga_stops_before_a_step_once_the_batch_accuracy_is_below_the_threshold(
     w = algo.pga(c)                            # no batch reaches accuracy 1.1: no step
     assert all(torch.equal(w[k], ref[k]) for k in algo.fused)
     assert c.state.get("grad_steps", 0) == 0 and c.state.get("grad_samples", 0) == 0
+
+
+@pytest.mark.parametrize("model", ["resnet18", "densenet121"])
+def test_torchvision_backbones_expose_features_and_fuse(model):
+    """The paper's DenseNet-121 (and ResNet-18): MCU's features are the head's input
+    (1024 / 512 pooled channels), every conv (7x7, 3x3, 1x1) and the head are fused, and
+    FGMP of the model with itself is the identity."""
+    fed = datasets.make_synthetic(seed=3, clients=2, image_size=32)     # DenseNet needs 32 px
+    algo = FCU(small_cfg(model=model), FCU.Args(**SMALL_ARGS), fed)
+    head = algo.model.get_submodule(algo.head_name)
+    x, _ = algo.batch(torch.as_tensor(fed.clients[0].train[:2]))
+    algo.model.eval()
+    with torch.no_grad():
+        f, logits = fcu.penultimate(algo.model, head, x)
+    assert f.shape == (2, head.in_features) and logits.shape == (2, fed.num_classes)
+    convs = [n for n, m in algo.model.named_modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(algo.fused) == len(convs) + 1 and f"{algo.head_name}.weight" in algo.fused
+    sd = {k: v.clone() for k, v in algo.model.state_dict().items()}
+    out = fcu.fgmp(sd, sd, algo.fused, 0.7)
+    assert all(torch.allclose(out[k].float(), sd[k].float(), atol=1e-5) for k in algo.fused)
