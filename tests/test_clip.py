@@ -22,6 +22,7 @@ import fedmed  # noqa: E402
 import run  # noqa: E402
 from algorithms import fedmedclip as fmc  # noqa: E402
 from fedmed import Config, ServerState, UsageError, transmit  # noqa: E402
+from helpers import one_line_error  # noqa: E402
 
 fedmed.load_algorithms()
 
@@ -96,15 +97,6 @@ def cli(tmp_path, tiny, cache, *flags, name="out"):
     base = ["--clip-model", tiny, "--pretrained", "none", "--feature-cache", cache, "--clients", "3",
             "--rounds", "2", "--batch-size", "16", "--quiet", "--out", out]
     return run.main(base + list(flags)), out
-
-
-def one_line_error(capsys, code, *needles):
-    err = capsys.readouterr().err.strip()
-    assert code == 2, err
-    assert len(err.splitlines()) == 1, err
-    for n in needles:
-        assert n in err, err
-    return err
 
 
 # ---------------------------------------------------------------- masked linear

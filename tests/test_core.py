@@ -12,7 +12,7 @@ import datasets
 import fedmed
 import run
 from fedmed import Config, ServerState, transmit
-from helpers import drop_seconds, read_jsonl
+from helpers import drop_seconds, one_line_error, read_jsonl
 
 fedmed.load_algorithms()
 
@@ -374,9 +374,7 @@ def test_existing_out_is_refused_then_overwritten(tmp_path, capsys):
 ])
 def test_bad_input_is_one_line_exit_2(tmp_path, capsys, flags, needle):
     rc, out = cli(tmp_path, *flags)
-    err = capsys.readouterr().err.strip()
-    assert rc == 2 and needle in err and len(err.splitlines()) == 1, err
-    assert not os.path.exists(out)
+    one_line_error(capsys, rc, needle, out=out)
 
 
 def test_client_left_empty_is_refused(tmp_path, fed):

@@ -16,7 +16,7 @@ import datasets
 import fedmed
 import run
 from fedmed import Config, ServerState, transmit
-from helpers import read_jsonl
+from helpers import one_line_error, read_jsonl
 
 fedmed.load_algorithms()
 from algorithms import fcu  # noqa: E402
@@ -425,9 +425,7 @@ def cli(tmp_path, *flags):
 ])
 def test_bad_input_is_one_line_exit_2(tmp_path, capsys, flags, needle):
     rc, out = cli(tmp_path, *flags)
-    err = capsys.readouterr().err.strip()
-    assert rc == 2 and needle in err and len(err.splitlines()) == 1, err
-    assert not os.path.exists(out)
+    one_line_error(capsys, rc, needle, out=out)
 
 
 def test_cli_runs_the_whole_audit_and_resumes(tmp_path, capsys):

@@ -13,7 +13,7 @@ import datasets
 import fedmed
 import run
 from fedmed import Config, ServerState, transmit
-from helpers import drop_seconds, read_jsonl
+from helpers import drop_seconds, one_line_error, read_jsonl
 
 fedmed.load_algorithms()
 from algorithms.fedal import (FedAL, LabelLeak, acquisition_scores, entropy,  # noqa: E402
@@ -393,6 +393,4 @@ def test_semi_supervised_base_sees_no_label_on_u(fed):
 ])
 def test_bad_input_is_one_line_exit_2(tmp_path, capsys, flags, needle):
     rc, out = cli(tmp_path, *flags)
-    err = capsys.readouterr().err.strip()
-    assert rc == 2 and needle in err and len(err.splitlines()) == 1, err
-    assert not os.path.exists(out)
+    one_line_error(capsys, rc, needle, out=out)

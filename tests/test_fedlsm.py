@@ -17,6 +17,7 @@ import fedmed  # noqa: E402
 import run  # noqa: E402
 from algorithms import fedlsm  # noqa: E402
 from fedmed import Config, ServerState, transmit  # noqa: E402
+from helpers import one_line_error  # noqa: E402
 
 fedmed.load_algorithms()
 
@@ -436,8 +437,7 @@ def test_fedlsm_command_line_runs_and_resumes_bit_for_bit(tmp_path):
 def test_bad_input_is_one_line_exit_2(tmp_path, capsys, flags, needle):
     npz = write_npz(tmp_path / "toy.npz", n_train=60, n_test=12)
     rc, out = cli(tmp_path, npz, *flags)
-    err = capsys.readouterr().err.strip()
-    assert rc == 2 and needle in err and len(err.splitlines()) == 1, err
+    one_line_error(capsys, rc, needle)
 
 
 def test_client_with_empty_label_set_is_refused(tmp_path, fed):
