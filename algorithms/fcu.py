@@ -640,27 +640,16 @@ class FCU(Algorithm):
              "data": data_args or {}, "phases": ["original"] + methods}))
         runs = {}
         for phase in ["original"] + [m for m in METHODS if m in methods]:
-            sub = os.path.join(out, phase)
-            a = dataclasses.replace(args, phase=phase, from_run=(
-                os.path.join(out, "original") if phase not in ("original", "retrain") else ""))
+            a = args
             if phase == "fcu_code":                     # the public release's FGMP
                 a = dataclasses.replace(a, fgmp_convention="code", fgmp_window="code")
-            c = dataclasses.replace(cfg, rounds=cls.phase_rounds(cfg, args, phase))
-            again = resume and os.path.isfile(os.path.join(sub, "checkpoint.pt"))
-            if not quiet:
-                log(f"phase {phase}: {c.rounds} rounds{' (resumed)' if again else ''}")
-            runs[phase] = fedmed.run(c, a, fed, sub, resume=again, data_args=data_args,
-                                     quiet=quiet, log=log)
-        auditor = cls(cfg, dataclasses.replace(args, phase="audit"), fed)
-        auditor.setup(fedmed.ServerState(), fedmed.make_clients(fed))
+            runs[phase] = cls.run_phase(cfg, a, fed, os.path.join(out, phase), phase,
+                                        os.path.join(out, "original"), resume=resume,
+                                        data_args=data_args, quiet=quiet, log=log)
+        auditor = cls.auditor(cfg, args, fed)
         audit = {}
         for phase, s in runs.items():
-            ck = torch.load(os.path.join(out, phase, "checkpoint.pt"), map_location="cpu",
-                            weights_only=False)
-            audit[phase] = auditor.audit_model(ck["server"]["weights"])
-            if "theta_u" in ck["server"]["state"]:       # right after unlearning, before post
-                audit[phase]["before_post_training"] = auditor.audit_model(
-                    ck["server"]["state"]["theta_u"])
+            audit[phase] = auditor.audit_run(os.path.join(out, phase))
             audit[phase].update(s["cost"], bytes_up=s["bytes_up"], bytes_down=s["bytes_down"],
                                 rounds=s["rounds"])
         summary = dict(runs["fcu"] if "fcu" in runs else runs[list(runs)[-1]])
@@ -677,6 +666,38 @@ class FCU(Algorithm):
                                                                 / max(x["train_seconds"], 1e-9))
         fedmed.atomic_write(os.path.join(out, "summary.json"), fedmed.dumps(summary))
         return summary
+
+    @classmethod
+    def run_phase(cls, cfg, args, fed, out: str, phase: str, original: str, *,
+                  resume: bool = False, data_args: dict | None = None, quiet: bool = False,
+                  log=print) -> dict:
+        """One phase of the protocol as one run of the loop in `out`; the unlearning
+        phases start from the finished original run in folder `original`. With `resume`,
+        a phase that has a checkpoint is continued (a finished one is only re-read)."""
+        a = dataclasses.replace(args, phase=phase, from_run=(
+            original if phase not in ("original", "retrain") else ""))
+        c = dataclasses.replace(cfg, rounds=cls.phase_rounds(cfg, args, phase))
+        again = resume and os.path.isfile(os.path.join(out, "checkpoint.pt"))
+        if not quiet:
+            log(f"phase {phase}: {c.rounds} rounds{' (resumed)' if again else ''}")
+        return fedmed.run(c, a, fed, out, resume=again, data_args=data_args, quiet=quiet,
+                          log=log)
+
+    @classmethod
+    def auditor(cls, cfg, args, fed) -> "FCU":
+        """An instance that only audits (its clients set, no training)."""
+        auditor = cls(cfg, dataclasses.replace(args, phase="audit"), fed)
+        auditor.setup(fedmed.ServerState(), fedmed.make_clients(fed))
+        return auditor
+
+    def audit_run(self, folder: str) -> dict:
+        """The audit of a phase's final model, and of its theta_u when it uploaded one."""
+        ck = torch.load(os.path.join(folder, "checkpoint.pt"), map_location="cpu",
+                        weights_only=False)
+        out = self.audit_model(ck["server"]["weights"])
+        if "theta_u" in ck["server"]["state"]:           # right after unlearning, before post
+            out["before_post_training"] = self.audit_model(ck["server"]["state"]["theta_u"])
+        return out
 
     @staticmethod
     def audit_row(name: str, a: dict) -> str:

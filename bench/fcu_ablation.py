@@ -19,7 +19,6 @@ import os
 import sys
 
 import numpy as np
-import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -54,21 +53,13 @@ def main() -> None:
         for conv in a.convention:
             for lr in a.unlearn_lr:
                 name = f"fcu-{conv}-lr{lr:g}"
-                out = os.path.join(top, "ablation", name)
-                ph = dataclasses.replace(args, phase="fcu", unlearn_lr=lr,
-                                         from_run=os.path.join(top, "original"),
-                                         fgmp_convention=conv,
+                ph = dataclasses.replace(args, unlearn_lr=lr, fgmp_convention=conv,
                                          fgmp_window="symmetric" if conv == "paper" else "code")
-                c = dataclasses.replace(cfg, rounds=FCU.phase_rounds(cfg, ph, "fcu"))
-                again = os.path.isfile(os.path.join(out, "checkpoint.pt"))
-                fedmed.run(c, ph, fed, out, resume=again, quiet=True)
-                auditor = FCU(cfg, dataclasses.replace(ph, phase="audit"), fed)
-                auditor.setup(fedmed.ServerState(), fedmed.make_clients(fed))
-                ck = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)
-                rows.setdefault(name + " theta_u", []).append(
-                    auditor.audit_model(ck["server"]["state"]["theta_u"]))
-                rows.setdefault(name + " post", []).append(
-                    auditor.audit_model(ck["server"]["weights"]))
+                FCU.run_phase(cfg, ph, fed, os.path.join(top, "ablation", name), "fcu",
+                              os.path.join(top, "original"), resume=True, quiet=True)
+                audited = FCU.auditor(cfg, ph, fed).audit_run(os.path.join(top, "ablation", name))
+                rows.setdefault(name + " theta_u", []).append(audited["before_post_training"])
+                rows.setdefault(name + " post", []).append(audited)
                 print(f"seed {seed} {name}: theta_u " + ", ".join(
                     f"{k} {rows[name + ' theta_u'][-1].get(k, float('nan')):.3f}" for k in KEYS),
                     flush=True)
