@@ -207,6 +207,7 @@ CASES = {"fedavg": ("fedavg", "average", 1.0, {}),
          "focal": ("fedavg", "average", 1.0, {"loss": "focal", "focal_gamma": 1.5}),
          "keep-optimizer": ("fedavg", "local", 1.0, {"keep_optimizer": True}),
          "holdout-fedbn": ("fedavg", "local", 1.0, {"holdout": True}),
+         "holdout": ("fedavg", "average", 1.0, {"holdout": True}),
          "multilabel": ("fedavg", "average", 1.0, {"multilabel": True})}
 
 
