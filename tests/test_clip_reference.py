@@ -193,6 +193,21 @@ def close(got, want, tol, what):
     assert err <= tol, f"{what}: max |diff| {err:.3g} > {tol:.3g}"
 
 
+def check_one_and_no_image(a, snaps):
+    """predict on one image gives the first row of the round's predictions (for every
+    view), on no image an empty (0, C) array per view."""
+    server = fedmed.ServerState(weights=snaps[-1]["server"])
+    for c in a.clients + a.holdout:
+        one, none = a.predict(server, c, c.test[:1]), a.predict(server, c, c.test[:0])
+        full = snaps[-1]["probs"][c.name]
+        views = full.keys() if isinstance(full, dict) else [None]
+        for v in views:
+            pick = (lambda d: d if v is None else d[v])  # noqa: E731
+            assert pick(one).shape == (1, a.fed.num_classes), (c.name, v)
+            assert np.allclose(pick(one), pick(full)[:1], atol=1e-5), (c.name, v)
+            assert pick(none).shape == (0, a.fed.num_classes), (c.name, v)
+
+
 def zero_shot(I, T):
     """Sheet §4 zero-shot: softmax_c(s cos(I, T_c))."""
     return F.softmax(S * F.normalize(I, dim=1) @ T.t(), dim=1)
@@ -236,8 +251,7 @@ def test_clip_zeroshot_reference(tiny, fed, tmp_path, cache):
     for c in a.clients + a.holdout:
         p = snaps[0]["probs"][c.name]
         close(torch.as_tensor(p), zero_shot(Fe[torch.as_tensor(c.test)], T), 1e-5, c.name)
-    empty = a.predict(None, a.clients[0], np.zeros(0, np.int64))
-    assert empty.shape == (0, fed.num_classes)
+    check_one_and_no_image(a, snaps)
 
 
 # ---------------------------------------------------------------- linear probe
@@ -282,6 +296,7 @@ def test_clip_linear_reference(tiny, fed, tmp_path, cache, probe):
                              + P["bias"], dim=1)
             close(torch.as_tensor(snaps[r]["probs"][c.name]), want, 2e-5, f"round {r} {c.name}")
     assert a.primary_view == ("global" if probe == "fedavg" else "local")
+    check_one_and_no_image(a, snaps)
 
 
 # ---------------------------------------------------------------- FedCLIP
@@ -328,6 +343,7 @@ def test_fedclip_reference(tiny, fed, tmp_path, cache):
             close(torch.as_tensor(got["global"]), head(server), 1e-5, f"round {r} {c.name} global")
             personal = head(ups[c.id]) if c.id >= 0 else head(server)
             close(torch.as_tensor(got["personal"]), personal, 1e-5, f"round {r} {c.name} personal")
+    check_one_and_no_image(a, snaps)
 
 
 # ---------------------------------------------------------------- FACMIC
@@ -409,62 +425,104 @@ def test_facmic_reference(tiny, fed, tmp_path, cache):
             close(torch.as_tensor(got["global"]), head(server), 2e-5, f"round {r} {c.name} global")
             personal = head(ups[c.id]) if c.id >= 0 else head(server)
             close(torch.as_tensor(got["personal"]), personal, 2e-5, f"round {r} {c.name} personal")
+    check_one_and_no_image(a, snaps)
 
 
 # ---------------------------------------------------------------- FedMedCLIP
 
-def masked_linear(x, P, pre):
-    """Sheet §5 / fedmedclip.py (2), paper mode: u_r = mean_j |W_rj|, m_r = 1[u_r - kappa_r
-    > 0.01] with the straight-through gradient 1[|u_r - kappa_r| <= 1], y = (x W^T + b) m."""
+def masked_linear(x, P, pre, code=False):
+    """Sheet §5 / fedmedclip.py (2): u_r = mean_j |W_rj|, m_r = 1[u_r - kappa_r > 0.01].
+    Paper mode: straight-through gradient 1[|u_r - kappa_r| <= 1], y = (x W^T + b) m.
+    Code mode (sheet §10.1): the public step's gradient 1[|u_r - kappa_r| > 1], bias
+    unmasked, y = (x W^T) m + b."""
     W, b, kappa = P[pre + "weight"], P[pre + "bias"], P[pre + "threshold"]
     z = W.abs().mean(1) - kappa
-    win = (z.abs() <= 1).float().detach()
+    win = ((z.abs() > 1) if code else (z.abs() <= 1)).float().detach()
     m = (z > 0.01).float() + (win * z - (win * z).detach())   # value: the step; slope: win
-    return (x @ W.t() + b) * m
+    return (x @ W.t()) * m + b if code else (x @ W.t() + b) * m
 
 
-def fam(P, I):
-    """Sheet §5 FAM: MaskedLinear -> per-sample standardisation (no affine, eps 1e-5) ->
-    ReLU -> MaskedLinear -> softmax over the d features."""
-    h = masked_linear(I, P, "fam.fc1.")
-    h = (h - h.mean(1, keepdim=True)) / torch.sqrt(h.var(1, unbiased=False, keepdim=True) + 1e-5)
-    return F.softmax(masked_linear(F.relu(h), P, "fam.fc2."), dim=1)
+def fam(P, I, o, train):
+    """Sheet §5 FAM: MaskedLinear -> norm -> ReLU -> MaskedLinear -> softmax over the d
+    features; norm = per-sample standardisation (no affine, eps 1e-5), BatchNorm1d
+    (--fam-norm batch) or nothing (none)."""
+    h = masked_linear(I, P, "fam.fc1.", o["code"])
+    if o["fam_norm"] == "instance":
+        h = (h - h.mean(1, keepdim=True)) / torch.sqrt(h.var(1, unbiased=False, keepdim=True) + 1e-5)
+    elif o["fam_norm"] == "batch":
+        h = bn(h, P, "fam.norm.", train)
+    return F.softmax(masked_linear(F.relu(h), P, "fam.fc2.", o["code"]), dim=1)
 
 
-def mlp(P, x, train):
+def mlp(P, x, o, train):
     """Sheet §5 private MLP: 3 x [MaskedLinear -> BatchNorm1d -> ReLU] -> MaskedLinear."""
     for i in (0, 3, 6):
-        x = F.relu(bn(masked_linear(x, P, f"mlp.net.{i}."), P, f"mlp.net.{i + 1}.", train))
-    return masked_linear(x, P, "mlp.net.9.")
+        x = F.relu(bn(masked_linear(x, P, f"mlp.net.{i}.", o["code"]), P, f"mlp.net.{i + 1}.", train))
+    return masked_linear(x, P, "mlp.net.9.", o["code"])
 
 
-def H(p):
-    return -torch.xlogy(p, p).sum(1)
+def H(p, o):
+    """Entropy -sum p log p; --entropy code: -sum p log_softmax(p) (sheet §10.4)."""
+    return -(p * F.log_softmax(p, dim=1)).sum(1) if o["entropy"] == "code" else -torch.xlogy(p, p).sum(1)
 
 
-def test_fedmedclip_reference(tiny, fed, tmp_path, cache):
+def bn_state(pre, d=32):
+    return {pre + "weight": torch.ones(d), pre + "bias": torch.zeros(d),
+            pre + "running_mean": torch.zeros(d), pre + "running_var": torch.ones(d),
+            pre + "num_batches_tracked": torch.tensor(0)}
+
+
+PAPER = dict(code=False, fam_norm="instance", entropy="true", half=False, personal="client",
+             uniform=False, lam=0.04, tau=2.0, sim_scale=1.0, decay=0.97, lr_mlp=1e-3)
+VARIANTS = {
+    "paper": ({}, {}, {}),
+    "code": ({"mask_compat": "code", "sim_weight": "half", "entropy": "code",
+              "personal_fam": "server", "fam_norm": "batch", "lambda_sim": 1.0, "sim_tau": 0.5,
+              "sim_logit_scale": 3.0, "lr_decay": 0.5, "lr_mlp": 2e-3, "zlib_strategy": "default",
+              "zlib_level": 1},
+             {"weighting": "uniform"},
+             dict(code=True, fam_norm="batch", entropy="code", half=True, personal="server",
+                  uniform=True, lam=1.0, tau=0.5, sim_scale=3.0, decay=0.5, lr_mlp=2e-3)),
+    "strong-sim": ({"fam_norm": "none", "lambda_sim": 2.0, "sim_tau": 0.7, "sim_logit_scale": 10.0},
+                   {}, dict(fam_norm="none", lam=2.0, tau=0.7, sim_scale=10.0)),
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_fedmedclip_reference(tiny, fed, tmp_path, cache, variant):
     """fedmedclip.py / sheet §3-§6, two rounds: the client starts from the fp16 rounding
     of the server FAM (fp16 + zlib broadcast) and its own MLP phi_k (drawn from the
     ("mlp-init", k) stream, kept between rounds); per batch L = L_contr (3) + L_MLP (4)
-    + 0.04 L_sim (5) with adaptive varpi (6) (true entropy, no gradient), tau = 2, raw
-    cosines; AdamW (betas 0.9/0.98, eps 1e-6, decoupled wd 0.02) rebuilt every round with
-    two groups, FAM at 5e-5 * 0.97^r and MLP at 1e-3 * 0.97^r; upload = fp16 of the
-    FAM with its thresholds; server (8): sum_k n_k/n of the fp16 uploads. Predictions
-    (9): "personal" = entropy-weighted ensemble of the client's FAM head and its MLP,
-    "global" = the server FAM's zero-shot head (the held-out client: both).
+    + lambda L_sim (5) with adaptive varpi (6) (no gradient; --sim-weight half: 1/2),
+    raw cosines (times --sim-logit-scale) over tau; AdamW (betas 0.9/0.98, eps 1e-6,
+    decoupled wd 0.02) rebuilt every round with two groups, FAM at eta_F gamma^r and MLP
+    at eta_M gamma^r; upload = fp16 of the FAM (with its thresholds in paper mode,
+    without in code mode, where every client restarts from kappa = 0); server (8):
+    n_k/n (or 1/K) average of the fp16 uploads. Predictions (9): "personal" = the
+    entropy-weighted ensemble of the FAM head (the client's own FAM, or the server's
+    with --personal-fam server) and the client's MLP; "global" = the server FAM's
+    zero-shot head (the held-out client: both). Variants: the paper's defaults; every
+    public-code flag at once with BatchNorm in the FAM and strong L_sim / LR decay; no
+    FAM norm with a dominant L_sim.
 
-    Not identifiable in floating point: the MLP's hidden biases and thresholds sit before
-    a BatchNorm that (in training) removes a per-feature shift and scale, so their exact
-    gradient is 0 and Adam turns float noise (~1e-6 after the 1/sigma of the backward,
-    above eps) into steps of +-lr; the BN running means inherit it. These tensors
-    (CHAOTIC) are held to the bound of such steps (3 lr per step), and the prediction
-    check takes their values from the run (every other tensor from the reference)."""
-    a, snaps = run_captured("fedmedclip", fed, tmp_path, cache)
+    Not identifiable in floating point: a bias or threshold right before a BatchNorm
+    (the MLP's hidden layers; fc1 with --fam-norm batch), which in training removes a
+    per-feature shift and scale, has exact gradient 0, and Adam turns float noise (~1e-6
+    after the 1/sigma of the backward, above eps) into steps of +-lr; that BN's running
+    mean inherits it. These tensors (CHAOTIC) are held to the bound of such steps (3 lr
+    per step), and the aggregation and prediction checks take their values from the run
+    (every other tensor from the reference)."""
+    args, cfg_extra, over = VARIANTS[variant]
+    o = {**PAPER, **over}
+    a, snaps = run_captured("fedmedclip", fed, tmp_path, cache, cfg_extra=cfg_extra, **args)
     Fe, T, y, C = a.features, a.text, fed.y, fed.num_classes
     (W1, b1), (W2, b2) = linear_init([(32, 32), (32, 32)], "init")
     server = {"fam.fc1.weight": W1, "fam.fc1.bias": b1, "fam.fc1.threshold": torch.zeros(32),
               "fam.fc2.weight": W2, "fam.fc2.bias": b2, "fam.fc2.threshold": torch.zeros(32)}
-    fam_keys = list(server)
+    if o["fam_norm"] == "batch":
+        server.update(bn_state("fam.norm."))
+    fam_params = [k for k in server if not k.split(".")[-1].startswith(("running", "num"))]
+    sent = [k for k in server if not (o["code"] and k.endswith("threshold"))]
     private = {}
     for c in a.clients:
         lins = linear_init([(32, 32)] * 3 + [(32, C)], "mlp-init", c.id)
@@ -473,65 +531,104 @@ def test_fedmedclip_reference(tiny, fed, tmp_path, cache):
             private[c.id].update({f"mlp.net.{i}.weight": W, f"mlp.net.{i}.bias": b,
                                   f"mlp.net.{i}.threshold": torch.zeros(W.shape[0])})
         for i in (1, 4, 7):
-            private[c.id].update({f"mlp.net.{i}.weight": torch.ones(32),
-                                  f"mlp.net.{i}.bias": torch.zeros(32),
-                                  f"mlp.net.{i}.running_mean": torch.zeros(32),
-                                  f"mlp.net.{i}.running_var": torch.ones(32),
-                                  f"mlp.net.{i}.num_batches_tracked": torch.tensor(0)})
+            private[c.id].update(bn_state(f"mlp.net.{i}."))
     mlp_params = [k for k in private[0] if not k.split(".")[-1].startswith(("running", "num"))]
     chaotic = {f"mlp.net.{i}.{n}" for i in (0, 3, 6) for n in ("bias", "threshold")} | \
         {f"mlp.net.{i}.running_mean" for i in (1, 4, 7)}
+    if o["fam_norm"] == "batch":
+        chaotic |= {"fam.fc1.bias", "fam.fc1.threshold", "fam.norm.running_mean"}
 
     def loss(P, idx):
         I, yb = Fe[idx], y[idx]
-        It = adapted(fam(P, I), I)                                      # (1)
+        It = adapted(fam(P, I, o, True), I)                             # (1)
         L_contr = contrastive(It, T[yb])                                # (3)
-        O = mlp(P, It, True)
+        O = mlp(P, It, o, True)
         L_mlp = F.cross_entropy(O, yb)                                  # (4)
         Sm = It @ T.t()
         with torch.no_grad():                                           # (6)
             pf, pm = F.softmax(S * Sm, dim=1), F.softmax(O, dim=1)
-            varpi = (H(pf) / (H(pf) + H(pm))).mean()
-        logp, logq = F.log_softmax(Sm / 2.0, dim=0), F.log_softmax(O / 2.0, dim=0)
+            varpi = 0.5 if o["half"] else (H(pf, o) / (H(pf, o) + H(pm, o))).mean()
+        logp = F.log_softmax(o["sim_scale"] * Sm / o["tau"], dim=0)
+        logq = F.log_softmax(O / o["tau"], dim=0)
         q, p = logq.exp(), logp.exp()
         L_sim = (varpi * q * (logq - logp) + (1 - varpi) * p * (logp - logq)).sum(0).mean()  # (5)
-        return L_contr + L_mlp + 0.04 * L_sim                           # (7)
+        return L_contr + L_mlp + o["lam"] * L_sim                       # (7)
+
+    def tol(k, lr, steps):
+        return 3 * lr * steps if k in chaotic else 0.05 * lr        # float noise: < 5% of a step
 
     fams = {}
     for r in range(ROUNDS):
         ups = []
-        lrs = {**{k: 5e-5 * 0.97 ** r for k in fam_keys}, **{k: 1e-3 * 0.97 ** r for k in mlp_params}}
+        lr_f, lr_m = 5e-5 * o["decay"] ** r, o["lr_mlp"] * o["decay"] ** r
+        lrs = {**{k: lr_f for k in fam_params}, **{k: lr_m for k in mlp_params}}
         for c in a.clients:
-            P = {**{k: v.half().float() for k, v in server.items()}, **private[c.id]}
+            received = {k: (v.half().float() if v.is_floating_point() else v)
+                        for k, v in server.items() if k in sent}
+            P = {**server, **{k: torch.zeros(32) for k in server if k not in sent},
+                 **received, **private[c.id]}
             steps = len(list(batches(c.train, r, c.id)))
-            P = train_steps(P, fam_keys + mlp_params, lrs, Adam(0.02, True), loss,
+            P = train_steps(P, fam_params + mlp_params, lrs, Adam(0.02, True), loss,
                             batches(c.train, r, c.id))
-            fams[c.id] = {k: P[k] for k in fam_keys}
-            private[c.id] = {k: P[k] for k in private[c.id]}
-            ups.append({k: P[k].half().float() for k in fam_keys})
             st = snaps[r]["clients"][c.id]
-            for k in fam_keys:
-                close(st["fam"][k], P[k], 2e-6, f"round {r} {c.name} {k}")
-            for k, v in private[c.id].items():
-                tol = 3 * 1e-3 * steps * (r + 1) if k in chaotic else 2e-5   # 2% of eta_M
-                close(st["private"][k], v, tol, f"round {r} {c.name} {k}")
-        server = wavg(ups, [c.n for c in a.clients], fam_keys)          # (8)
-        for k in fam_keys:
-            close(snaps[r]["server"][k], server[k], 1e-6, f"round {r} server {k}")
+            for k in private[c.id]:
+                close(st["private"][k], P[k], tol(k, lr_m, steps * (r + 1)), f"round {r} {c.name} {k}")
+            if o["personal"] == "client":
+                for k in server:
+                    close(st["fam"][k], P[k], tol(k, lr_f, steps * (r + 1)), f"round {r} {c.name} {k}")
+                fams[c.id] = {k: P[k] for k in server}
+            else:
+                assert "fam" not in st
+            private[c.id] = {k: st["private"][k] if k in chaotic else P[k] for k in private[c.id]}
+            ups.append({k: (st["fam"][k] if k in chaotic and "fam" in st else P[k]) for k in sent})
+        w = [1] * len(ups) if o["uniform"] else [c.n for c in a.clients]
+        fp16 = [{k: (v.half().float() if v.is_floating_point() else v) for k, v in u.items()}
+                for u in ups]
+        server = {**server, **wavg(fp16, w, sent)}                      # (8)
+        for k in server:
+            t = 3 * lr_f * steps * (r + 1) if k in chaotic else 1e-6
+            close(snaps[r]["server"][k], server[k], t, f"round {r} server {k}")
+        server = {k: snaps[r]["server"][k] if k in chaotic else v for k, v in server.items()}
         with torch.no_grad():
             for c in a.clients + a.holdout:
                 I = Fe[torch.as_tensor(c.test)]
-                head = lambda P: F.softmax(S * adapted(fam(P, I), I) @ T.t(), dim=1)  # noqa: E731
+                head = lambda P: F.softmax(S * adapted(fam(P, I, o, False), I) @ T.t(), dim=1)  # noqa: E731
                 got = snaps[r]["probs"][c.name]
                 p_glob = head(server)
                 close(torch.as_tensor(got["global"]), p_glob, 2e-5, f"round {r} {c.name} global")
                 if c.id < 0:
                     close(torch.as_tensor(got["personal"]), p_glob, 2e-5, f"round {r} {c.name}")
                     continue
-                run_private = snaps[r]["clients"][c.id]["private"]
-                P = {**fams[c.id], **private[c.id], **{k: run_private[k] for k in chaotic}}
+                P = {**(fams[c.id] if o["personal"] == "client" else server), **private[c.id]}
                 pf = head(P)
-                pm = F.softmax(mlp(P, adapted(fam(P, I), I), False), dim=1)
-                w = (H(pf) / (H(pf) + H(pm)))[:, None]                  # (9)
-                close(torch.as_tensor(got["personal"]), w * pm + (1 - w) * pf, 2e-5,
+                pm = F.softmax(mlp(P, adapted(fam(P, I, o, False), I), o, False), dim=1)
+                wi = (H(pf, o) / (H(pf, o) + H(pm, o)))[:, None]           # (9)
+                close(torch.as_tensor(got["personal"]), wi * pm + (1 - wi) * pf, 2e-5,
                       f"round {r} {c.name} personal")
+    check_one_and_no_image(a, snaps)
+
+
+def test_facmic_fedbn_views_use_the_clients_average_batchnorm(tiny, fed, tmp_path, cache):
+    """FACMIC with --bn local (FedBN: the FAM's BatchNorm stays on each client): the
+    "global" view of every client and the held-out client's views use the server FAM
+    with the n_k-average of the clients' BatchNorm tensors (fedmed's evaluation-only
+    rule); "personal" uses the client's own trained FAM."""
+    a, snaps = run_captured("facmic", fed, tmp_path, cache, rounds=1, cfg_extra={"bn": "local"})
+    Fe, T = a.features, a.text
+    bn_keys = [k for k in snaps[0]["server"] if k.startswith("net.1.")]
+    assert bn_keys and all(k in snaps[0]["clients"][0]["private"] for k in bn_keys)
+    avg = wavg([st["private"] for st in snaps[0]["clients"]], [c.n for c in a.clients], bn_keys)
+    P = {**snaps[0]["server"], **avg}
+    assert not torch.equal(avg["net.1.running_mean"], snaps[0]["server"]["net.1.running_mean"])
+    for c in a.clients + a.holdout:
+        I = Fe[torch.as_tensor(c.test)]
+        want = F.softmax(S * adapted(facmic_attention(P, I, False), I) @ T.t(), dim=1)
+        got = snaps[0]["probs"][c.name]
+        close(torch.as_tensor(got["global"]), want, 2e-5, c.name)
+        if c.id < 0:
+            close(torch.as_tensor(got["personal"]), want, 2e-5, c.name)
+        else:
+            own = snaps[0]["clients"][c.id]["adapter"]
+            close(torch.as_tensor(got["personal"]),
+                  F.softmax(S * adapted(facmic_attention(own, I, False), I) @ T.t(), dim=1), 2e-5,
+                  c.name)
