@@ -340,3 +340,77 @@ def test_fedmedclip_aggregates_a_single_upload(tiny, fed, tmp_path):
     a.aggregate(server, {2: {"fam": ca.pack_fp16_zlib(up), "n": 5}})
     for k, v in up.items():
         assert torch.equal(server.weights[k], v.half().float()), k
+
+
+def test_mask_step_boundaries_and_collapse_reset():
+    """(2) exactly at the edges: m = 1[x > offset] is 0 at x = offset; the paper window
+    |x| <= 1 passes the gradient at |x| = 1 and not at 1.5, the code window |x| > 1 the
+    reverse; kappa resets to 0 in training when at most 1% of the rows are kept (exactly
+    1 of 100: reset; 2 of 100: kept), never in evaluation."""
+    for mode, passes in (("paper", {1.0: True, 1.5: False}), ("code", {1.0: False, 1.5: True})):
+        for xval, ok in passes.items():
+            m = ca.MaskedLinear(4, 2, mode, offset=0.25)
+            with torch.no_grad():
+                m.weight.fill_(0.5)                                   # u_r = 0.5 exactly
+                m.threshold.copy_(torch.tensor([0.25, 0.5 - xval]))    # x = 0.25 (= offset), xval
+            mask = m.mask()
+            assert mask.tolist() == [0.0, 1.0]
+            mask.sum().backward()
+            assert (m.threshold.grad[1].item() != 0) == ok, (mode, xval)
+    for kept, reset in ((1, True), (2, False)):
+        m = ca.MaskedLinear(4, 100, "paper")
+        with torch.no_grad():
+            m.threshold.fill_(10.0)
+            m.threshold[:kept] = 0.0
+        m.eval()(torch.randn(2, 4))
+        assert m.threshold[kept:].eq(10.0).all()                      # evaluation: untouched
+        m.train()(torch.randn(2, 4))
+        assert m.threshold.eq(0.0).all().item() == reset, kept
+
+
+def test_lmmd_without_a_common_class_is_zero():
+    """C' empty (no source label is any target argmax): LMMD = 0 (a constant: it adds no
+    gradient to FACMIC's loss)."""
+    src = torch.randn(4, 3, requires_grad=True) + 1.0
+    p = torch.tensor([[0.1, 0.1, 0.8]] * 5)
+    out = ca.lmmd(src, torch.randn(5, 3), torch.tensor([0, 1, 0, 1]), p, 3)
+    assert out.item() == 0.0
+
+
+def test_hooks_run_on_one_thread_and_restore_the_setting():
+    """The adapter hooks run on one intra-op thread; the caller's setting comes back."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        seen = ca.on_one_thread(torch.get_num_threads)()
+        assert seen == 1 and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(old)
+    p32 = torch.nn.Parameter(torch.zeros(2))
+    p64 = torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))
+    assert ca.fused_adam_ok([{"params": [p32]}])
+    assert not ca.fused_adam_ok([{"params": [p32, p64]}])
+
+
+def test_a_warm_feature_cache_reports_no_extraction_time(tmp_path):
+    """stats of a call that computes nothing: computed 0 and extract_seconds exactly 0."""
+    import json as _json
+    import open_clip
+    cfg = tmp_path / "fedmed-tiny-warm.json"
+    cfg.write_text(_json.dumps(TINY))
+    open_clip.add_model_config(str(cfg))
+    args = ca.ClipArgs(clip_model="fedmed-tiny-warm", pretrained="none")
+    x = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
+    ca.ClipBackbone(args, 0, torch.device("cpu"), str(tmp_path)).image_features(x, progress=False)
+    warm = ca.ClipBackbone(args, 0, torch.device("cpu"), str(tmp_path))
+    warm.image_features(x, progress=False)
+    assert warm.stats["computed"] == 0 and warm.stats["extract_seconds"] == 0.0
+
+
+def test_masked_layers_default_to_the_sheets_step_offset():
+    """Sheet §5 / §7: the mask's step offset is 0.01 wherever a masked layer is built
+    with its defaults."""
+    assert ca.MaskedLinear(4, 3).offset == 0.01
+    fam, mlp = ca.MaskedFAM(4), ca.MaskedMLP(4, 3)
+    assert {m.offset for m in fam.modules() if isinstance(m, ca.MaskedLinear)} == {0.01}
+    assert {m.offset for m in mlp.modules() if isinstance(m, ca.MaskedLinear)} == {0.01}
