@@ -62,7 +62,8 @@ OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-CACHE_FORMAT = 2                    # 2: a lone image is encoded as a pair (encode_images)
+CACHE_FORMAT = 3                    # 3: images encoded in fixed blocks of ENCODE_BLOCK (encode_images)
+ENCODE_BLOCK = 16                   # images in every forward pass of the image tower (padded)
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
 
 
@@ -542,14 +543,27 @@ class ClipBackbone:
 
     @torch.no_grad()
     def encode_images(self, x: torch.Tensor) -> torch.Tensor:
-        """Raw (unnormalised) CLIP image embeddings I of uint8 images, in fp32. A lone image
-        is encoded beside a copy of itself: the CPU matrix products take another path for
-        the tokens of one image (ViT-B-32: up to 5e-6 apart), while from two images on an
-        image's embedding has the same bits whatever else is in its batch (tested), so
-        the cached features are the bits of encoding any training batch on the fly."""
-        if len(x) == 1:
-            return self.encode_images(x.expand(2, *x.shape[1:]))[:1]
-        return self.model.encode_image(self.preprocess(x)).float()
+        """Raw (unnormalised) CLIP image embeddings I of uint8 images, in fp32. Every
+        forward pass of the image tower encodes exactly ENCODE_BLOCK images (the last
+        block padded with copies of its last image), so every matrix product has the same
+        shape whatever the caller's batch: the CPU kernels pick their path by shape (a
+        lone image, or a batch of 7, took another path than a batch of 8 or more and gave
+        bits up to 6e-7 apart on AVX-512), and with one shape the cached features are the
+        bits of encoding any training batch on the fly. What remains is an assumption no
+        BLAS promises: that a row of a product of fixed shape gets the same bits at any
+        position (it does on the CPUs measured, 1 and 2 threads); the cache test states a
+        float-rounding tolerance for on-the-fly encoding instead of relying on it."""
+        P, n = ENCODE_BLOCK, len(x)
+        out = []
+        for s in range(0, n, P):
+            blk = x[s:s + P]
+            k = len(blk)
+            if k < P:
+                blk = torch.cat([blk, blk[-1:].expand(P - k, *blk.shape[1:])])
+            out.append(self.model.encode_image(self.preprocess(blk)).float()[:k])
+        if not out:
+            return torch.zeros(0, self.spec.embed_dim, device=self.device)
+        return torch.cat(out)
 
     def image_features(self, x: torch.Tensor, progress: bool = True) -> torch.Tensor:
         """I for every image of x (uint8 [N, 3, H, W]), from the cache where it has them;

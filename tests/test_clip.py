@@ -410,23 +410,35 @@ def test_zero_shot_is_the_argmax_of_cosine_computed_directly(fed, tiny, cache):
 
 def test_training_from_cached_features_is_bit_identical_to_encoding_on_the_fly(fed, tiny,
                                                                              tmp_path):
-    """Sheet §11.8, exactly: FedMedCLIP trained for two rounds (a) on features read back
-    from a warm on-disk cache, (b) on features computed in memory (--feature-cache none),
-    (c) with every training batch's images encoded by CLIP at the step that uses them,
-    ends with the same bits in every FAM and MLP tensor. Why it holds: the cache stores
-    the float32 that encode_images returns (the disk round trip is exact); (a), (b) and
-    (c) run the same preprocess and encode function; and an image's embedding has the
-    same bits whatever else is in its batch (extraction batches of 7 here, the last of
-    the 414 images alone; training batches of 16), because a lone image is encoded
-    beside a copy of itself (the CPU matrix products take another path for the tokens of
-    a single image). The last point rests on the BLAS giving each row of a product the
-    same bits for any number of rows >= 2, which holds for the CPU kernels here (at 1
-    and 2 threads) but no BLAS promises."""
+    """Sheet §11.8. FedMedCLIP trained for two rounds (a) on features read back from a
+    warm on-disk cache, (b) on features computed in memory (--feature-cache none), (c)
+    with every training batch's images encoded by CLIP at the step that uses them.
+
+    By construction, (a) and (b) end with the same bits in every FAM and MLP tensor as
+    the cold run that filled the cache: the cache stores the float32 that encode_images
+    returns (the disk round trip is exact) and (a), (b) and the cold run compute every
+    feature by the same function over the same blocks. (c) encodes other groups of
+    images (training batches of 16 against extraction chunks of 7, the last of the 414
+    images alone); encode_images always runs the image tower on blocks of ENCODE_BLOCK
+    images (padded), so every product has one shape and takes one kernel path, which made
+    (c) bit-identical on the CPUs measured (AVX-512, 1 and 2 threads; before the blocks,
+    a lone image and a batch of 7 differed by up to 6e-7 there). Whether a row of a
+    product of one shape gets the same bits at every position is up to the BLAS, so (c)
+    is held to a stated tolerance instead: every feature it encodes lies within 1e-5 of
+    the cached one (relative to their largest entry; an encoding bug moves features by
+    O(1)), and its trained tensors are compared bit for bit when its features are the
+    cached bits (as on the CPUs measured). They are not compared within a tolerance
+    otherwise: Adam turns a 6e-7 feature difference into O(lr) steps on parameters
+    whose gradient is ~0 (a bias before BatchNorm moved 2e-3 apart in two rounds)."""
 
     class OnTheFly(fmc.FedMedCLIP):
+        seen = []
+
         def batch(self, idx, gen=None):
             idx = torch.as_tensor(idx, dtype=torch.long)
-            return self.backbone.encode_images(self.fed.x[idx]), self.fed.y[idx]
+            I = self.backbone.encode_images(self.fed.x[idx])
+            self.seen.append((idx, I))
+            return I, self.fed.y[idx]
 
     store = str(tmp_path / "features")
     runs = {}
@@ -447,10 +459,18 @@ def test_training_from_cached_features_is_bit_identical_to_encoding_on_the_fly(f
     ref = runs["cold"][0].features
     for name in ("warm", "memory"):
         assert torch.equal(runs[name][0].features, ref), name
-    lone = runs["memory"][0].backbone.encode_images(fed.x[:1])       # a batch of one image
-    assert torch.equal(lone, ref[:1])
+    scale = ref.abs().max()
+    assert OnTheFly.seen and all(len(idx) == 16 for idx, _ in OnTheFly.seen)
+    for idx, I in OnTheFly.seen:                                     # (c): the same features
+        assert (I - ref[idx]).abs().max() <= 1e-5 * scale
+    fly_bits = all(torch.equal(I, ref[idx]) for idx, I in OnTheFly.seen)
+    for n in (1, 2, 7, 17):                                          # any batch, any size
+        assert (runs["memory"][0].backbone.encode_images(fed.x[:n]) - ref[:n]).abs().max() \
+            <= 1e-5 * scale, n
     _, server0, clients0 = runs["cold"]
     for name, (a, server, clients) in runs.items():
+        if name == "on the fly" and not fly_bits:
+            continue                                                 # see the docstring
         assert server.weights.keys() == server0.weights.keys()
         for k, v in server.weights.items():                          # the shared FAM
             assert torch.equal(v, server0.weights[k]), (name, k)
