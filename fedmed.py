@@ -21,6 +21,7 @@ import io
 import itertools
 import json
 import os
+import pickle
 import subprocess
 import sys
 import time
@@ -537,6 +538,33 @@ def atomic_torch_save(obj, path: str) -> None:
     atomic_write(path, buf.getvalue(), fsync=False)
 
 
+def _numpy_safe_globals() -> list:
+    """The numpy types a checkpoint may hold (index arrays, scalars), allowed by torch's
+    weights_only unpickler: arrays of numbers, booleans and strings, never objects."""
+    from numpy._core.multiarray import _reconstruct, scalar
+    kinds = (np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32,
+             np.uint64, np.float16, np.float32, np.float64, np.str_)
+    return [np.ndarray, np.dtype, _reconstruct, scalar, bytes] + [type(np.dtype(k)) for k in kinds]
+
+
+def safe_torch_load(source, **kw):
+    """torch.load that never runs code from the file: weights_only=True with only the
+    numpy array/scalar types registered (a pickle that names any other callable fails)."""
+    with torch.serialization.safe_globals(_numpy_safe_globals()):
+        return torch.load(source, map_location="cpu", weights_only=True, **kw)
+
+
+def load_checkpoint(path: str, what: str = "--resume") -> dict:
+    """Read a checkpoint written by `save_checkpoint` without executing anything in it;
+    any failure is a one-line UsageError naming `path`."""
+    try:
+        return safe_torch_load(path)
+    except Exception as e:  # noqa: BLE001 - any unreadable or unsafe file
+        kind = "unsafe content" if isinstance(e, pickle.UnpicklingError) else type(e).__name__
+        raise UsageError(f"{what}: {path} cannot be read ({kind}); start a new run with "
+                         "another --out")
+
+
 def git_commit() -> str | None:
     try:
         here = os.path.dirname(os.path.abspath(__file__))
@@ -793,11 +821,7 @@ def make_summary(last: list, totals: dict, rounds: int) -> dict:
 def _restore(ckpt_path, record, out, server, clients, algo) -> int:
     if not os.path.isfile(ckpt_path):
         raise UsageError(f"--resume: {ckpt_path} does not exist; start the run without --resume")
-    try:
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-    except Exception as e:  # noqa: BLE001
-        raise UsageError(f"--resume: {ckpt_path} cannot be read ({type(e).__name__}); "
-                         "start a new run with another --out")
+    ck = load_checkpoint(ckpt_path)
     if ck.get("record") != comparable_config(record):
         theirs, ours = ck.get("record") or {}, comparable_config(record)
         diff = sorted(f"{sec}.{k}" for sec in ours for k in set(ours[sec]) | set(theirs.get(sec, {}))
