@@ -37,6 +37,34 @@ class UsageError(Exception):
     """Bad input from the user: run.py prints it as one line and exits with status 2."""
 
 
+class Diverged(Exception):
+    """Training produced a non-finite loss, weight or prediction: the run stops before
+    writing that round (the last good checkpoint stays), and run.py prints this as one
+    line and exits with status EXIT_DIVERGED."""
+
+
+EXIT_DIVERGED = 3
+
+
+def first_nonfinite(obj, path: str = "") -> str | None:
+    """The key path of the first floating tensor in `obj` (nested dicts/lists) holding a
+    NaN or an infinity; None when every one is finite."""
+    if isinstance(obj, torch.Tensor):
+        bad = (obj.is_floating_point() or obj.is_complex()) and not bool(torch.isfinite(obj).all())
+        return (path or "tensor") if bad else None
+    if isinstance(obj, dict):
+        items = obj.items()
+    elif isinstance(obj, (list, tuple)):
+        items = enumerate(obj)
+    else:
+        return None
+    for k, v in items:
+        found = first_nonfinite(v, f"{path}.{k}" if path else str(k))
+        if found:
+            return found
+    return None
+
+
 # ---------------------------------------------------------------- randomness
 
 def derive_seed(seed: int, *keys) -> int:
@@ -475,14 +503,18 @@ class Algorithm:
         model.train()
         opt = self.make_optimizer(client)
         gen = torch_rng(cfg.seed, "batches", self.round, client.id)
-        steps = 0
+        steps, finite = 0, torch.ones((), dtype=torch.bool, device=self.device)
         with seeded(cfg.seed, "local", self.round, client.id):
             for idx in self.local_batches(client, gen, steps_scale):
                 loss = self.loss(model, self.batch(idx, gen), payload, client)
+                finite &= torch.isfinite(loss.detach())   # checked once, no sync per step
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
                 steps += 1
+        if not bool(finite):
+            raise Diverged(f"round {self.round + 1}, client {client.name}: the training loss "
+                           "became NaN or infinite")
         if cfg.keep_optimizer:
             client.state["optimizer"] = opt.state_dict()
         return steps
@@ -586,6 +618,25 @@ def versions() -> dict:
     return v
 
 
+def _strict(obj):
+    """`obj` with every NaN/infinite float replaced by None: the files stay valid JSON
+    (json.dumps would write NaN, which JSON does not have)."""
+    if isinstance(obj, float):
+        return obj if np.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _strict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_strict(v) for v in obj]
+    if isinstance(obj, (np.floating, np.integer, np.ndarray)):
+        return _strict(_jsonable(obj))
+    return obj
+
+
+def jsonl_line(m: dict) -> str:
+    """One line of metrics.jsonl (an undefined metric, NaN in memory, is null on disk)."""
+    return json.dumps(_strict(m), default=_jsonable, allow_nan=False) + "\n"
+
+
 def _jsonable(o):
     if isinstance(o, (np.integer,)):
         return int(o)
@@ -597,7 +648,8 @@ def _jsonable(o):
 
 
 def dumps(obj) -> str:
-    return json.dumps(obj, indent=2, default=_jsonable, sort_keys=True) + "\n"
+    return json.dumps(_strict(obj), indent=2, default=_jsonable, sort_keys=True,
+                      allow_nan=False) + "\n"
 
 
 # settings that may differ between a run and its resumption
@@ -716,15 +768,30 @@ def run(cfg: Config, args, fed, out: str, *, resume: bool = False, data_args: di
         up_bytes, down_bytes, uploads = {}, {}, {}
         for client in algo.participants(server, sampled):
             bar.status(f"round {t + 1}/{cfg.rounds}: training {client.name}")
-            payload, down = transmit(algo.broadcast(server, client))
-            upload, up = transmit(algo.local_update(client, payload))
+            try:
+                payload, down = transmit(algo.broadcast(server, client))
+                upload, up = transmit(algo.local_update(client, payload))
+                bad = first_nonfinite(upload) or first_nonfinite(client.state.get("private"))
+                if bad:
+                    raise Diverged(f"round {t + 1}, client {client.name}: weight {bad} is NaN "
+                                   "or infinite after local training")
+            except Diverged as e:
+                raise Diverged(f"{e}; {_kept(t, out)}") from None
             uploads[client.id], up_bytes[client.id], down_bytes[client.id] = upload, up, down
         if any(uploads.values()):
             algo.aggregate(server, {k: u for k, u in uploads.items() if u})
+            bad = first_nonfinite(server.weights)
+            if bad:
+                raise Diverged(f"round {t + 1}, server: aggregated weight {bad} is NaN or "
+                               f"infinite; {_kept(t, out)}")
         train_seconds = time.perf_counter() - t0
-        last = evaluate_all(algo, server, clients, holdout, t, up_bytes, down_bytes, train_seconds)
+        try:
+            last = evaluate_all(algo, server, clients, holdout, t, up_bytes, down_bytes,
+                                train_seconds)
+        except Diverged as e:
+            raise Diverged(f"{e}; {_kept(t, out)}") from None
         with open(metrics_path, "a") as f:
-            f.write("".join(json.dumps(m, default=_jsonable) + "\n" for m in last))
+            f.write("".join(jsonl_line(m) for m in last))
         totals["bytes_up"] += sum(up_bytes.values())
         totals["bytes_down"] += sum(down_bytes.values())
         totals["seconds"] += time.perf_counter() - t0
@@ -746,6 +813,14 @@ def run(cfg: Config, args, fed, out: str, *, resume: bool = False, data_args: di
     return summary
 
 
+def _kept(t: int, out: str) -> str:
+    """What a diverged run leaves behind (it stopped in round t + 1)."""
+    if t == 0:
+        return "no round finished, nothing was kept; lower --lr (or check --momentum/--focal-gamma)"
+    return (f"the checkpoint of round {t} in {out} is kept; lower --lr (or check "
+            "--momentum/--focal-gamma) and start again")
+
+
 def evaluate_all(algo, server, clients, holdout, t, up_bytes, down_bytes, seconds) -> list:
     """Metrics of every client (trained this round or not) on its own test set, of the
     pooled test set (concatenated predictions, not a mean), and of held-out clients; one
@@ -755,6 +830,10 @@ def evaluate_all(algo, server, clients, holdout, t, up_bytes, down_bytes, second
     for c in clients + holdout:
         out = algo.predict(server, c, c.test)
         views = out if isinstance(out, dict) else {algo.primary_view: out}
+        for view, prob in views.items():
+            if not np.isfinite(prob).all():
+                raise Diverged(f"round {t + 1}, client {c.name}: the {view} model's predicted "
+                               "probabilities are NaN or infinite")
         y = algo.fed.y[torch.as_tensor(c.test, dtype=torch.long)].numpy()
         for view, prob in views.items():
             m = classification_metrics(y, prob) if len(y) else {}
@@ -793,7 +872,13 @@ def make_summary(last: list, totals: dict, rounds: int) -> dict:
     last = _primary(last)
     per = [m for m in last if m["client"] != "pooled" and not m["holdout"]]
     pooled = [m for m in last if m["client"] == "pooled"][0]
-    mean = lambda k: float(np.nanmean([m[k] for m in per]))  # noqa: E731
+    undefined: dict = {}
+
+    def mean(k):          # over the clients where metric k is defined (e.g. AUROC needs 2 classes)
+        vals = [m[k] for m in per if m[k] is not None and not np.isnan(m[k])]
+        if len(vals) < len(per):
+            undefined[k] = [m["client"] for m in per if m[k] is None or np.isnan(m[k])]
+        return float(np.mean(vals)) if vals else float("nan")
     summary = {"balanced_accuracy": mean("balanced_accuracy"),
                "pooled_balanced_accuracy": pooled["balanced_accuracy"],
                "accuracy": mean("accuracy"), "macro_f1": mean("macro_f1"),
@@ -804,6 +889,8 @@ def make_summary(last: list, totals: dict, rounds: int) -> dict:
                "clients": {m["client"]: {k: m[k] for k in ("balanced_accuracy", "accuracy",
                                                            "macro_f1", "macro_auroc", "n")}
                            for m in per}}
+    if undefined:                     # named, never silently dropped from the mean
+        summary["undefined_for"] = undefined
     held = [m for m in last if m["holdout"]]
     if held:
         summary["holdout"] = {m["client"]: {k: m[k] for k in ("balanced_accuracy", "accuracy",
@@ -839,13 +926,21 @@ def _read_lines(path: str) -> list:
     if not os.path.isfile(path):
         return []
     with open(path) as f:
-        return [json.loads(s) for s in f if s.strip()]
+        lines = [json.loads(s) for s in f if s.strip()]
+    for m in lines:                   # null on disk = undefined = NaN in memory
+        for k in METRIC_KEYS:
+            if k in m and m[k] is None:
+                m[k] = float("nan")
+    return lines
+
+
+METRIC_KEYS = ("balanced_accuracy", "accuracy", "macro_f1", "macro_auroc", "loss")
 
 
 def _truncate_metrics(path: str, rounds_done: int) -> None:
     """Drop lines of rounds after the checkpoint (written before a kill)."""
     keep = [m for m in _read_lines(path) if m["round"] <= rounds_done]
-    atomic_write(path, "".join(json.dumps(m) + "\n" for m in keep))
+    atomic_write(path, "".join(jsonl_line(m) for m in keep))
 
 
 def _totals_from(path: str) -> dict:

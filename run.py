@@ -2,6 +2,10 @@
 
     python run.py                                  # FedAvg on the synthetic federation
     python run.py --algo fedprox --mu 0.01 --dataset isic2019 --data-dir PATH
+
+Exit status: 0 done; 2 bad input (one line on stderr naming the flag, file or row);
+3 training diverged (a NaN/infinite loss, weight or prediction: one line naming the round
+and client; the last good checkpoint is kept); 130 interrupted (Ctrl-C).
 """
 from __future__ import annotations
 
@@ -172,6 +176,9 @@ def main(argv=None) -> int:
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except fedmed.Diverged as e:
+        print(f"error: training diverged: {e}", file=sys.stderr)
+        return fedmed.EXIT_DIVERGED
 
 
 def _main(argv) -> int:

@@ -68,3 +68,71 @@ def test_fcu_phase_checkpoint_is_loaded_without_running_code(tmp_path, fed):
     with pytest.raises(UsageError, match="checkpoint.pt"):
         auditor.audit_run(str(folder))
     assert not marker.exists()
+
+
+# ---------------------------------------------------------------- divergence
+
+def strict_json(path):
+    """Parse as JSON proper: NaN/Infinity (which json.dumps writes by default) fail."""
+    def refuse(name):
+        raise ValueError(f"{path}: {name} is not JSON")
+    with open(path) as f:
+        return [json.loads(s, parse_constant=refuse) for s in f if s.strip()] \
+            if str(path).endswith(".jsonl") else json.loads(f.read(), parse_constant=refuse)
+
+
+class _NanInRound2(fedmed.ALGORITHMS["fedavg"]):
+    """FedAvg whose client 1 uploads a NaN weight in round 2."""
+    def local_update(self, client, payload):
+        up = super().local_update(client, payload)
+        if self.round == 1 and client.id == 1:
+            key = next(iter(up["w"]))
+            up["w"][key] = up["w"][key].clone().fill_(float("nan"))
+        return up
+
+
+def test_a_nan_weight_stops_the_run_naming_round_and_client_and_keeps_round_1(
+        tmp_path, capsys):
+    fedmed.ALGORITHMS["_nan2"] = _NanInRound2
+    try:
+        rc, out = cli(tmp_path, "--algo", "_nan2")
+    finally:
+        del fedmed.ALGORITHMS["_nan2"]
+    err = stderr_line(capsys)
+    assert rc == fedmed.EXIT_DIVERGED == 3
+    assert "round 2" in err and "site1" in err and "round 1" in err
+    ck = fedmed.load_checkpoint(os.path.join(out, "checkpoint.pt"))
+    assert ck["round"] == 1 and fedmed.first_nonfinite(ck["server"]["weights"]) is None
+    assert {m["round"] for m in strict_json(os.path.join(out, "metrics.jsonl"))} == {1}
+    assert not os.path.exists(os.path.join(out, "summary.json"))
+
+
+@pytest.mark.parametrize("kw", [{"lr": 1e30}, {"lr": float("nan")},
+                                {"loss": "focal", "focal_gamma": -5.0},
+                                {"momentum": 2.0, "local_steps": 40}])
+def test_divergent_settings_are_caught_at_runtime(tmp_path, fed, kw):
+    """Whatever the flag checks let through: a non-finite loss or weight is an error."""
+    cfg = Config(**{"model": "cnn", "rounds": 2, "batch_size": 16, **kw})
+    with pytest.raises(fedmed.Diverged, match=r"round \d, client site\d"):
+        fedmed.run(cfg, None, fed, str(tmp_path / "o"), quiet=True)
+    assert not os.path.exists(tmp_path / "o" / "summary.json")
+    strict_json(tmp_path / "o" / "metrics.jsonl")
+
+
+def test_summary_is_strict_json_and_names_clients_without_a_metric(tmp_path, fed):
+    """AUROC is undefined on a test set of one class: the mean is over the other clients,
+    the client is named, and no NaN reaches a file."""
+    y = fed.y.numpy()
+    c0 = fed.clients[0]
+    one_class = c0.test[y[c0.test] == y[c0.test][0]]
+    clients = [datasets.ClientSplit(c0.name, c0.train, one_class)] + list(fed.clients[1:])
+    f2 = datasets.Federation("one-class", fed.classes, fed.x, fed.y, clients)
+    s = fedmed.run(Config(model="cnn", rounds=1, batch_size=16), None, f2,
+                   str(tmp_path / "o"), quiet=True)
+    disk = strict_json(tmp_path / "o" / "summary.json")
+    lines = strict_json(tmp_path / "o" / "metrics.jsonl")
+    assert disk["undefined_for"] == {"macro_auroc": [c0.name]}
+    assert disk["clients"][c0.name]["macro_auroc"] is None
+    others = [m["macro_auroc"] for m in lines if m["client"] in ("site1", "site2")]
+    assert disk["macro_auroc"] == pytest.approx(sum(others) / 2)
+    assert s["balanced_accuracy"] == disk["balanced_accuracy"]
