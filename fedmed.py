@@ -710,6 +710,27 @@ def sample_clients(seed: int, t: int, K: int, fraction: float) -> list:
     return sorted(np_rng(seed, "sample", t).choice(K, size=m, replace=False).tolist())
 
 
+def data_identity(fed) -> dict:
+    """{client: sha256} of what each client holds: its split indices, the labels and the
+    files (or keys) of those rows, and the class names. A checkpoint records it, so that
+    --resume on changed data (rows removed from a CSV shift every index) is refused
+    instead of restoring indices that now point at other images."""
+    y = fed.y.numpy()
+    files = list(fed.files) if getattr(fed, "files", None) else None
+    out = {}
+    for c in list(fed.clients) + list(fed.holdout):
+        h = hashlib.sha256(repr(list(fed.classes)).encode())
+        for split in ("train", "test", "unlabeled"):
+            idx = np.asarray(getattr(c, split), dtype=np.int64)
+            h.update(split.encode())
+            h.update(idx.tobytes())
+            h.update(np.ascontiguousarray(y[idx]).astype(np.int64).tobytes())
+            if files is not None:
+                h.update("\0".join(str(files[i]) for i in idx).encode())
+        out[c.name] = h.hexdigest()[:16]
+    return out
+
+
 def make_clients(fed) -> list:
     empty = [c.name for c in fed.clients if len(c.train) == 0 and len(c.unlabeled) == 0]
     if empty:
@@ -743,7 +764,8 @@ def run(cfg: Config, args, fed, out: str, *, resume: bool = False, data_args: di
               "clients": [c.name for c in clients], "holdout": [c.name for c in holdout],
               "split": fed.split_summary(), "dataset_info": fed.info,
               "versions": versions(), "git_commit": git_commit(),
-              "algorithm_info": getattr(algo, "info", {})}   # e.g. a protocol's derived settings
+              "algorithm_info": getattr(algo, "info", {}),   # e.g. a protocol's derived settings
+              "data_identity": data_identity(fed)}
     ckpt_path = os.path.join(out, "checkpoint.pt")
     metrics_path = os.path.join(out, "metrics.jsonl")
     start = 0
@@ -796,6 +818,7 @@ def run(cfg: Config, args, fed, out: str, *, resume: bool = False, data_args: di
         totals["bytes_down"] += sum(down_bytes.values())
         totals["seconds"] += time.perf_counter() - t0
         atomic_torch_save({"round": t + 1, "record": comparable_config(record),
+                           "data_identity": record["data_identity"],
                            "server": dataclasses.asdict(server),
                            "clients": [{"state": c.state, "train": c.train,
                                         "unlabeled": c.unlabeled} for c in clients]}, ckpt_path)
@@ -916,6 +939,12 @@ def _restore(ckpt_path, record, out, server, clients, algo) -> int:
         raise UsageError(f"--resume: {ckpt_path} comes from another configuration (differs in "
                          f"{', '.join(diff[:4]) or 'structure'}); resume with the same flags "
                          "or start a new --out")
+    theirs, ours = ck.get("data_identity") or {}, record["data_identity"]
+    if theirs != ours:
+        changed = [k for k in ours if theirs.get(k) != ours[k]] or sorted(set(theirs) - set(ours))
+        raise UsageError(f"--resume: the data changed since {ckpt_path} was written (the images, "
+                         f"labels or split of client {(changed or ['?'])[0]} differ); restore the "
+                         "data as it was, or start a new run with another --out")
     server.weights, server.state = ck["server"]["weights"], ck["server"]["state"]
     for c, saved in zip(clients, ck["clients"]):
         c.state, c.train, c.unlabeled = saved["state"], saved["train"], saved["unlabeled"]

@@ -136,3 +136,26 @@ def test_summary_is_strict_json_and_names_clients_without_a_metric(tmp_path, fed
     others = [m["macro_auroc"] for m in lines if m["client"] in ("site1", "site2")]
     assert disk["macro_auroc"] == pytest.approx(sum(others) / 2)
     assert s["balanced_accuracy"] == disk["balanced_accuracy"]
+
+
+# ---------------------------------------------------------------- resume on other data
+
+def test_resume_on_changed_data_is_refused_naming_the_client(tmp_path, fed):
+    """Rows removed from a CSV: the same flags, but client 1's rows now hold other files
+    (and labels); the restored indices would point at other images."""
+    out = str(tmp_path / "o")
+    cfg = Config(model="cnn", rounds=2, batch_size=16)
+    fedmed.run(cfg, None, fed, out, stop_after=1, quiet=True)
+    files = [f"img{i}.jpg" for i in range(len(fed.y))]
+    shifted = datasets.Federation(fed.name, fed.classes, fed.x, fed.y, fed.clients,
+                                  files=files[1:] + files[:1])
+    plain = datasets.Federation(fed.name, fed.classes, fed.x, fed.y, fed.clients, files=files)
+    fedmed.run(cfg, None, plain, str(tmp_path / "p"), stop_after=1, quiet=True)
+    with pytest.raises(UsageError, match="data changed.*client site0"):
+        fedmed.run(cfg, None, shifted, str(tmp_path / "p"), resume=True, quiet=True)
+    y2 = fed.y.clone()
+    y2[fed.clients[1].train[0]] = (y2[fed.clients[1].train[0]] + 1) % len(fed.classes)
+    relabelled = datasets.Federation(fed.name, fed.classes, fed.x, y2, fed.clients)
+    with pytest.raises(UsageError, match="data changed.*client site1"):
+        fedmed.run(cfg, None, relabelled, out, resume=True, quiet=True)
+    assert fedmed.run(cfg, None, fed, out, resume=True, quiet=True)["rounds"] == 2
