@@ -771,12 +771,18 @@ def run(cfg: Config, args, fed, out: str, *, resume: bool = False, data_args: di
     start = 0
     if resume:
         start = _restore(ckpt_path, record, out, server, clients, algo)
+        if cfg.rounds < start:
+            raise UsageError(f"--resume --rounds {cfg.rounds}: the run in {out} already did "
+                             f"{start} rounds; give --rounds {start} or more (more continue it)")
         _truncate_metrics(metrics_path, start)
+        record["history"] = _history(out) + [{"rounds": cfg.rounds, "from_round": start}]
+        atomic_write(os.path.join(out, "config.json"), dumps(record))
     else:
         os.makedirs(out, exist_ok=True)
         for name in ("summary.json", "checkpoint.pt"):    # stale files of a replaced run
             if os.path.exists(os.path.join(out, name)):
                 os.remove(os.path.join(out, name))
+        record["history"] = [{"rounds": cfg.rounds, "from_round": 0}]
         atomic_write(os.path.join(out, "config.json"), dumps(record))
         atomic_write(metrics_path, "")
     totals = _totals_from(metrics_path)
@@ -926,6 +932,26 @@ def make_summary(last: list, totals: dict, rounds: int) -> dict:
                                 } | ({"holdout": o["holdout"]} if "holdout" in o else {})
                             for v, o in others.items()}
     return summary
+
+
+def recorded_rounds(out: str) -> int | None:
+    """The total number of rounds config.json in `out` asks for (None if unreadable)."""
+    try:
+        with open(os.path.join(out, "config.json")) as f:
+            return int(json.load(f)["config"]["rounds"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _history(out: str) -> list:
+    """config.json's list of invocations: {rounds: the total asked for, from_round: the
+    round it started from} (0 for the first; a --resume with more --rounds extends)."""
+    try:
+        with open(os.path.join(out, "config.json")) as f:
+            old = json.load(f)
+    except (OSError, ValueError):
+        return []
+    return old.get("history") or [{"rounds": old.get("config", {}).get("rounds"), "from_round": 0}]
 
 
 def _restore(ckpt_path, record, out, server, clients, algo) -> int:

@@ -185,6 +185,7 @@ def _main(argv) -> int:
     ns = build_parser().parse_args(argv)
     if ns.bn == "none":
         ns.bn = "params_only"
+    rounds_given = ns.rounds is not None
     for key, value in getattr(fedmed.ALGORITHMS.get(ns.algo), "recipe", {}).items():
         if getattr(ns, key) is None:                    # the paper's recipe (e.g. CLIP methods)
             setattr(ns, key, value)
@@ -196,6 +197,8 @@ def _main(argv) -> int:
     cls = fedmed.ALGORITHMS[cfg.algo]
     args = _fill(cls.Args, ns) if cls.Args is not None else None
     out = prepare_out(ns, cfg)
+    if ns.resume and not rounds_given:                  # continue to the recorded total
+        cfg.rounds = fedmed.recorded_rounds(out) or cfg.rounds
     if ns.image_size is None and hasattr(cls, "default_image_size"):
         ns.image_size = cls.default_image_size(args)   # e.g. a CLIP model's input size
     fed = datasets.load(ns, seed=cfg.seed)

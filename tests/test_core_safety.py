@@ -159,3 +159,43 @@ def test_resume_on_changed_data_is_refused_naming_the_client(tmp_path, fed):
     with pytest.raises(UsageError, match="data changed.*client site1"):
         fedmed.run(cfg, None, relabelled, out, resume=True, quiet=True)
     assert fedmed.run(cfg, None, fed, out, resume=True, quiet=True)["rounds"] == 2
+
+
+# ---------------------------------------------------------------- --resume with --rounds
+
+def test_resume_with_fewer_rounds_than_done_is_refused(tmp_path, capsys):
+    rc, out = cli(tmp_path)
+    before = open(os.path.join(out, "summary.json")).read()
+    rc, _ = cli(tmp_path, "--resume", "--rounds", "2")
+    err = stderr_line(capsys)
+    assert rc == 2 and "--rounds" in err and "3 rounds" in err
+    assert open(os.path.join(out, "summary.json")).read() == before
+    assert json.load(open(os.path.join(out, "config.json")))["config"]["rounds"] == 3
+
+
+def test_resume_with_more_rounds_extends_the_run_and_records_it(tmp_path):
+    """3 rounds then --resume --rounds 5 = 5 rounds straight (FedAvg's rounds do not
+    depend on R); config.json holds the new total and both invocations."""
+    rc, full = cli(tmp_path, "--rounds", "5", name="full")
+    rc, out = cli(tmp_path)
+    rc2, _ = cli(tmp_path, "--resume", "--rounds", "5")
+    assert rc == rc2 == 0
+    rec = json.load(open(os.path.join(out, "config.json")))
+    assert rec["config"]["rounds"] == 5
+    assert rec["history"] == [{"rounds": 3, "from_round": 0}, {"rounds": 5, "from_round": 3}]
+    s = json.load(open(os.path.join(out, "summary.json")))
+    assert s["rounds"] == 5 and max(m["round"] for m in read_jsonl(
+        os.path.join(out, "metrics.jsonl"))) == 5
+    a = fedmed.load_checkpoint(os.path.join(full, "checkpoint.pt"))["server"]["weights"]
+    b = fedmed.load_checkpoint(os.path.join(out, "checkpoint.pt"))["server"]["weights"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    s_full = json.load(open(os.path.join(full, "summary.json")))
+    assert s["balanced_accuracy"] == s_full["balanced_accuracy"]
+
+
+def test_resume_without_rounds_continues_to_the_recorded_total(tmp_path):
+    rc, out = cli(tmp_path, "--stop-after", "1")
+    rc = run.main(["--image-size", "16", "--clients", "3", "--local-epochs", "1",
+                   "--batch-size", "16", "--quiet", "--out", out, "--resume"])
+    assert rc == 0
+    assert json.load(open(os.path.join(out, "summary.json")))["rounds"] == 3
