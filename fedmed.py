@@ -46,6 +46,11 @@ class Diverged(Exception):
 EXIT_DIVERGED = 3
 
 
+class Interrupted(Exception):
+    """Ctrl-C during the loop: says where the run stopped (run.py adds the command that
+    continues it, prints one line and exits with status 130)."""
+
+
 def first_nonfinite(obj, path: str = "") -> str | None:
     """The key path of the first floating tensor in `obj` (nested dicts/lists) holding a
     NaN or an infinity; None when every one is finite."""
@@ -543,12 +548,17 @@ def atomic_write(path: str, data: bytes | str, fsync: bool = True) -> None:
     """Write to a temporary file, then rename it over `path`: a reader (or a run killed
     mid-write) sees the old file or the new one, never half of one."""
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data.encode() if isinstance(data, str) else data)
-        f.flush()
-        if fsync:
-            os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            if fsync:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:                             # a full disk, a kill: no temporary left
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
 
 
 def atomic_torch_save(obj, path: str) -> None:
@@ -586,15 +596,121 @@ def safe_torch_load(source, **kw):
         return torch.load(source, map_location="cpu", weights_only=True, **kw)
 
 
+def state_digest(obj) -> str:
+    """sha256 of a checkpoint's content: every tensor's dtype, shape and bytes, every
+    array's, and the repr of every other leaf, walked in order (dict keys included)."""
+    h = hashlib.sha256()
+
+    def walk(o):
+        if isinstance(o, torch.Tensor):
+            t = o.detach().cpu().contiguous()
+            h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy())
+        elif isinstance(o, np.ndarray):
+            h.update(f"A{o.dtype.str}{o.shape}".encode())
+            h.update(np.ascontiguousarray(o).tobytes())
+        elif isinstance(o, dict):
+            h.update(f"D{len(o)}".encode())
+            for k, v in o.items():
+                walk(k)
+                walk(v)
+        elif isinstance(o, (list, tuple)):
+            h.update(f"{type(o).__name__[0]}{len(o)}".encode())
+            for v in o:
+                walk(v)
+        else:
+            h.update(f"S{type(o).__name__}:{o!r};".encode())
+    walk(obj)
+    return h.hexdigest()
+
+
+def save_checkpoint(obj: dict, path: str) -> None:
+    """Atomically write checkpoint `obj` with its `state_digest` under "sha256"."""
+    atomic_torch_save({**obj, "sha256": state_digest(obj)}, path)
+
+
 def load_checkpoint(path: str, what: str = "--resume") -> dict:
-    """Read a checkpoint written by `save_checkpoint` without executing anything in it;
-    any failure is a one-line UsageError naming `path`."""
+    """Read a checkpoint written by `save_checkpoint` without executing anything in it,
+    and verify its sha256; any failure is a one-line UsageError naming `path`."""
     try:
-        return safe_torch_load(path)
+        ck = safe_torch_load(path)
     except Exception as e:  # noqa: BLE001 - any unreadable or unsafe file
         kind = "unsafe content" if isinstance(e, pickle.UnpicklingError) else type(e).__name__
         raise UsageError(f"{what}: {path} cannot be read ({kind}); start a new run with "
                          "another --out")
+    want = ck.pop("sha256", None) if isinstance(ck, dict) else None
+    if want is None or state_digest(ck) != want:
+        raise UsageError(f"{what}: {path} fails its checksum (damaged or edited since it was "
+                         "written); start a new run with another --out")
+    return ck
+
+
+RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "checkpoint.pt")
+LOCK_NAME = ".lock"
+
+
+def is_run_folder(out: str) -> bool:
+    """Whether `out` holds a FedMed run (its own, or a protocol's phases in subfolders)."""
+    if any(os.path.exists(os.path.join(out, n)) for n in RUN_FILES):
+        return True
+    return any(os.path.isdir(os.path.join(out, d)) and is_run_folder(os.path.join(out, d))
+               for d in os.listdir(out))
+
+
+def clear_out(out: str) -> None:
+    """--overwrite: remove everything in `out` (files, phase folders, temporaries) but
+    its lock, so that nothing of the old run is left for a later --resume to pick up.
+    Refuses a folder that is not a FedMed run (never empties an arbitrary folder)."""
+    import shutil
+    names = [n for n in os.listdir(out) if n != LOCK_NAME]
+    if names and not is_run_folder(out):
+        raise UsageError(f"--overwrite: {out} holds files that are not a FedMed run "
+                         f"(e.g. {sorted(names)[0]}); give an empty or new --out")
+    for n in names:
+        p = os.path.join(out, n)
+        if os.path.isdir(p) and not os.path.islink(p):
+            shutil.rmtree(p)
+        else:
+            os.remove(p)
+
+
+_LOCKS: dict = {}                     # realpath -> [fd, depth]: held by this process
+
+
+@contextlib.contextmanager
+def locked(out: str):
+    """Hold an exclusive lock on the results folder `out` (flock on out/.lock, which
+    holds the owner's PID) for the block; re-entrant within a process; released on exit
+    or when the process dies, however it dies. A second process gets a UsageError naming
+    the first's PID."""
+    import fcntl
+    os.makedirs(out, exist_ok=True)
+    key = os.path.realpath(out)
+    if key in _LOCKS:
+        _LOCKS[key][1] += 1
+    else:
+        path = os.path.join(out, LOCK_NAME)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                pid = os.pread(fd, 32, 0).decode().strip() or "?"
+            finally:
+                os.close(fd)
+            raise UsageError(f"--out {out} is in use by another run (PID {pid}); wait for it "
+                             "to finish or give another --out") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        _LOCKS[key] = [fd, 1]
+    try:
+        yield
+    finally:
+        _LOCKS[key][1] -= 1
+        if _LOCKS[key][1] == 0:
+            fd = _LOCKS.pop(key)[0]
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
 
 
 def git_commit() -> str | None:
@@ -610,7 +726,12 @@ def versions() -> dict:
     """Versions of what produced a result (open_clip read from its package metadata:
     importing it costs seconds)."""
     from importlib import metadata
-    v = {"python": sys.version.split()[0], "torch": torch.__version__, "numpy": np.__version__}
+    v = {"python": sys.version.split()[0], "torch": torch.__version__, "numpy": np.__version__,
+         "torch_git": torch.version.git_version, "torch_cuda": torch.version.cuda,
+         "torch_threads": torch.get_num_threads(),           # results depend on these
+         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),  # (reduction
+         "torch_blas": next((w.split("=")[1] for w in torch.__config__.show().split(", ")
+                             if w.startswith("BLAS_INFO=")), None)}        # order, kernels)
     try:
         v["open_clip"] = metadata.version("open_clip_torch")
     except metadata.PackageNotFoundError:
@@ -747,9 +868,11 @@ def make_clients(fed) -> list:
 
 
 def run(cfg: Config, args, fed, out: str, *, resume: bool = False, data_args: dict | None = None,
-        stop_after: int | None = None, quiet: bool = False, log=print) -> dict:
+        stop_after: int | None = None, quiet: bool = False, log=print,
+        argv: list | None = None) -> dict:
     """Train `cfg.algo` on federation `fed` for cfg.rounds rounds, writing results to
-    `out`; returns the summary. The ONE round loop of the project."""
+    `out`; returns the summary. The ONE round loop of the project. `out` is locked
+    against other processes while it runs."""
     clients = make_clients(fed)
     algo = ALGORITHMS[cfg.algo](cfg, args, fed)
     algo.quiet = quiet                                # e.g. no feature-extraction bar in setup
@@ -765,29 +888,50 @@ def run(cfg: Config, args, fed, out: str, *, resume: bool = False, data_args: di
               "split": fed.split_summary(), "dataset_info": fed.info,
               "versions": versions(), "git_commit": git_commit(),
               "algorithm_info": getattr(algo, "info", {}),   # e.g. a protocol's derived settings
-              "data_identity": data_identity(fed)}
+              "data_identity": data_identity(fed),
+              "argv": list(sys.argv[1:] if argv is None else argv)}   # the command as typed
+    with locked(out):
+        return _loop(cfg, algo, server, clients, holdout, record, out, resume, stop_after,
+                     quiet, log)
+
+
+def _loop(cfg, algo, server, clients, holdout, record, out, resume, stop_after, quiet, log):
     ckpt_path = os.path.join(out, "checkpoint.pt")
     metrics_path = os.path.join(out, "metrics.jsonl")
     start = 0
     if resume:
-        start = _restore(ckpt_path, record, out, server, clients, algo)
+        start, totals = _restore(ckpt_path, record, out, server, clients, algo)
         if cfg.rounds < start:
             raise UsageError(f"--resume --rounds {cfg.rounds}: the run in {out} already did "
                              f"{start} rounds; give --rounds {start} or more (more continue it)")
-        _truncate_metrics(metrics_path, start)
-        record["history"] = _history(out) + [{"rounds": cfg.rounds, "from_round": start}]
+        _repair_metrics(metrics_path, start)
+        record["history"] = _history(out) + [{"rounds": cfg.rounds, "from_round": start,
+                                              "argv": record["argv"]}]
         atomic_write(os.path.join(out, "config.json"), dumps(record))
     else:
-        os.makedirs(out, exist_ok=True)
-        for name in ("summary.json", "checkpoint.pt"):    # stale files of a replaced run
-            if os.path.exists(os.path.join(out, name)):
-                os.remove(os.path.join(out, name))
-        record["history"] = [{"rounds": cfg.rounds, "from_round": 0}]
+        clear_out(out)                                    # stale files of a replaced run
+        totals = {"bytes_up": 0, "bytes_down": 0, "seconds": 0.0}
+        record["history"] = [{"rounds": cfg.rounds, "from_round": 0, "argv": record["argv"]}]
         atomic_write(os.path.join(out, "config.json"), dumps(record))
         atomic_write(metrics_path, "")
-    totals = _totals_from(metrics_path)
     bar = Progress(cfg.rounds, start, enabled=not quiet)
+    try:
+        return _rounds(cfg, algo, server, clients, holdout, record, out, stop_after, log,
+                       start, totals, bar, ckpt_path, metrics_path)
+    except KeyboardInterrupt:
+        done = _RoundsDone.get(out, start)
+        kept = (f"the checkpoint of round {done} in {out} is kept" if done else
+                "no round finished")
+        raise Interrupted(f"interrupted in round {done + 1} of {cfg.rounds}; {kept}") from None
+
+
+_RoundsDone: dict = {}                # out -> rounds checkpointed by the running loop
+
+
+def _rounds(cfg, algo, server, clients, holdout, record, out, stop_after, log, start, totals,
+            bar, ckpt_path, metrics_path):
     last = None
+    _RoundsDone[out] = start
     for t in range(start, cfg.rounds):
         algo.round = t
         t0 = time.perf_counter()
@@ -823,11 +967,13 @@ def run(cfg: Config, args, fed, out: str, *, resume: bool = False, data_args: di
         totals["bytes_up"] += sum(up_bytes.values())
         totals["bytes_down"] += sum(down_bytes.values())
         totals["seconds"] += time.perf_counter() - t0
-        atomic_torch_save({"round": t + 1, "record": comparable_config(record),
-                           "data_identity": record["data_identity"],
+        save_checkpoint({"round": t + 1, "record": comparable_config(record),
+                           "data_identity": record["data_identity"], "totals": dict(totals),
+                           "threads": torch.get_num_threads(),
                            "server": dataclasses.asdict(server),
                            "clients": [{"state": c.state, "train": c.train,
                                         "unlabeled": c.unlabeled} for c in clients]}, ckpt_path)
+        _RoundsDone[out] = t + 1
         pooled = [m for m in _primary(last) if m["client"] == "pooled"][0]
         bar.step(f"round {t + 1}: mean BA {_mean_ba(last):.3f}  pooled BA "
                  f"{pooled['balanced_accuracy']:.3f}  ({time.perf_counter() - t0:.1f}s)")
@@ -954,7 +1100,7 @@ def _history(out: str) -> list:
     return old.get("history") or [{"rounds": old.get("config", {}).get("rounds"), "from_round": 0}]
 
 
-def _restore(ckpt_path, record, out, server, clients, algo) -> int:
+def _restore(ckpt_path, record, out, server, clients, algo) -> tuple[int, dict]:
     if not os.path.isfile(ckpt_path):
         raise UsageError(f"--resume: {ckpt_path} does not exist; start the run without --resume")
     ck = load_checkpoint(ckpt_path)
@@ -971,10 +1117,15 @@ def _restore(ckpt_path, record, out, server, clients, algo) -> int:
         raise UsageError(f"--resume: the data changed since {ckpt_path} was written (the images, "
                          f"labels or split of client {(changed or ['?'])[0]} differ); restore the "
                          "data as it was, or start a new run with another --out")
+    if ck.get("threads") != torch.get_num_threads():
+        print(f"warning: {ckpt_path} was written with {ck.get('threads')} torch thread(s), this "
+              f"process has {torch.get_num_threads()}: the continued run may differ in the last "
+              f"bits from one that never stopped (set OMP_NUM_THREADS={ck.get('threads')})",
+              file=sys.stderr)
     server.weights, server.state = ck["server"]["weights"], ck["server"]["state"]
     for c, saved in zip(clients, ck["clients"]):
         c.state, c.train, c.unlabeled = saved["state"], saved["train"], saved["unlabeled"]
-    return int(ck["round"])
+    return int(ck["round"]), dict(ck["totals"])
 
 
 def _read_lines(path: str) -> list:
@@ -992,18 +1143,32 @@ def _read_lines(path: str) -> list:
 METRIC_KEYS = ("balanced_accuracy", "accuracy", "macro_f1", "macro_auroc", "loss")
 
 
-def _truncate_metrics(path: str, rounds_done: int) -> None:
-    """Drop lines of rounds after the checkpoint (written before a kill)."""
-    keep = [m for m in _read_lines(path) if m["round"] <= rounds_done]
+def _repair_metrics(path: str, rounds_done: int) -> None:
+    """--resume: drop the lines of rounds after the checkpoint and a torn last line (both
+    written before a kill); refuse, in one line, a missing file, a damaged line before
+    the last, or a file without the checkpoint's last round."""
+    if not os.path.isfile(path):
+        raise UsageError(f"--resume: {path} is missing, so the rounds before the checkpoint "
+                         "cannot be reported; start a new run with another --out")
+    with open(path) as f:
+        texts = f.read().split("\n")
+    while texts and not texts[-1].strip():
+        texts.pop()
+    keep = []
+    for i, text in enumerate(texts):
+        try:
+            m = json.loads(text)
+        except ValueError:
+            if i == len(texts) - 1:                   # torn by a kill mid-write: dropped
+                break
+            raise UsageError(f"--resume: {path} line {i + 1} is damaged; start a new run with "
+                             "another --out") from None
+        if m.get("round", 0) <= rounds_done:
+            keep.append(m)
+    if rounds_done and not any(m.get("round") == rounds_done for m in keep):
+        raise UsageError(f"--resume: {path} has no line of round {rounds_done}, the round of "
+                         "the checkpoint; start a new run with another --out")
     atomic_write(path, "".join(jsonl_line(m) for m in keep))
-
-
-def _totals_from(path: str) -> dict:
-    lines = _read_lines(path)
-    pooled = [m for m in lines if m["client"] == "pooled" and m["view"] == lines[0]["view"]]
-    return {"bytes_up": sum(m["bytes_up"] for m in pooled),
-            "bytes_down": sum(m["bytes_down"] for m in pooled),
-            "seconds": sum(m.get("seconds", 0.0) for m in pooled)}
 
 
 def _last_round_lines(path: str) -> list:

@@ -182,7 +182,8 @@ def test_resume_with_more_rounds_extends_the_run_and_records_it(tmp_path):
     assert rc == rc2 == 0
     rec = json.load(open(os.path.join(out, "config.json")))
     assert rec["config"]["rounds"] == 5
-    assert rec["history"] == [{"rounds": 3, "from_round": 0}, {"rounds": 5, "from_round": 3}]
+    assert [(h["rounds"], h["from_round"]) for h in rec["history"]] == [(3, 0), (5, 3)]
+    assert rec["history"][1]["argv"][-3:] == ["--resume", "--rounds", "5"] == rec["argv"][-3:]
     s = json.load(open(os.path.join(out, "summary.json")))
     assert s["rounds"] == 5 and max(m["round"] for m in read_jsonl(
         os.path.join(out, "metrics.jsonl"))) == 5
@@ -199,3 +200,163 @@ def test_resume_without_rounds_continues_to_the_recorded_total(tmp_path):
                    "--batch-size", "16", "--quiet", "--out", out, "--resume"])
     assert rc == 0
     assert json.load(open(os.path.join(out, "summary.json")))["rounds"] == 3
+
+
+# ---------------------------------------------------------------- --overwrite
+
+def test_overwrite_leaves_nothing_of_the_old_run(tmp_path, capsys):
+    """An FCU run (phase folders) replaced by FedAvg: no phase folder, no temporary, no
+    old file is left for a later --resume to pick up."""
+    out = tmp_path / "out"
+    (out / "original").mkdir(parents=True)
+    for name in ("original/checkpoint.pt", "original/config.json", "config.json",
+                 "summary.json", "checkpoint.pt.tmp123"):
+        (out / name).write_text("old")
+    rc, _ = cli(tmp_path, "--overwrite", "--stop-after", "1")
+    assert rc == 0
+    assert sorted(n for n in os.listdir(out) if n != fedmed.LOCK_NAME) == [
+        "checkpoint.pt", "config.json", "metrics.jsonl"]
+    rc, _ = cli(tmp_path, "--resume")
+    assert rc == 0
+
+
+def test_overwrite_refuses_a_folder_that_is_not_a_run(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "thesis.tex").write_text("precious")
+    rc, _ = cli(tmp_path, "--overwrite")
+    err = stderr_line(capsys)
+    assert rc == 2 and "thesis.tex" in err and (out / "thesis.tex").read_text() == "precious"
+
+
+# ---------------------------------------------------------------- one run per folder
+
+def test_a_second_process_on_the_same_out_is_refused_naming_the_first(tmp_path, capsys):
+    import subprocess
+    import sys
+    out = tmp_path / "out"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, fedmed\nwith fedmed.locked(sys.argv[1]):\n"
+         "    print('locked', flush=True); sys.stdin.read()", str(out)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        for flags in ([], ["--overwrite"], ["--resume"]):
+            rc, _ = cli(tmp_path, *flags)
+            err = stderr_line(capsys)
+            assert rc == 2 and f"PID {holder.pid}" in err, err
+        assert os.listdir(out) == [fedmed.LOCK_NAME]              # nothing written
+    finally:
+        holder.communicate("")                                    # the holder exits
+    rc, _ = cli(tmp_path)                                         # released with it
+    assert rc == 0
+
+
+# ---------------------------------------------------------------- metrics.jsonl on resume
+
+def test_resume_drops_a_torn_last_line_and_keeps_the_byte_totals(tmp_path):
+    rc, full = cli(tmp_path, name="full")
+    rc, out = cli(tmp_path, "--stop-after", "1")
+    with open(os.path.join(out, "metrics.jsonl"), "a") as f:
+        f.write('{"round": 2, "client": "si')                     # killed mid-write
+    rc, _ = cli(tmp_path, "--resume")
+    assert rc == 0
+    lines = strict_json(os.path.join(out, "metrics.jsonl"))
+    assert [m["round"] for m in lines] == [m["round"] for m in read_jsonl(
+        os.path.join(full, "metrics.jsonl"))]
+    s, s_full = (json.load(open(os.path.join(d, "summary.json"))) for d in (out, full))
+    assert (s["bytes_up"], s["bytes_down"]) == (s_full["bytes_up"], s_full["bytes_down"]) != (0, 0)
+
+
+def test_resume_without_metrics_or_with_a_damaged_line_is_refused(tmp_path, capsys):
+    rc, out = cli(tmp_path, "--stop-after", "2")
+    path = os.path.join(out, "metrics.jsonl")
+    good = open(path).read()
+    with open(path, "w") as f:
+        f.write("garbage\n" + good)
+    rc, _ = cli(tmp_path, "--resume")
+    assert rc == 2 and "line 1" in stderr_line(capsys)
+    os.remove(path)
+    rc, _ = cli(tmp_path, "--resume")
+    assert rc == 2 and "metrics.jsonl is missing" in stderr_line(capsys)
+    with open(path, "w") as f:                                    # round 2 lost
+        f.write("".join(s + "\n" for s in good.splitlines() if '"round": 1,' in s))
+    rc, _ = cli(tmp_path, "--resume")
+    assert rc == 2 and "round 2" in stderr_line(capsys)
+
+
+# ---------------------------------------------------------------- checkpoint integrity
+
+def test_a_flipped_float_in_the_checkpoint_is_refused(tmp_path, capsys):
+    rc, out = cli(tmp_path, "--stop-after", "1")
+    path = os.path.join(out, "checkpoint.pt")
+    ck = torch.load(path, weights_only=False)
+    w = ck["server"]["weights"]
+    key = next(k for k, v in w.items() if v.is_floating_point())
+    bits = w[key].view(torch.int32).reshape(-1)
+    bits[0] ^= 1                                                  # one mantissa bit
+    torch.save(ck, path)
+    rc, _ = cli(tmp_path, "--resume")
+    err = stderr_line(capsys)
+    assert rc == 2 and "checksum" in err and path in err
+
+
+# ---------------------------------------------------------------- temporaries
+
+def test_a_full_disk_leaves_no_temporary_and_the_old_file(tmp_path, monkeypatch):
+    import errno
+    path = tmp_path / "summary.json"
+    path.write_text("old")
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OSError):
+        fedmed.atomic_write(str(path), "new")
+    assert os.listdir(tmp_path) == ["summary.json"] and path.read_text() == "old"
+
+
+# ---------------------------------------------------------------- Ctrl-C
+
+def test_ctrl_c_is_one_line_with_the_command_that_continues(tmp_path, capsys, monkeypatch):
+    cls = fedmed.ALGORITHMS["fedavg"]
+    original = cls.local_update
+    pressed = []
+
+    def press_ctrl_c_in_round_2(self, client, payload):
+        if self.round == 1 and not pressed:
+            pressed.append(1)
+            raise KeyboardInterrupt
+        return original(self, client, payload)
+    monkeypatch.setattr(cls, "local_update", press_ctrl_c_in_round_2)
+    rc, out = cli(tmp_path, "--seed", "4")
+    err = stderr_line(capsys)
+    assert rc == 130 and "round 2" in err and "round 1" in err
+    command = err.split("continue with: ")[1]
+    assert command.endswith(f"--resume --out {out}")
+    import shlex
+    argv = shlex.split(command)[2:]                               # drop "python run.py"
+    assert run.main(argv) == 0
+    rc, full = cli(tmp_path, "--seed", "4", name="full")
+    a = fedmed.load_checkpoint(os.path.join(full, "checkpoint.pt"))["server"]["weights"]
+    b = fedmed.load_checkpoint(os.path.join(out, "checkpoint.pt"))["server"]["weights"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ---------------------------------------------------------------- what config.json records
+
+def test_config_records_the_command_line_and_the_thread_count(tmp_path, capsys):
+    rc, out = cli(tmp_path, "--lr", "0.02", "--stop-after", "1")
+    rec = json.load(open(os.path.join(out, "config.json")))
+    assert rec["argv"][rec["argv"].index("--lr") + 1] == "0.02"
+    assert rec["versions"]["torch_threads"] == torch.get_num_threads()
+    assert rec["versions"]["torch_cpu_capability"] and "torch_git" in rec["versions"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(threads + 1)
+    try:
+        rc, _ = cli(tmp_path, "--lr", "0.02", "--resume")
+    finally:
+        torch.set_num_threads(threads)
+    err = capsys.readouterr().err
+    assert rc == 0 and "warning" in err and f"OMP_NUM_THREADS={threads}" in err
