@@ -414,15 +414,68 @@ class Algorithm:
 
     def aggregate(self, server: ServerState, uploads: dict) -> None:
         """w <- sum_k n_k / n w_k over the clients that uploaded (Algorithm 1); BN
-        num_batches_tracked takes the maximum over clients."""
+        num_batches_tracked takes the maximum over clients.
+
+        The loop does not call this for a method that keeps this aggregation: it folds
+        each upload into a running sum as it arrives (`begin_aggregate`, `fold`,
+        `finish_aggregate`, the same float64 operations in the same order, so the result
+        is bit for bit this one), and peak memory does not grow with the number of
+        sampled clients. A method that overrides `aggregate` receives every upload of
+        the round at once, because it needs them together (FedLSM's AWPA weights, FedAL's
+        and FCU's per-round rules, FedMedCLIP's masked FAM average): memory there grows
+        with the uploads kept."""
         ups = [uploads[k] for k in sorted(uploads)]
-        weights = ([u["n"] for u in ups] if self.cfg.weighting == "samples" else [1] * len(ups))
-        for key in ups[0]["w"]:
-            tensors = [u["w"][key] for u in ups]
+        acc = self.begin_aggregate(sum(self.upload_weight(u["n"]) for u in ups))
+        for u in ups:
+            self.fold(acc, u)
+        self.finish_aggregate(server, acc)
+
+    stream_uploads = True             # False: keep every upload until aggregate (benchmarks)
+
+    def streams(self) -> bool:
+        """Whether the loop may fold uploads as they arrive (the class keeps this
+        file's aggregate, so nothing needs them all at once)."""
+        return self.stream_uploads and type(self).aggregate is Algorithm.aggregate
+
+    def upload_weight(self, n: int) -> float:
+        return n if self.cfg.weighting == "samples" else 1
+
+    def begin_aggregate(self, total: float) -> dict:
+        """A running aggregate expecting weights summing to `total` (the participants'
+        n_k, known before they train)."""
+        return {"total": float(total), "seen": 0.0, "sum": {}, "max": {}, "dtype": {},
+                "term": None}
+
+    def fold(self, acc: dict, upload: dict) -> None:
+        """acc += n_k / total * w_k in float64 (weighted_average's operations, one
+        upload at a time); num_batches_tracked: running maximum."""
+        w = self.upload_weight(upload["n"])
+        acc["seen"] += w
+        scale = w / acc["total"]
+        for key, t in upload["w"].items():
             if key.endswith("num_batches_tracked"):
-                server.weights[key] = torch.stack(tensors).max()
-            else:
-                server.weights[key] = weighted_average(tensors, weights)
+                m = acc["max"].get(key)
+                acc["max"][key] = t.clone() if m is None else torch.maximum(m, t)
+                continue
+            out = acc["sum"].get(key)
+            if out is None:
+                out = acc["sum"][key] = torch.zeros_like(t, dtype=torch.float64)
+                acc["dtype"][key] = t.dtype
+            if acc["term"] is None or acc["term"].numel() < t.numel():     # one scratch
+                acc["term"] = torch.empty(max(v.numel() for v in upload["w"].values()),
+                                          dtype=torch.float64)            # buffer, reused
+            term = acc["term"][:t.numel()].view(t.shape)
+            out.add_(term.copy_(t).mul_(scale))
+
+    def finish_aggregate(self, server: ServerState, acc: dict) -> None:
+        """Write the aggregate into the server model. If the uploads' weights did not
+        sum to the expected total (a participant sent nothing), rescale to it."""
+        fix = acc["total"] / acc["seen"] if acc["seen"] != acc["total"] else None
+        for key, out in acc["sum"].items():
+            if fix is not None:
+                out.mul_(fix)
+            server.weights[key] = out.to(acc["dtype"][key])
+        server.weights.update(acc["max"])
 
     def predict(self, server: ServerState, client: ClientState, idx: np.ndarray) -> np.ndarray:
         """Class probabilities for images `idx` with the model this method uses for
@@ -938,7 +991,11 @@ def _rounds(cfg, algo, server, clients, holdout, record, out, stop_after, log, s
         algo.begin_round(server, clients)
         sampled = [clients[k] for k in sample_clients(cfg.seed, t, len(clients), cfg.fraction)]
         up_bytes, down_bytes, uploads = {}, {}, {}
-        for client in algo.participants(server, sampled):
+        participants = algo.participants(server, sampled)
+        stream = algo.streams()           # fold each upload now: memory flat in clients
+        if stream:
+            acc = algo.begin_aggregate(sum(algo.upload_weight(c.n) for c in participants))
+        for client in participants:
             bar.status(f"round {t + 1}/{cfg.rounds}: training {client.name}")
             try:
                 payload, down = transmit(algo.broadcast(server, client))
@@ -949,9 +1006,18 @@ def _rounds(cfg, algo, server, clients, holdout, record, out, stop_after, log, s
                                    "or infinite after local training")
             except Diverged as e:
                 raise Diverged(f"{e}; {_kept(t, out)}") from None
-            uploads[client.id], up_bytes[client.id], down_bytes[client.id] = upload, up, down
-        if any(uploads.values()):
+            up_bytes[client.id], down_bytes[client.id] = up, down
+            if stream and upload:
+                algo.fold(acc, upload)
+                uploads[client.id] = True
+            else:
+                uploads[client.id] = upload
+            del upload, payload
+        if stream and any(uploads.values()):
+            algo.finish_aggregate(server, acc)
+        elif any(uploads.values()):
             algo.aggregate(server, {k: u for k, u in uploads.items() if u})
+        if any(uploads.values()):
             bad = first_nonfinite(server.weights)
             if bad:
                 raise Diverged(f"round {t + 1}, server: aggregated weight {bad} is NaN or "

@@ -360,3 +360,50 @@ def test_config_records_the_command_line_and_the_thread_count(tmp_path, capsys):
         torch.set_num_threads(threads)
     err = capsys.readouterr().err
     assert rc == 0 and "warning" in err and f"OMP_NUM_THREADS={threads}" in err
+
+
+# ---------------------------------------------------------------- memory flat in clients
+
+def test_streamed_fedavg_aggregate_is_bit_identical_to_the_list_one(fed):
+    """fold/finish (one upload at a time) against the pre-streaming aggregation: per key
+    weighted_average over the list (float64, sum_k w_k * (n_k / n)) and the max of
+    num_batches_tracked; unequal n_k; bit for bit."""
+    from test_core import make_algo
+    algo, server, _ = make_algo(fed)
+    gen = torch.Generator().manual_seed(5)
+    n = [3, 11, 7, 1]
+    ups = [{"w": {k: (torch.randn(v.shape, generator=gen) if v.is_floating_point()
+                      else v + i) for k, v in server.weights.items()}, "n": n[i]}
+           for i in range(4)]
+    acc = algo.begin_aggregate(sum(n))
+    for u in ups:
+        algo.fold(acc, u)
+    algo.finish_aggregate(server, acc)
+    for key in server.weights:
+        tensors = [u["w"][key] for u in ups]
+        ref = (torch.stack(tensors).max() if key.endswith("num_batches_tracked")
+               else fedmed.weighted_average(tensors, n))
+        assert server.weights[key].dtype == ref.dtype and torch.equal(server.weights[key], ref), key
+
+
+def test_the_loop_folds_each_upload_before_the_next_client_trains(tmp_path, fed, monkeypatch):
+    cls = fedmed.ALGORITHMS["fedavg"]
+    events = []
+    orig_update, orig_fold = cls.local_update, cls.fold
+    monkeypatch.setattr(cls, "local_update", lambda self, c, p: (
+        events.append(("train", c.id)), orig_update(self, c, p))[1])
+    monkeypatch.setattr(cls, "fold", lambda self, acc, u: (
+        events.append(("fold",)), orig_fold(self, acc, u))[1])
+    fedmed.run(Config(model="cnn", rounds=1, batch_size=16), None, fed, str(tmp_path / "o"),
+               quiet=True)
+    assert events == [("train", 0), ("fold",), ("train", 1), ("fold",), ("train", 2), ("fold",)]
+
+
+def test_streamed_and_listed_runs_give_the_same_weights(tmp_path, fed, monkeypatch):
+    cfg = Config(model="cnn", rounds=2, batch_size=16, fraction=0.67)
+    fedmed.run(cfg, None, fed, str(tmp_path / "s"), quiet=True)
+    monkeypatch.setattr(fedmed.Algorithm, "stream_uploads", False)
+    fedmed.run(cfg, None, fed, str(tmp_path / "l"), quiet=True)
+    a, b = (fedmed.load_checkpoint(str(tmp_path / d / "checkpoint.pt"))["server"]["weights"]
+            for d in "sl")
+    assert all(torch.equal(a[k], b[k]) for k in a)
