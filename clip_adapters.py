@@ -431,7 +431,7 @@ class FeatureStore:
         hs, fs = [], []
         for p in self._shards():
             try:
-                with np.load(p) as z:
+                with np.load(p, allow_pickle=False) as z:
                     hs.append(z["h"])
                     fs.append(z["f"])
             except (OSError, ValueError, KeyError, EOFError) as e:  # removed or damaged
@@ -627,7 +627,7 @@ class ClipBackbone:
         path = self.store.text_path(key)
         if path and os.path.isfile(path):
             try:
-                t = np.load(path)
+                t = np.load(path, allow_pickle=False)
                 if t.shape == (len(names), self.spec.embed_dim):
                     return torch.from_numpy(t)
             except (OSError, ValueError):

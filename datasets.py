@@ -1002,7 +1002,7 @@ def load_images(cat: Catalog, rows: np.ndarray, size: int, color_constancy: bool
             with open(stem + ".json", "w") as f:
                 json.dump({"root": cat.root, "dataset": cat.name, "images": len(cat.files),
                            "size": size, "transform": transform_name(size, color_constancy)}, f)
-        mm = np.load(data_path, mmap_mode="r+")
+        mm = np.load(data_path, mmap_mode="r+", allow_pickle=False)
     except (OSError, ValueError) as e:
         raise UsageError(f"--cache-dir {cache_dir}: cannot use the image cache there "
                          f"({_one_line(e)}); give a writable folder or --cache-dir none")
@@ -1012,7 +1012,7 @@ def load_images(cat: Catalog, rows: np.ndarray, size: int, color_constancy: bool
     done = np.zeros(len(cat.files), bool)
     if os.path.exists(done_path):
         try:
-            d = np.load(done_path)
+            d = np.load(done_path, allow_pickle=False)
             if d.shape == done.shape:
                 done = d
         except (OSError, ValueError):
@@ -1031,7 +1031,7 @@ def load_images(cat: Catalog, rows: np.ndarray, size: int, color_constancy: bool
                 mm.flush()
                 if os.path.exists(done_path):                 # merge a concurrent run's rows
                     try:
-                        d = np.load(done_path)
+                        d = np.load(done_path, allow_pickle=False)
                         done |= d if d.shape == done.shape else False
                     except (OSError, ValueError):
                         pass

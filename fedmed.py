@@ -21,6 +21,7 @@ import io
 import itertools
 import json
 import os
+import pickle
 import subprocess
 import sys
 import time
@@ -34,6 +35,39 @@ from torch import nn
 
 class UsageError(Exception):
     """Bad input from the user: run.py prints it as one line and exits with status 2."""
+
+
+class Diverged(Exception):
+    """Training produced a non-finite loss, weight or prediction: the run stops before
+    writing that round (the last good checkpoint stays), and run.py prints this as one
+    line and exits with status EXIT_DIVERGED."""
+
+
+EXIT_DIVERGED = 3
+
+
+class Interrupted(Exception):
+    """Ctrl-C during the loop: says where the run stopped (run.py adds the command that
+    continues it, prints one line and exits with status 130)."""
+
+
+def first_nonfinite(obj, path: str = "") -> str | None:
+    """The key path of the first floating tensor in `obj` (nested dicts/lists) holding a
+    NaN or an infinity; None when every one is finite."""
+    if isinstance(obj, torch.Tensor):
+        bad = (obj.is_floating_point() or obj.is_complex()) and not bool(torch.isfinite(obj).all())
+        return (path or "tensor") if bad else None
+    if isinstance(obj, dict):
+        items = obj.items()
+    elif isinstance(obj, (list, tuple)):
+        items = enumerate(obj)
+    else:
+        return None
+    for k, v in items:
+        found = first_nonfinite(v, f"{path}.{k}" if path else str(k))
+        if found:
+            return found
+    return None
 
 
 # ---------------------------------------------------------------- randomness
@@ -380,15 +414,68 @@ class Algorithm:
 
     def aggregate(self, server: ServerState, uploads: dict) -> None:
         """w <- sum_k n_k / n w_k over the clients that uploaded (Algorithm 1); BN
-        num_batches_tracked takes the maximum over clients."""
+        num_batches_tracked takes the maximum over clients.
+
+        The loop does not call this for a method that keeps this aggregation: it folds
+        each upload into a running sum as it arrives (`begin_aggregate`, `fold`,
+        `finish_aggregate`, the same float64 operations in the same order, so the result
+        is bit for bit this one), and peak memory does not grow with the number of
+        sampled clients. A method that overrides `aggregate` receives every upload of
+        the round at once, because it needs them together (FedLSM's AWPA weights, FedAL's
+        and FCU's per-round rules, FedMedCLIP's masked FAM average): memory there grows
+        with the uploads kept."""
         ups = [uploads[k] for k in sorted(uploads)]
-        weights = ([u["n"] for u in ups] if self.cfg.weighting == "samples" else [1] * len(ups))
-        for key in ups[0]["w"]:
-            tensors = [u["w"][key] for u in ups]
+        acc = self.begin_aggregate(sum(self.upload_weight(u["n"]) for u in ups))
+        for u in ups:
+            self.fold(acc, u)
+        self.finish_aggregate(server, acc)
+
+    stream_uploads = True             # False: keep every upload until aggregate (benchmarks)
+
+    def streams(self) -> bool:
+        """Whether the loop may fold uploads as they arrive (the class keeps this
+        file's aggregate, so nothing needs them all at once)."""
+        return self.stream_uploads and type(self).aggregate is Algorithm.aggregate
+
+    def upload_weight(self, n: int) -> float:
+        return n if self.cfg.weighting == "samples" else 1
+
+    def begin_aggregate(self, total: float) -> dict:
+        """A running aggregate expecting weights summing to `total` (the participants'
+        n_k, known before they train)."""
+        return {"total": float(total), "seen": 0.0, "sum": {}, "max": {}, "dtype": {},
+                "term": None}
+
+    def fold(self, acc: dict, upload: dict) -> None:
+        """acc += n_k / total * w_k in float64 (weighted_average's operations, one
+        upload at a time); num_batches_tracked: running maximum."""
+        w = self.upload_weight(upload["n"])
+        acc["seen"] += w
+        scale = w / acc["total"]
+        for key, t in upload["w"].items():
             if key.endswith("num_batches_tracked"):
-                server.weights[key] = torch.stack(tensors).max()
-            else:
-                server.weights[key] = weighted_average(tensors, weights)
+                m = acc["max"].get(key)
+                acc["max"][key] = t.clone() if m is None else torch.maximum(m, t)
+                continue
+            out = acc["sum"].get(key)
+            if out is None:
+                out = acc["sum"][key] = torch.zeros_like(t, dtype=torch.float64)
+                acc["dtype"][key] = t.dtype
+            if acc["term"] is None or acc["term"].numel() < t.numel():     # one scratch
+                acc["term"] = torch.empty(max(v.numel() for v in upload["w"].values()),
+                                          dtype=torch.float64)            # buffer, reused
+            term = acc["term"][:t.numel()].view(t.shape)
+            out.add_(term.copy_(t).mul_(scale))
+
+    def finish_aggregate(self, server: ServerState, acc: dict) -> None:
+        """Write the aggregate into the server model. If the uploads' weights did not
+        sum to the expected total (a participant sent nothing), rescale to it."""
+        fix = acc["total"] / acc["seen"] if acc["seen"] != acc["total"] else None
+        for key, out in acc["sum"].items():
+            if fix is not None:
+                out.mul_(fix)
+            server.weights[key] = out.to(acc["dtype"][key])
+        server.weights.update(acc["max"])
 
     def predict(self, server: ServerState, client: ClientState, idx: np.ndarray) -> np.ndarray:
         """Class probabilities for images `idx` with the model this method uses for
@@ -474,14 +561,18 @@ class Algorithm:
         model.train()
         opt = self.make_optimizer(client)
         gen = torch_rng(cfg.seed, "batches", self.round, client.id)
-        steps = 0
+        steps, finite = 0, torch.ones((), dtype=torch.bool, device=self.device)
         with seeded(cfg.seed, "local", self.round, client.id):
             for idx in self.local_batches(client, gen, steps_scale):
                 loss = self.loss(model, self.batch(idx, gen), payload, client)
+                finite &= torch.isfinite(loss.detach())   # checked once, no sync per step
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
                 steps += 1
+        if not bool(finite):
+            raise Diverged(f"round {self.round + 1}, client {client.name}: the training loss "
+                           "became NaN or infinite")
         if cfg.keep_optimizer:
             client.state["optimizer"] = opt.state_dict()
         return steps
@@ -510,12 +601,17 @@ def atomic_write(path: str, data: bytes | str, fsync: bool = True) -> None:
     """Write to a temporary file, then rename it over `path`: a reader (or a run killed
     mid-write) sees the old file or the new one, never half of one."""
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data.encode() if isinstance(data, str) else data)
-        f.flush()
-        if fsync:
-            os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            if fsync:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:                             # a full disk, a kill: no temporary left
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
 
 
 def atomic_torch_save(obj, path: str) -> None:
@@ -537,6 +633,139 @@ def atomic_torch_save(obj, path: str) -> None:
     atomic_write(path, buf.getvalue(), fsync=False)
 
 
+def _numpy_safe_globals() -> list:
+    """The numpy types a checkpoint may hold (index arrays, scalars), allowed by torch's
+    weights_only unpickler: arrays of numbers, booleans and strings, never objects."""
+    from numpy._core.multiarray import _reconstruct, scalar
+    kinds = (np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32,
+             np.uint64, np.float16, np.float32, np.float64, np.str_)
+    return [np.ndarray, np.dtype, _reconstruct, scalar, bytes] + [type(np.dtype(k)) for k in kinds]
+
+
+def safe_torch_load(source, **kw):
+    """torch.load that never runs code from the file: weights_only=True with only the
+    numpy array/scalar types registered (a pickle that names any other callable fails)."""
+    with torch.serialization.safe_globals(_numpy_safe_globals()):
+        return torch.load(source, map_location="cpu", weights_only=True, **kw)
+
+
+def state_digest(obj) -> str:
+    """sha256 of a checkpoint's content: every tensor's dtype, shape and bytes, every
+    array's, and the repr of every other leaf, walked in order (dict keys included)."""
+    h = hashlib.sha256()
+
+    def walk(o):
+        if isinstance(o, torch.Tensor):
+            t = o.detach().cpu().contiguous()
+            h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy())
+        elif isinstance(o, np.ndarray):
+            h.update(f"A{o.dtype.str}{o.shape}".encode())
+            h.update(np.ascontiguousarray(o).tobytes())
+        elif isinstance(o, dict):
+            h.update(f"D{len(o)}".encode())
+            for k, v in o.items():
+                walk(k)
+                walk(v)
+        elif isinstance(o, (list, tuple)):
+            h.update(f"{type(o).__name__[0]}{len(o)}".encode())
+            for v in o:
+                walk(v)
+        else:
+            h.update(f"S{type(o).__name__}:{o!r};".encode())
+    walk(obj)
+    return h.hexdigest()
+
+
+def save_checkpoint(obj: dict, path: str) -> None:
+    """Atomically write checkpoint `obj` with its `state_digest` under "sha256"."""
+    atomic_torch_save({**obj, "sha256": state_digest(obj)}, path)
+
+
+def load_checkpoint(path: str, what: str = "--resume") -> dict:
+    """Read a checkpoint written by `save_checkpoint` without executing anything in it,
+    and verify its sha256; any failure is a one-line UsageError naming `path`."""
+    try:
+        ck = safe_torch_load(path)
+    except Exception as e:  # noqa: BLE001 - any unreadable or unsafe file
+        kind = "unsafe content" if isinstance(e, pickle.UnpicklingError) else type(e).__name__
+        raise UsageError(f"{what}: {path} cannot be read ({kind}); start a new run with "
+                         "another --out")
+    want = ck.pop("sha256", None) if isinstance(ck, dict) else None
+    if want is None or state_digest(ck) != want:
+        raise UsageError(f"{what}: {path} fails its checksum (damaged or edited since it was "
+                         "written); start a new run with another --out")
+    return ck
+
+
+RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "checkpoint.pt")
+LOCK_NAME = ".lock"
+
+
+def is_run_folder(out: str) -> bool:
+    """Whether `out` holds a FedMed run (its own, or a protocol's phases in subfolders)."""
+    if any(os.path.exists(os.path.join(out, n)) for n in RUN_FILES):
+        return True
+    return any(os.path.isdir(os.path.join(out, d)) and is_run_folder(os.path.join(out, d))
+               for d in os.listdir(out))
+
+
+def clear_out(out: str) -> None:
+    """--overwrite: remove everything in `out` (files, phase folders, temporaries) but
+    its lock, so that nothing of the old run is left for a later --resume to pick up.
+    Refuses a folder that is not a FedMed run (never empties an arbitrary folder)."""
+    import shutil
+    names = [n for n in os.listdir(out) if n != LOCK_NAME]
+    if names and not is_run_folder(out):
+        raise UsageError(f"--overwrite: {out} holds files that are not a FedMed run "
+                         f"(e.g. {sorted(names)[0]}); give an empty or new --out")
+    for n in names:
+        p = os.path.join(out, n)
+        if os.path.isdir(p) and not os.path.islink(p):
+            shutil.rmtree(p)
+        else:
+            os.remove(p)
+
+
+_LOCKS: dict = {}                     # realpath -> [fd, depth]: held by this process
+
+
+@contextlib.contextmanager
+def locked(out: str):
+    """Hold an exclusive lock on the results folder `out` (flock on out/.lock, which
+    holds the owner's PID) for the block; re-entrant within a process; released on exit
+    or when the process dies, however it dies. A second process gets a UsageError naming
+    the first's PID."""
+    import fcntl
+    os.makedirs(out, exist_ok=True)
+    key = os.path.realpath(out)
+    if key in _LOCKS:
+        _LOCKS[key][1] += 1
+    else:
+        path = os.path.join(out, LOCK_NAME)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                pid = os.pread(fd, 32, 0).decode().strip() or "?"
+            finally:
+                os.close(fd)
+            raise UsageError(f"--out {out} is in use by another run (PID {pid}); wait for it "
+                             "to finish or give another --out") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        _LOCKS[key] = [fd, 1]
+    try:
+        yield
+    finally:
+        _LOCKS[key][1] -= 1
+        if _LOCKS[key][1] == 0:
+            fd = _LOCKS.pop(key)[0]
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+
 def git_commit() -> str | None:
     try:
         here = os.path.dirname(os.path.abspath(__file__))
@@ -550,12 +779,36 @@ def versions() -> dict:
     """Versions of what produced a result (open_clip read from its package metadata:
     importing it costs seconds)."""
     from importlib import metadata
-    v = {"python": sys.version.split()[0], "torch": torch.__version__, "numpy": np.__version__}
+    v = {"python": sys.version.split()[0], "torch": torch.__version__, "numpy": np.__version__,
+         "torch_git": torch.version.git_version, "torch_cuda": torch.version.cuda,
+         "torch_threads": torch.get_num_threads(),           # results depend on these
+         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),  # (reduction
+         "torch_blas": next((w.split("=")[1] for w in torch.__config__.show().split(", ")
+                             if w.startswith("BLAS_INFO=")), None)}        # order, kernels)
     try:
         v["open_clip"] = metadata.version("open_clip_torch")
     except metadata.PackageNotFoundError:
         v["open_clip"] = None
     return v
+
+
+def _strict(obj):
+    """`obj` with every NaN/infinite float replaced by None: the files stay valid JSON
+    (json.dumps would write NaN, which JSON does not have)."""
+    if isinstance(obj, float):
+        return obj if np.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _strict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_strict(v) for v in obj]
+    if isinstance(obj, (np.floating, np.integer, np.ndarray)):
+        return _strict(_jsonable(obj))
+    return obj
+
+
+def jsonl_line(m: dict) -> str:
+    """One line of metrics.jsonl (an undefined metric, NaN in memory, is null on disk)."""
+    return json.dumps(_strict(m), default=_jsonable, allow_nan=False) + "\n"
 
 
 def _jsonable(o):
@@ -569,7 +822,8 @@ def _jsonable(o):
 
 
 def dumps(obj) -> str:
-    return json.dumps(obj, indent=2, default=_jsonable, sort_keys=True) + "\n"
+    return json.dumps(_strict(obj), indent=2, default=_jsonable, sort_keys=True,
+                      allow_nan=False) + "\n"
 
 
 # settings that may differ between a run and its resumption
@@ -630,6 +884,27 @@ def sample_clients(seed: int, t: int, K: int, fraction: float) -> list:
     return sorted(np_rng(seed, "sample", t).choice(K, size=m, replace=False).tolist())
 
 
+def data_identity(fed) -> dict:
+    """{client: sha256} of what each client holds: its split indices, the labels and the
+    files (or keys) of those rows, and the class names. A checkpoint records it, so that
+    --resume on changed data (rows removed from a CSV shift every index) is refused
+    instead of restoring indices that now point at other images."""
+    y = fed.y.numpy()
+    files = list(fed.files) if getattr(fed, "files", None) else None
+    out = {}
+    for c in list(fed.clients) + list(fed.holdout):
+        h = hashlib.sha256(repr(list(fed.classes)).encode())
+        for split in ("train", "test", "unlabeled"):
+            idx = np.asarray(getattr(c, split), dtype=np.int64)
+            h.update(split.encode())
+            h.update(idx.tobytes())
+            h.update(np.ascontiguousarray(y[idx]).astype(np.int64).tobytes())
+            if files is not None:
+                h.update("\0".join(str(files[i]) for i in idx).encode())
+        out[c.name] = h.hexdigest()[:16]
+    return out
+
+
 def make_clients(fed) -> list:
     empty = [c.name for c in fed.clients if len(c.train) == 0 and len(c.unlabeled) == 0]
     if empty:
@@ -646,9 +921,11 @@ def make_clients(fed) -> list:
 
 
 def run(cfg: Config, args, fed, out: str, *, resume: bool = False, data_args: dict | None = None,
-        stop_after: int | None = None, quiet: bool = False, log=print) -> dict:
+        stop_after: int | None = None, quiet: bool = False, log=print,
+        argv: list | None = None) -> dict:
     """Train `cfg.algo` on federation `fed` for cfg.rounds rounds, writing results to
-    `out`; returns the summary. The ONE round loop of the project."""
+    `out`; returns the summary. The ONE round loop of the project. `out` is locked
+    against other processes while it runs."""
     clients = make_clients(fed)
     algo = ALGORITHMS[cfg.algo](cfg, args, fed)
     algo.quiet = quiet                                # e.g. no feature-extraction bar in setup
@@ -663,47 +940,106 @@ def run(cfg: Config, args, fed, out: str, *, resume: bool = False, data_args: di
               "clients": [c.name for c in clients], "holdout": [c.name for c in holdout],
               "split": fed.split_summary(), "dataset_info": fed.info,
               "versions": versions(), "git_commit": git_commit(),
-              "algorithm_info": getattr(algo, "info", {})}   # e.g. a protocol's derived settings
+              "algorithm_info": getattr(algo, "info", {}),   # e.g. a protocol's derived settings
+              "data_identity": data_identity(fed),
+              "argv": list(sys.argv[1:] if argv is None else argv)}   # the command as typed
+    with locked(out):
+        return _loop(cfg, algo, server, clients, holdout, record, out, resume, stop_after,
+                     quiet, log)
+
+
+def _loop(cfg, algo, server, clients, holdout, record, out, resume, stop_after, quiet, log):
     ckpt_path = os.path.join(out, "checkpoint.pt")
     metrics_path = os.path.join(out, "metrics.jsonl")
     start = 0
     if resume:
-        start = _restore(ckpt_path, record, out, server, clients, algo)
-        _truncate_metrics(metrics_path, start)
+        start, totals = _restore(ckpt_path, record, out, server, clients, algo)
+        if cfg.rounds < start:
+            raise UsageError(f"--resume --rounds {cfg.rounds}: the run in {out} already did "
+                             f"{start} rounds; give --rounds {start} or more (more continue it)")
+        _repair_metrics(metrics_path, start)
+        record["history"] = _history(out) + [{"rounds": cfg.rounds, "from_round": start,
+                                              "argv": record["argv"]}]
+        atomic_write(os.path.join(out, "config.json"), dumps(record))
     else:
-        os.makedirs(out, exist_ok=True)
-        for name in ("summary.json", "checkpoint.pt"):    # stale files of a replaced run
-            if os.path.exists(os.path.join(out, name)):
-                os.remove(os.path.join(out, name))
+        clear_out(out)                                    # stale files of a replaced run
+        totals = {"bytes_up": 0, "bytes_down": 0, "seconds": 0.0}
+        record["history"] = [{"rounds": cfg.rounds, "from_round": 0, "argv": record["argv"]}]
         atomic_write(os.path.join(out, "config.json"), dumps(record))
         atomic_write(metrics_path, "")
-    totals = _totals_from(metrics_path)
     bar = Progress(cfg.rounds, start, enabled=not quiet)
+    try:
+        return _rounds(cfg, algo, server, clients, holdout, record, out, stop_after, log,
+                       start, totals, bar, ckpt_path, metrics_path)
+    except KeyboardInterrupt:
+        done = _RoundsDone.get(out, start)
+        kept = (f"the checkpoint of round {done} in {out} is kept" if done else
+                "no round finished")
+        raise Interrupted(f"interrupted in round {done + 1} of {cfg.rounds}; {kept}") from None
+
+
+_RoundsDone: dict = {}                # out -> rounds checkpointed by the running loop
+
+
+def _rounds(cfg, algo, server, clients, holdout, record, out, stop_after, log, start, totals,
+            bar, ckpt_path, metrics_path):
     last = None
+    _RoundsDone[out] = start
     for t in range(start, cfg.rounds):
         algo.round = t
         t0 = time.perf_counter()
         algo.begin_round(server, clients)
         sampled = [clients[k] for k in sample_clients(cfg.seed, t, len(clients), cfg.fraction)]
         up_bytes, down_bytes, uploads = {}, {}, {}
-        for client in algo.participants(server, sampled):
+        participants = algo.participants(server, sampled)
+        stream = algo.streams()           # fold each upload now: memory flat in clients
+        if stream:
+            acc = algo.begin_aggregate(sum(algo.upload_weight(c.n) for c in participants))
+        for client in participants:
             bar.status(f"round {t + 1}/{cfg.rounds}: training {client.name}")
-            payload, down = transmit(algo.broadcast(server, client))
-            upload, up = transmit(algo.local_update(client, payload))
-            uploads[client.id], up_bytes[client.id], down_bytes[client.id] = upload, up, down
-        if any(uploads.values()):
+            try:
+                payload, down = transmit(algo.broadcast(server, client))
+                upload, up = transmit(algo.local_update(client, payload))
+                bad = first_nonfinite(upload) or first_nonfinite(client.state.get("private"))
+                if bad:
+                    raise Diverged(f"round {t + 1}, client {client.name}: weight {bad} is NaN "
+                                   "or infinite after local training")
+            except Diverged as e:
+                raise Diverged(f"{e}; {_kept(t, out)}") from None
+            up_bytes[client.id], down_bytes[client.id] = up, down
+            if stream and upload:
+                algo.fold(acc, upload)
+                uploads[client.id] = True
+            else:
+                uploads[client.id] = upload
+            del upload, payload
+        if stream and any(uploads.values()):
+            algo.finish_aggregate(server, acc)
+        elif any(uploads.values()):
             algo.aggregate(server, {k: u for k, u in uploads.items() if u})
+        if any(uploads.values()):
+            bad = first_nonfinite(server.weights)
+            if bad:
+                raise Diverged(f"round {t + 1}, server: aggregated weight {bad} is NaN or "
+                               f"infinite; {_kept(t, out)}")
         train_seconds = time.perf_counter() - t0
-        last = evaluate_all(algo, server, clients, holdout, t, up_bytes, down_bytes, train_seconds)
+        try:
+            last = evaluate_all(algo, server, clients, holdout, t, up_bytes, down_bytes,
+                                train_seconds)
+        except Diverged as e:
+            raise Diverged(f"{e}; {_kept(t, out)}") from None
         with open(metrics_path, "a") as f:
-            f.write("".join(json.dumps(m, default=_jsonable) + "\n" for m in last))
+            f.write("".join(jsonl_line(m) for m in last))
         totals["bytes_up"] += sum(up_bytes.values())
         totals["bytes_down"] += sum(down_bytes.values())
         totals["seconds"] += time.perf_counter() - t0
-        atomic_torch_save({"round": t + 1, "record": comparable_config(record),
+        save_checkpoint({"round": t + 1, "record": comparable_config(record),
+                           "data_identity": record["data_identity"], "totals": dict(totals),
+                           "threads": torch.get_num_threads(),
                            "server": dataclasses.asdict(server),
                            "clients": [{"state": c.state, "train": c.train,
                                         "unlabeled": c.unlabeled} for c in clients]}, ckpt_path)
+        _RoundsDone[out] = t + 1
         pooled = [m for m in _primary(last) if m["client"] == "pooled"][0]
         bar.step(f"round {t + 1}: mean BA {_mean_ba(last):.3f}  pooled BA "
                  f"{pooled['balanced_accuracy']:.3f}  ({time.perf_counter() - t0:.1f}s)")
@@ -718,6 +1054,14 @@ def run(cfg: Config, args, fed, out: str, *, resume: bool = False, data_args: di
     return summary
 
 
+def _kept(t: int, out: str) -> str:
+    """What a diverged run leaves behind (it stopped in round t + 1)."""
+    if t == 0:
+        return "no round finished, nothing was kept; lower --lr (or check --momentum/--focal-gamma)"
+    return (f"the checkpoint of round {t} in {out} is kept; lower --lr (or check "
+            "--momentum/--focal-gamma) and start again")
+
+
 def evaluate_all(algo, server, clients, holdout, t, up_bytes, down_bytes, seconds) -> list:
     """Metrics of every client (trained this round or not) on its own test set, of the
     pooled test set (concatenated predictions, not a mean), and of held-out clients; one
@@ -727,6 +1071,10 @@ def evaluate_all(algo, server, clients, holdout, t, up_bytes, down_bytes, second
     for c in clients + holdout:
         out = algo.predict(server, c, c.test)
         views = out if isinstance(out, dict) else {algo.primary_view: out}
+        for view, prob in views.items():
+            if not np.isfinite(prob).all():
+                raise Diverged(f"round {t + 1}, client {c.name}: the {view} model's predicted "
+                               "probabilities are NaN or infinite")
         y = algo.fed.y[torch.as_tensor(c.test, dtype=torch.long)].numpy()
         for view, prob in views.items():
             m = classification_metrics(y, prob) if len(y) else {}
@@ -765,7 +1113,13 @@ def make_summary(last: list, totals: dict, rounds: int) -> dict:
     last = _primary(last)
     per = [m for m in last if m["client"] != "pooled" and not m["holdout"]]
     pooled = [m for m in last if m["client"] == "pooled"][0]
-    mean = lambda k: float(np.nanmean([m[k] for m in per]))  # noqa: E731
+    undefined: dict = {}
+
+    def mean(k):          # over the clients where metric k is defined (e.g. AUROC needs 2 classes)
+        vals = [m[k] for m in per if m[k] is not None and not np.isnan(m[k])]
+        if len(vals) < len(per):
+            undefined[k] = [m["client"] for m in per if m[k] is None or np.isnan(m[k])]
+        return float(np.mean(vals)) if vals else float("nan")
     summary = {"balanced_accuracy": mean("balanced_accuracy"),
                "pooled_balanced_accuracy": pooled["balanced_accuracy"],
                "accuracy": mean("accuracy"), "macro_f1": mean("macro_f1"),
@@ -776,6 +1130,8 @@ def make_summary(last: list, totals: dict, rounds: int) -> dict:
                "clients": {m["client"]: {k: m[k] for k in ("balanced_accuracy", "accuracy",
                                                            "macro_f1", "macro_auroc", "n")}
                            for m in per}}
+    if undefined:                     # named, never silently dropped from the mean
+        summary["undefined_for"] = undefined
     held = [m for m in last if m["holdout"]]
     if held:
         summary["holdout"] = {m["client"]: {k: m[k] for k in ("balanced_accuracy", "accuracy",
@@ -790,14 +1146,30 @@ def make_summary(last: list, totals: dict, rounds: int) -> dict:
     return summary
 
 
-def _restore(ckpt_path, record, out, server, clients, algo) -> int:
+def recorded_rounds(out: str) -> int | None:
+    """The total number of rounds config.json in `out` asks for (None if unreadable)."""
+    try:
+        with open(os.path.join(out, "config.json")) as f:
+            return int(json.load(f)["config"]["rounds"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _history(out: str) -> list:
+    """config.json's list of invocations: {rounds: the total asked for, from_round: the
+    round it started from} (0 for the first; a --resume with more --rounds extends)."""
+    try:
+        with open(os.path.join(out, "config.json")) as f:
+            old = json.load(f)
+    except (OSError, ValueError):
+        return []
+    return old.get("history") or [{"rounds": old.get("config", {}).get("rounds"), "from_round": 0}]
+
+
+def _restore(ckpt_path, record, out, server, clients, algo) -> tuple[int, dict]:
     if not os.path.isfile(ckpt_path):
         raise UsageError(f"--resume: {ckpt_path} does not exist; start the run without --resume")
-    try:
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-    except Exception as e:  # noqa: BLE001
-        raise UsageError(f"--resume: {ckpt_path} cannot be read ({type(e).__name__}); "
-                         "start a new run with another --out")
+    ck = load_checkpoint(ckpt_path)
     if ck.get("record") != comparable_config(record):
         theirs, ours = ck.get("record") or {}, comparable_config(record)
         diff = sorted(f"{sec}.{k}" for sec in ours for k in set(ours[sec]) | set(theirs.get(sec, {}))
@@ -805,31 +1177,64 @@ def _restore(ckpt_path, record, out, server, clients, algo) -> int:
         raise UsageError(f"--resume: {ckpt_path} comes from another configuration (differs in "
                          f"{', '.join(diff[:4]) or 'structure'}); resume with the same flags "
                          "or start a new --out")
+    theirs, ours = ck.get("data_identity") or {}, record["data_identity"]
+    if theirs != ours:
+        changed = [k for k in ours if theirs.get(k) != ours[k]] or sorted(set(theirs) - set(ours))
+        raise UsageError(f"--resume: the data changed since {ckpt_path} was written (the images, "
+                         f"labels or split of client {(changed or ['?'])[0]} differ); restore the "
+                         "data as it was, or start a new run with another --out")
+    if ck.get("threads") != torch.get_num_threads():
+        print(f"warning: {ckpt_path} was written with {ck.get('threads')} torch thread(s), this "
+              f"process has {torch.get_num_threads()}: the continued run may differ in the last "
+              f"bits from one that never stopped (set OMP_NUM_THREADS={ck.get('threads')})",
+              file=sys.stderr)
     server.weights, server.state = ck["server"]["weights"], ck["server"]["state"]
     for c, saved in zip(clients, ck["clients"]):
         c.state, c.train, c.unlabeled = saved["state"], saved["train"], saved["unlabeled"]
-    return int(ck["round"])
+    return int(ck["round"]), dict(ck["totals"])
 
 
 def _read_lines(path: str) -> list:
     if not os.path.isfile(path):
         return []
     with open(path) as f:
-        return [json.loads(s) for s in f if s.strip()]
+        lines = [json.loads(s) for s in f if s.strip()]
+    for m in lines:                   # null on disk = undefined = NaN in memory
+        for k in METRIC_KEYS:
+            if k in m and m[k] is None:
+                m[k] = float("nan")
+    return lines
 
 
-def _truncate_metrics(path: str, rounds_done: int) -> None:
-    """Drop lines of rounds after the checkpoint (written before a kill)."""
-    keep = [m for m in _read_lines(path) if m["round"] <= rounds_done]
-    atomic_write(path, "".join(json.dumps(m) + "\n" for m in keep))
+METRIC_KEYS = ("balanced_accuracy", "accuracy", "macro_f1", "macro_auroc", "loss")
 
 
-def _totals_from(path: str) -> dict:
-    lines = _read_lines(path)
-    pooled = [m for m in lines if m["client"] == "pooled" and m["view"] == lines[0]["view"]]
-    return {"bytes_up": sum(m["bytes_up"] for m in pooled),
-            "bytes_down": sum(m["bytes_down"] for m in pooled),
-            "seconds": sum(m.get("seconds", 0.0) for m in pooled)}
+def _repair_metrics(path: str, rounds_done: int) -> None:
+    """--resume: drop the lines of rounds after the checkpoint and a torn last line (both
+    written before a kill); refuse, in one line, a missing file, a damaged line before
+    the last, or a file without the checkpoint's last round."""
+    if not os.path.isfile(path):
+        raise UsageError(f"--resume: {path} is missing, so the rounds before the checkpoint "
+                         "cannot be reported; start a new run with another --out")
+    with open(path) as f:
+        texts = f.read().split("\n")
+    while texts and not texts[-1].strip():
+        texts.pop()
+    keep = []
+    for i, text in enumerate(texts):
+        try:
+            m = json.loads(text)
+        except ValueError:
+            if i == len(texts) - 1:                   # torn by a kill mid-write: dropped
+                break
+            raise UsageError(f"--resume: {path} line {i + 1} is damaged; start a new run with "
+                             "another --out") from None
+        if m.get("round", 0) <= rounds_done:
+            keep.append(m)
+    if rounds_done and not any(m.get("round") == rounds_done for m in keep):
+        raise UsageError(f"--resume: {path} has no line of round {rounds_done}, the round of "
+                         "the checkpoint; start a new run with another --out")
+    atomic_write(path, "".join(jsonl_line(m) for m in keep))
 
 
 def _last_round_lines(path: str) -> list:

@@ -2,12 +2,19 @@
 
     python run.py                                  # FedAvg on the synthetic federation
     python run.py --algo fedprox --mu 0.01 --dataset isic2019 --data-dir PATH
+
+Exit status: 0 done; 2 bad input (one line on stderr naming the flag, file or row);
+3 training diverged (a NaN/infinite loss, weight or prediction: one line naming the round
+and client; the last good checkpoint is kept); 130 interrupted (Ctrl-C).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import glob
 import os
+import shlex
 import sys
 import time
 
@@ -151,9 +158,8 @@ def validate(cfg: Config, ns: argparse.Namespace) -> None:
         raise UsageError("--resume and --overwrite exclude each other; pick one")
 
 
-def prepare_out(ns: argparse.Namespace, cfg: Config) -> str:
-    out = ns.out or os.path.join("runs", f"{cfg.algo}-{ns.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
-    exists = os.path.isdir(out) and os.listdir(out)
+def prepare_out(ns: argparse.Namespace, cfg: Config, out: str) -> str:
+    exists = os.path.isdir(out) and [n for n in os.listdir(out) if n != fedmed.LOCK_NAME]
     if ns.resume:
         marker = "config.json" if hasattr(fedmed.ALGORITHMS[cfg.algo], "protocol") else "checkpoint.pt"
         if not os.path.isfile(os.path.join(out, marker)):
@@ -166,18 +172,54 @@ def prepare_out(ns: argparse.Namespace, cfg: Config) -> str:
     return out
 
 
+def _held(out: str) -> contextlib.AbstractContextManager:
+    """The lock on an existing --out (a run in progress there is refused before anything
+    is read or replaced); a new folder is locked by the loop when it creates it."""
+    return fedmed.locked(out) if os.path.isdir(out) else contextlib.nullcontext()
+
+
+def continue_command(argv: list, out: str) -> str:
+    """The command line that continues an interrupted run: the same flags, without
+    --overwrite/--stop-after/--out, with --resume --out OUT."""
+    keep, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in ("--stop-after", "--out"):
+            skip = True
+        elif a not in ("--overwrite", "--resume") and not a.startswith(("--stop-after=", "--out=")):
+            keep.append(a)
+    return shlex.join(["python", "run.py", *keep, "--resume", "--out", out])
+
+
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return _main(argv)
+    except (fedmed.Interrupted, KeyboardInterrupt) as e:
+        where = str(e) if isinstance(e, fedmed.Interrupted) else "interrupted before training"
+        out = _OUT.get("out")
+        more = (f"; continue with: {continue_command(argv, out)}" if out and glob.glob(
+            os.path.join(glob.escape(out), "**", "checkpoint.pt"), recursive=True) else "")
+        print(f"stopped: {where}{more}", file=sys.stderr)
+        return 130
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except fedmed.Diverged as e:
+        print(f"error: training diverged: {e}", file=sys.stderr)
+        return fedmed.EXIT_DIVERGED
+
+
+_OUT: dict = {}                         # the --out of the run in progress (for Ctrl-C)
 
 
 def _main(argv) -> int:
     ns = build_parser().parse_args(argv)
+    ns.argv = list(argv)                                # recorded in config.json
     if ns.bn == "none":
         ns.bn = "params_only"
+    rounds_given = ns.rounds is not None
     for key, value in getattr(fedmed.ALGORITHMS.get(ns.algo), "recipe", {}).items():
         if getattr(ns, key) is None:                    # the paper's recipe (e.g. CLIP methods)
             setattr(ns, key, value)
@@ -188,7 +230,16 @@ def _main(argv) -> int:
     validate(cfg, ns)
     cls = fedmed.ALGORITHMS[cfg.algo]
     args = _fill(cls.Args, ns) if cls.Args is not None else None
-    out = prepare_out(ns, cfg)
+    out = ns.out or os.path.join("runs", f"{cfg.algo}-{ns.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
+    _OUT["out"] = out
+    with _held(out):                                    # before anything there is read
+        prepare_out(ns, cfg, out)
+        return _train(ns, cfg, cls, args, out, rounds_given)
+
+
+def _train(ns, cfg, cls, args, out, rounds_given) -> int:
+    if ns.resume and not rounds_given:                  # continue to the recorded total
+        cfg.rounds = fedmed.recorded_rounds(out) or cfg.rounds
     if ns.image_size is None and hasattr(cls, "default_image_size"):
         ns.image_size = cls.default_image_size(args)   # e.g. a CLIP model's input size
     fed = datasets.load(ns, seed=cfg.seed)
@@ -201,11 +252,13 @@ def _main(argv) -> int:
         if ns.stop_after is not None:
             raise UsageError(f"--stop-after does not apply to --algo {cfg.algo} (several runs); "
                              "interrupt it and continue with --resume")
+        if ns.overwrite and os.path.isdir(out):       # (the loop clears a plain run's folder)
+            fedmed.clear_out(out)                       # nothing of the old run is left
         summary = cls.protocol(cfg, args, fed, out, resume=ns.resume, data_args=data_args,
                                quiet=ns.quiet)
     else:
         summary = fedmed.run(cfg, args, fed, out, resume=ns.resume, data_args=data_args,
-                             stop_after=ns.stop_after, quiet=ns.quiet)
+                             stop_after=ns.stop_after, quiet=ns.quiet, argv=ns.argv)
     if summary:
         print(fedmed.results_table(summary))
         if hasattr(cls, "summary_table"):              # e.g. FedAL's label-efficiency curve

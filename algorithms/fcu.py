@@ -399,7 +399,7 @@ class FCU(Algorithm):
         path = os.path.join(folder, "checkpoint.pt")
         if not os.path.isfile(path):
             raise UsageError(f"{path} does not exist; run the original phase first")
-        ck = torch.load(path, map_location="cpu", weights_only=False)
+        ck = fedmed.load_checkpoint(path, "FCU")
         with open(os.path.join(folder, "config.json")) as fh:
             theirs = json.load(fh)["config"]
         ours = dataclasses.asdict(self.train_cfg)
@@ -692,8 +692,7 @@ class FCU(Algorithm):
 
     def audit_run(self, folder: str) -> dict:
         """The audit of a phase's final model, and of its theta_u when it uploaded one."""
-        ck = torch.load(os.path.join(folder, "checkpoint.pt"), map_location="cpu",
-                        weights_only=False)
+        ck = fedmed.load_checkpoint(os.path.join(folder, "checkpoint.pt"), "FCU audit")
         out = self.audit_model(ck["server"]["weights"])
         if "theta_u" in ck["server"]["state"]:           # right after unlearning, before post
             out["before_post_training"] = self.audit_model(ck["server"]["state"]["theta_u"])

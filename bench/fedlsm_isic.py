@@ -45,8 +45,9 @@ def command(method, seed, a) -> list:
 
 def pseudo_share(out: str):
     """FedLSM only: pseudo positives / all counted positives (q) in the last round."""
-    import torch
-    ck = torch.load(os.path.join(out, "checkpoint.pt"), map_location="cpu", weights_only=False)
+    sys.path.insert(0, ROOT)
+    import fedmed
+    ck = fedmed.load_checkpoint(os.path.join(out, "checkpoint.pt"))
     q = sum(int(c["state"]["q"].sum()) for c in ck["clients"])
     qp = sum(int(c["state"]["q_pseudo"].sum()) for c in ck["clients"])
     return qp / max(q, 1)
@@ -71,7 +72,7 @@ def pseudo_quality(out: str, a, seed: int) -> dict:
     args = cls.Args(**cfg_rec["algorithm_args"])
     cfg = fedmed.Config(**cfg_rec["config"])
     algo = cls(cfg, args, fed)
-    ck = torch.load(os.path.join(out, "checkpoint.pt"), map_location="cpu", weights_only=False)
+    ck = fedmed.load_checkpoint(os.path.join(out, "checkpoint.pt"))
     algo.load_model(ck["server"]["weights"], {})
     y, taken, right, nv = fed.y.numpy(), 0, 0, 0
     total = sum(len(c.unlabeled) for c in fed.clients)

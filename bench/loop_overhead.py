@@ -103,7 +103,7 @@ def main():
             t0 = time.perf_counter()
             fedmed.run(cfg, None, fed, out, quiet=True)
             t_ours = time.perf_counter() - t0
-            ours = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)["server"]["weights"]
+            ours = fedmed.load_checkpoint(os.path.join(out, "checkpoint.pt"))["server"]["weights"]
         same = all(torch.equal(ours[k], w_bare[k]) for k in w_bare)
         ratios.append(t_ours / t_bare)
         bare_times.append(t_bare)
