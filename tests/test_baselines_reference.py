@@ -151,14 +151,17 @@ def run_loop(fed, tmp_path, monkeypatch, algo, **cfg_kw):
     the global weights after each aggregation; returns (records, metrics lines)."""
     cls = fedmed.ALGORITHMS[algo]
     rec = {"agg": [], "lu": {}, "steps": {}}
-    orig_agg, orig_lu, orig_train = cls.aggregate, cls.local_update, cls.train
+    # the loop folds FedAvg's uploads as they arrive and ends with finish_aggregate (the
+    # list path, aggregate(), ends there too): recording there leaves the path unchanged
+    orig_agg, orig_lu, orig_train = cls.finish_aggregate, cls.local_update, cls.train
 
     def train(self, client, payload, steps_scale=1):
         rec["steps"][self.round, client.id] = orig_train(self, client, payload, steps_scale)
         return rec["steps"][self.round, client.id]
 
-    def agg(self, server, uploads):
-        orig_agg(self, server, uploads)
+    def agg(self, server, acc):
+        rec["streamed"] = self.streams()
+        orig_agg(self, server, acc)
         rec["agg"].append(clone(server.weights))
 
     def lu(self, client, payload):
@@ -167,7 +170,7 @@ def run_loop(fed, tmp_path, monkeypatch, algo, **cfg_kw):
         rec["lu"][self.round, client.id] = (clone(payload), before,
                                             clone(client.state.get("private", {})), clone(up))
         return up
-    monkeypatch.setattr(cls, "aggregate", agg)
+    monkeypatch.setattr(cls, "finish_aggregate", agg)
     monkeypatch.setattr(cls, "local_update", lu)
     monkeypatch.setattr(cls, "train", train)
     cfg = fedmed.Config(**{"algo": algo, "model": "cnn", "rounds": ROUNDS, "batch_size": B,
@@ -275,6 +278,7 @@ def test_fedavg_fedprox_two_rounds_by_hand(tmp_path, monkeypatch, case):
             check_line(lines, t, c.name, predict_metrics(fed, {**w, **held}, c.test))
     if holdout:
         assert any(m["holdout"] for m in lines)
+    assert rec["streamed"]                             # the path a real run takes
 
 
 def test_local_only_two_rounds_by_hand(fed, tmp_path, monkeypatch):
