@@ -71,9 +71,17 @@ def _add_dataclass_flags(group, cls, seen: set, only: set | None = None,
                            help=f"{text} (default: {default}{recipes})")
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse that reports a bad flag as one line (a UsageError) instead of printing the
+    whole usage block before it."""
+
+    def error(self, message):
+        raise UsageError(f"{message} (see python run.py --help)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     fedmed.load_algorithms()
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="run.py", description="FedMed: federated learning for medical image "
         "classification. Trains --algo on --dataset and writes results to --out.")
     p.add_argument("--algo", default="fedavg",
