@@ -1355,6 +1355,26 @@ def _check_flags(ns) -> None:
         raise UsageError(f"--max-images-per-client must be >= 2 (got {ns.max_images_per_client})")
 
 
+# data flags that only file-based datasets read
+FILE_FLAGS = ("data_dir", "color_constancy", "split_unit", "max_images_per_client")
+
+
+def check_flags(ns, given=()) -> None:
+    """The data flags, checked before anything is read: a known --dataset, values in
+    range, and no flag given (`given`: the dests typed) that the dataset does not read."""
+    if ns.dataset not in DATASETS:
+        raise UsageError(f"--dataset {ns.dataset!r} is unknown; choose one of "
+                         + ", ".join(sorted(DATASETS)))
+    _check_flags(ns)
+    if ns.dataset.startswith("synthetic"):
+        for name in FILE_FLAGS:
+            if name in given:
+                flag = "--" + name.replace("_", "-")
+                raise UsageError(f"{flag} does not apply to --dataset {ns.dataset} (generated, "
+                                 "no files); give --dataset imagefolder (or another) or drop "
+                                 f"{flag}")
+
+
 def load_catalog(ns: argparse.Namespace) -> Catalog:
     """The catalog of --dataset at --data-dir, with a one-line error for a bad path."""
     if not ns.data_dir:
@@ -1374,10 +1394,7 @@ def load_catalog(ns: argparse.Namespace) -> Catalog:
 
 
 def load(args: argparse.Namespace, seed: int) -> Federation:
-    if args.dataset not in DATASETS:
-        raise UsageError(f"--dataset {args.dataset!r} is unknown; choose one of "
-                         + ", ".join(sorted(DATASETS)))
-    _check_flags(args)
+    check_flags(args)
     if args.dataset == "synthetic-multilabel":      # label sets built in (FedLSM, multi-label)
         if args.partition not in (None, "labelset"):
             raise UsageError("--partition: synthetic-multilabel has built-in label sets; use "

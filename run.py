@@ -159,6 +159,34 @@ def validate(cfg: Config, ns: argparse.Namespace) -> None:
         raise UsageError("--resume and --overwrite exclude each other; pick one")
 
 
+def given_flags(parser: argparse.ArgumentParser, argv) -> set:
+    """The dests of the flags typed on the command line (not their defaults). Consumes
+    `parser` (its defaults are cleared)."""
+    for a in parser._actions:
+        a.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv)))
+
+
+def check_before_data(cfg: Config, args, ns: argparse.Namespace, given: set) -> None:
+    """What can be checked without reading an image: the data flags, the model name and
+    weights file, and a CLIP method's --clip-model and --pretrained."""
+    import models
+    datasets.check_flags(ns, given)
+    cls = fedmed.ALGORITHMS[cfg.algo]
+    if cls.build_model is not fedmed.Algorithm.build_model:   # e.g. CLIP methods
+        for name in ("model", "weights"):
+            if name in given:
+                raise UsageError(f"{_flag(name)} does not apply to --algo {cfg.algo} (it builds "
+                                 f"its own model); drop {_flag(name)}")
+    else:
+        models.check(cfg.model, cfg.weights)
+    if args is not None and hasattr(args, "clip_model"):
+        import clip_adapters
+        spec = clip_adapters.resolve_model(args.clip_model)
+        if hasattr(args, "pretrained"):
+            clip_adapters.resolve_weights(spec, args.pretrained, cfg.seed)
+
+
 def prepare_out(ns: argparse.Namespace, cfg: Config) -> str:
     out = ns.out or os.path.join("runs", f"{cfg.algo}-{ns.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
     exists = os.path.isdir(out) and os.listdir(out)
@@ -184,6 +212,7 @@ def main(argv=None) -> int:
 
 def _main(argv) -> int:
     ns = build_parser().parse_args(argv)
+    given = given_flags(build_parser(), argv)
     if ns.bn == "none":
         ns.bn = "params_only"
     for key, value in getattr(fedmed.ALGORITHMS.get(ns.algo), "recipe", {}).items():
@@ -196,6 +225,7 @@ def _main(argv) -> int:
     validate(cfg, ns)
     cls = fedmed.ALGORITHMS[cfg.algo]
     args = _fill(cls.Args, ns) if cls.Args is not None else None
+    check_before_data(cfg, args, ns, given)
     out = prepare_out(ns, cfg)
     if ns.image_size is None and hasattr(cls, "default_image_size"):
         ns.image_size = cls.default_image_size(args)   # e.g. a CLIP model's input size

@@ -34,3 +34,23 @@ def test_unparsable_value_is_one_line_not_the_usage_block(tmp_path, capsys, no_d
     assert "usage:" not in err
     rc, out = cli(tmp_path, "--no-such-flag")
     one_line_error(capsys, rc, "--no-such-flag", "--help", out=out)
+
+
+@pytest.mark.parametrize("flags,needles", [
+    (["--data-dir", "/tmp"], ["--data-dir", "synthetic"]),
+    (["--dataset", "synthetic-multilabel", "--color-constancy"], ["--color-constancy"]),
+    (["--dataset", "imagefolder", "--data-dir", "/tmp", "--model", "nope"], ["--model", "'nope'"]),
+    (["--dataset", "imagefolder", "--data-dir", "/tmp", "--weights", "/nonexistent/w.pt"],
+     ["--weights", "/nonexistent/w.pt"]),
+    (["--dataset", "imagefolder", "--data-dir", "/tmp", "--algo", "clip_linear",
+      "--clip-model", "nope-net"], ["--clip-model", "nope-net"]),
+    (["--dataset", "imagefolder", "--data-dir", "/tmp", "--algo", "clip_linear",
+      "--pretrained", "/nonexistent/clip.pt"], ["--pretrained", "/nonexistent/clip.pt"]),
+    (["--algo", "fedclip", "--model", "resnet18"], ["--model", "fedclip"]),
+])
+def test_flags_are_checked_before_the_data_are_read(tmp_path, capsys, no_data, flags, needles):
+    """--model, --weights, --clip-model, --pretrained and the data flags are refused before
+    any image is decoded (no_data fails the test otherwise); a flag the dataset or method
+    does not read is refused, not silently ignored."""
+    rc, out = cli(tmp_path, *flags)
+    one_line_error(capsys, rc, *needles, out=out)
