@@ -143,8 +143,9 @@ def validate(cfg: Config, ns: argparse.Namespace) -> None:
         raise UsageError("--local-epochs must be at least 1 (or set --local-steps)")
     if cfg.local_steps < 0:
         raise UsageError(f"--local-steps must be >= 0 (got {cfg.local_steps})")
-    if cfg.batch_size < 1:
-        raise UsageError(f"--batch-size must be at least 1 (got {cfg.batch_size})")
+    if cfg.batch_size < 2:        # the loop drops a batch of one image (BatchNorm cannot train on it)
+        raise UsageError(f"--batch-size must be at least 2 (got {cfg.batch_size}; a batch of one "
+                         "image is skipped, so nothing would train)")
     if cfg.lr <= 0:
         raise UsageError(f"--lr must be positive (got {cfg.lr})")
     if cfg.device.startswith("cuda"):

@@ -54,3 +54,10 @@ def test_flags_are_checked_before_the_data_are_read(tmp_path, capsys, no_data, f
     does not read is refused, not silently ignored."""
     rc, out = cli(tmp_path, *flags)
     one_line_error(capsys, rc, *needles, out=out)
+
+
+def test_batch_size_one_is_refused_not_zero_steps(tmp_path, capsys, no_data):
+    """The loop skips batches of one image (fedmed.Algorithm.local_batches), so B = 1
+    trained nothing and reported the untrained model (and with --local-steps never ended)."""
+    rc, out = cli(tmp_path, "--batch-size", "1")
+    one_line_error(capsys, rc, "--batch-size", "at least 2", out=out)
