@@ -1080,6 +1080,14 @@ def build(cat: Catalog, ns: argparse.Namespace, seed: int, log=None) -> Federati
         return (grouped_stratified_split(labels, idx, groups, tf, gen) if groups is not None
                 else stratified_split(labels, idx, tf, gen))
 
+    given = getattr(ns, "given_flags", ())               # flags typed (run.py)
+    if "clients" in given and partition == "natural":
+        raise UsageError(f"--clients does not apply to --partition natural ({cat.name} at "
+                         f"{cat.root} has sites: they are the clients); drop --clients or "
+                         "choose another --partition")
+    if "test_fraction" in given and cat.test is not None:
+        raise UsageError(f"--test-fraction does not apply: {cat.name} at {cat.root} has an "
+                         "official test split, which is used; drop --test-fraction")
     notes = list(cat.notes)
     pool = np.arange(N, dtype=np.int64)
     if partition == "natural":
@@ -1355,6 +1363,9 @@ def _check_flags(ns) -> None:
         raise UsageError(f"--max-images-per-client must be >= 2 (got {ns.max_images_per_client})")
 
 
+# data flags that only one partition reads
+PARTITION_FLAGS = {"alpha": "dirichlet", "min_client_size": "dirichlet",
+                   "shards_per_client": "shards", "labels_per_client": "labelset"}
 # data flags that only file-based datasets read
 FILE_FLAGS = ("data_dir", "color_constancy", "split_unit", "max_images_per_client")
 
@@ -1366,6 +1377,16 @@ def check_flags(ns, given=()) -> None:
         raise UsageError(f"--dataset {ns.dataset!r} is unknown; choose one of "
                          + ", ".join(sorted(DATASETS)))
     _check_flags(ns)
+    part = ns.partition or ("labelset" if ns.dataset == "synthetic-multilabel" else None)
+    for name, reader in PARTITION_FLAGS.items():
+        if name in given and part != reader:
+            flag = "--" + name.replace("_", "-")
+            raise UsageError(f"{flag} only applies to --partition {reader} (here: "
+                             f"{part or 'the default partition'}); add --partition {reader} "
+                             f"or drop {flag}")
+    if "clients" in given and part == "natural" and not ns.dataset.startswith("synthetic"):
+        raise UsageError("--clients does not apply to --partition natural (the clients are the "
+                         "dataset's sites); drop --clients or choose another --partition")
     if ns.dataset.startswith("synthetic"):
         for name in FILE_FLAGS:
             if name in given:

@@ -148,6 +148,14 @@ def validate(cfg: Config, ns: argparse.Namespace) -> None:
                          "image is skipped, so nothing would train)")
     if cfg.lr <= 0:
         raise UsageError(f"--lr must be positive (got {cfg.lr})")
+    if not 0 <= cfg.momentum < 1:
+        raise UsageError(f"--momentum must lie in [0, 1) (got {cfg.momentum})")
+    if cfg.weight_decay < 0:
+        raise UsageError(f"--weight-decay must be >= 0 (got {cfg.weight_decay})")
+    if cfg.focal_gamma < 0:
+        raise UsageError(f"--focal-gamma must be >= 0 (got {cfg.focal_gamma})")
+    if cfg.eval_batch_size < 1:
+        raise UsageError(f"--eval-batch-size must be at least 1 (got {cfg.eval_batch_size})")
     if cfg.device.startswith("cuda"):
         import torch
         if not torch.cuda.is_available():
@@ -168,10 +176,38 @@ def given_flags(parser: argparse.ArgumentParser, argv) -> set:
     return set(vars(parser.parse_args(argv)))
 
 
+# a flag that is read only under a condition: (flag, does it apply?, what makes it apply)
+CONDITIONAL = [
+    ("momentum", lambda cfg: cfg.optimizer == "sgd", "--optimizer sgd"),
+    ("focal_gamma", lambda cfg: cfg.loss == "focal", "--loss focal"),
+    ("local_epochs", lambda cfg: cfg.local_steps == 0, "no --local-steps (which replaces it)"),
+]
+
+
+def check_applies(cfg: Config, ns: argparse.Namespace, given: set) -> None:
+    """A flag typed on the command line that this configuration does not read is refused
+    (it would be silently ignored): another algorithm's options, SGD momentum with Adam,
+    --focal-gamma without the focal loss, --local-epochs with --local-steps."""
+    own = {f.name for f in dataclasses.fields(fedmed.ALGORITHMS[cfg.algo].Args or _NoArgs)}
+    for name in sorted(fedmed.ALGORITHMS):
+        for f in dataclasses.fields(fedmed.ALGORITHMS[name].Args or _NoArgs):
+            if f.name in given and f.name not in own and not hasattr(cfg, f.name):
+                users = [a for a in sorted(fedmed.ALGORITHMS) if f.name in
+                         {g.name for g in dataclasses.fields(fedmed.ALGORITHMS[a].Args or _NoArgs)}]
+                raise UsageError(f"{_flag(f.name)} does not apply to --algo {cfg.algo} (only to "
+                                 f"{', '.join(users)}); drop it or choose that algorithm")
+    for name, applies, when in CONDITIONAL:
+        if name in given and not applies(cfg):
+            raise UsageError(f"{_flag(name)} does not apply here; it is read only with {when}; "
+                             f"drop {_flag(name)}")
+
+
 def check_before_data(cfg: Config, args, ns: argparse.Namespace, given: set) -> None:
-    """What can be checked without reading an image: the data flags, the model name and
-    weights file, and a CLIP method's --clip-model and --pretrained."""
+    """What can be checked without reading an image: flags that do not apply, the data
+    flags, the model name and weights file, and a CLIP method's --clip-model and
+    --pretrained."""
     import models
+    check_applies(cfg, ns, given)
     datasets.check_flags(ns, given)
     cls = fedmed.ALGORITHMS[cfg.algo]
     if cls.build_model is not fedmed.Algorithm.build_model:   # e.g. CLIP methods
@@ -227,6 +263,7 @@ def _main(argv) -> int:
     cls = fedmed.ALGORITHMS[cfg.algo]
     args = _fill(cls.Args, ns) if cls.Args is not None else None
     check_before_data(cfg, args, ns, given)
+    ns.given_flags = given                             # datasets.build: flags a partition ignores
     out = prepare_out(ns, cfg)
     if ns.image_size is None and hasattr(cls, "default_image_size"):
         ns.image_size = cls.default_image_size(args)   # e.g. a CLIP model's input size

@@ -21,7 +21,7 @@ def no_data(monkeypatch):
 
 def cli(tmp_path, *flags):
     out = str(tmp_path / "out")
-    base = ["--image-size", "16", "--clients", "3", "--rounds", "1", "--batch-size", "16",
+    base = ["--image-size", "16", "--rounds", "1", "--batch-size", "16",
             "--quiet", "--out", out]
     return run.main(base + list(flags)), out
 
@@ -61,3 +61,57 @@ def test_batch_size_one_is_refused_not_zero_steps(tmp_path, capsys, no_data):
     trained nothing and reported the untrained model (and with --local-steps never ended)."""
     rc, out = cli(tmp_path, "--batch-size", "1")
     one_line_error(capsys, rc, "--batch-size", "at least 2", out=out)
+
+
+@pytest.mark.parametrize("flags,needles", [
+    (["--algo", "fedprox", "--mu", "-10"], ["--mu", "-10"]),
+    (["--momentum", "-1"], ["--momentum", "[0, 1)"]),
+    (["--momentum", "1"], ["--momentum", "[0, 1)"]),
+    (["--weight-decay", "-1"], ["--weight-decay"]),
+    (["--loss", "focal", "--focal-gamma", "-1"], ["--focal-gamma"]),
+    (["--eval-batch-size", "0"], ["--eval-batch-size"]),
+    (["--eval-batch-size", "-1"], ["--eval-batch-size"]),
+    # flags that this configuration would silently ignore
+    (["--mu", "0.1"], ["--mu", "fedprox"]),                           # --algo fedavg
+    (["--optimizer", "adam", "--momentum", "0.5"], ["--momentum", "sgd"]),
+    (["--focal-gamma", "3"], ["--focal-gamma", "--loss focal"]),       # --loss ce
+    (["--local-steps", "3", "--local-epochs", "2"], ["--local-epochs", "--local-steps"]),
+    (["--dataset", "imagefolder", "--data-dir", "/tmp", "--alpha", "0.1"],
+     ["--alpha", "dirichlet"]),
+    (["--dataset", "imagefolder", "--data-dir", "/tmp", "--partition", "iid",
+      "--shards-per-client", "3"], ["--shards-per-client", "shards"]),
+    (["--dataset", "imagefolder", "--data-dir", "/tmp", "--min-client-size", "3"],
+     ["--min-client-size", "dirichlet"]),
+    (["--dataset", "isic2019", "--data-dir", "/tmp", "--partition", "natural", "--clients", "4"],
+     ["--clients", "natural"]),
+])
+def test_meaningless_values_and_flags_that_do_not_apply(tmp_path, capsys, no_data, flags, needles):
+    """Out-of-range values are one-line errors before the data are read (momentum -1, weight
+    decay -1 and eval batch size 0 were tracebacks; mu -10 and the others were accepted),
+    and a flag that the chosen algorithm, optimiser, loss or partition does not read is
+    refused instead of being silently ignored."""
+    rc, out = cli(tmp_path, *flags)
+    one_line_error(capsys, rc, *needles, out=out)
+
+
+def write_image(path, value, size=(12, 10)):
+    from PIL import Image
+    path.parent.mkdir(parents=True, exist_ok=True)
+    g = np.random.default_rng(value)
+    Image.fromarray(g.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(path)
+
+
+def test_flags_a_real_dataset_does_not_read_are_refused(tmp_path, capsys):
+    """--clients with the natural partition a dataset with sites defaults to, and
+    --test-fraction where the folder has an official test split, were silently ignored."""
+    root = tmp_path / "sites"
+    for site in ("hospA", "hospB"):
+        for split in ("train", "test"):
+            for c in ("a", "b"):
+                for i in range(3):
+                    write_image(root / site / split / c / f"{i}.png", i)
+    base = ["--dataset", "imagefolder", "--data-dir", str(root), "--cache-dir", "none"]
+    rc, out = cli(tmp_path, *base, "--clients", "4")
+    one_line_error(capsys, rc, "--clients", "natural", out=out)
+    rc, out = cli(tmp_path, *base, "--test-fraction", "0.3")
+    one_line_error(capsys, rc, "--test-fraction", "official test split", out=out)
