@@ -1191,6 +1191,8 @@ def build(cat: Catalog, ns: argparse.Namespace, seed: int, log=None) -> Federati
     used = np.unique(np.concatenate([np.concatenate([c.train, c.test, c.unlabeled])
                                      for c in members]).astype(np.int64))
     size = ns.image_size or cat.default_size
+    check_memory(len(used) * 3 * size * size, size, f"{len(used):,} images",
+                 " or --max-images-per-client")
     t0 = time.perf_counter()
     x, where = load_images(cat, used, size, ns.color_constancy, cache_dir(ns), log=log)
     for c in members:
@@ -1396,6 +1398,28 @@ def check_flags(ns, given=()) -> None:
                                  f"{flag}")
 
 
+def available_memory() -> int | None:
+    """Bytes of memory available now (MemAvailable), None where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_memory(nbytes: int, size: int, what: str, hint: str = "") -> None:
+    """A one-line error before decoding when the images at --image-size `size` would not
+    fit in the memory available (instead of dying part-way)."""
+    avail = available_memory()
+    if avail is not None and nbytes > 0.8 * avail:
+        raise UsageError(f"--image-size {size}: {what} need {nbytes / 2 ** 30:.1f} GiB of "
+                         f"memory, more than the {avail / 2 ** 30:.1f} GiB available here; "
+                         f"lower --image-size{hint}")
+
+
 def load_catalog(ns: argparse.Namespace) -> Catalog:
     """The catalog of --dataset at --data-dir, with a one-line error for a bad path."""
     if not ns.data_dir:
@@ -1423,7 +1447,10 @@ def load(args: argparse.Namespace, seed: int) -> Federation:
         if args.unlabeled_fraction:
             raise UsageError("--unlabeled-fraction does not apply to synthetic-multilabel "
                              "(its missing labels come from the label sets); drop it")
-        fed = make_synthetic_multilabel(seed, args.clients, args.image_size or 32,
+        size = args.image_size or 32            # images and their float32 work arrays:
+        check_memory(args.clients * 200 * 3 * size * size * 4 * 4, size,
+                     f"{args.clients} synthetic clients")
+        fed = make_synthetic_multilabel(seed, args.clients, size,
                                         args.labels_per_client, args.test_fraction,
                                         args.oracle_labels)
         notes: list = []
@@ -1434,7 +1461,10 @@ def load(args: argparse.Namespace, seed: int) -> Federation:
         if args.partition not in (None, "natural"):
             raise UsageError("--partition: the synthetic dataset has natural sites only; "
                              "use --partition natural")
-        fed = make_synthetic(seed, args.clients, args.image_size or 32, args.test_fraction)
+        size = args.image_size or 32            # images and their float32 work arrays:
+        check_memory(args.clients * 240 * 3 * size * size + 240 * 3 * size * size * 4 * 4,
+                     size, f"{args.clients} synthetic clients")
+        fed = make_synthetic(seed, args.clients, size, args.test_fraction)
         stream = lambda *k: np_rng(seed, "data", "synthetic", *k)  # noqa: E731
         notes: list = []
         post_process(fed.clients, fed.y.numpy(), args, stream)

@@ -58,9 +58,21 @@ def _no_such_weights(path: str) -> UsageError:
                       "(.pt/.pth state dict) or leave --weights out")
 
 
-def check(name: str, weights: str | None = None) -> None:
-    """The checks of `build` that need no model: a known name, an existing weights file
-    (run.py makes them before any image is decoded)."""
+# the smallest image side each model can take (three 2x2 max-pools; DenseNet's stride-32
+# stem and transition pools): below it the first forward pass fails
+MIN_IMAGE_SIZE = {"cnn": 8, "densenet121": 32}
+
+
+def check_image_size(name: str, size: int | None) -> None:
+    if size is not None and size < MIN_IMAGE_SIZE.get(name, 1):
+        raise UsageError(f"--image-size {size} is too small for --model {name} (it needs at "
+                         f"least {MIN_IMAGE_SIZE[name]}); raise --image-size")
+
+
+def check(name: str, weights: str | None = None, image_size: int | None = None) -> None:
+    """The checks of `build` that need no model: a known name, an existing weights file,
+    an image side the model can take (run.py makes them before any image is decoded)."""
+    check_image_size(name, image_size)
     if name.startswith("clip:"):
         import clip_adapters
         clip_adapters.resolve_model(name[len("clip:"):])

@@ -9,10 +9,12 @@ import argparse
 import dataclasses
 import os
 import sys
+import tempfile
 import time
 
 import datasets
 import fedmed
+import models
 from fedmed import Config, UsageError
 
 HELP = {
@@ -206,7 +208,6 @@ def check_before_data(cfg: Config, args, ns: argparse.Namespace, given: set) -> 
     """What can be checked without reading an image: flags that do not apply, the data
     flags, the model name and weights file, and a CLIP method's --clip-model and
     --pretrained."""
-    import models
     check_applies(cfg, ns, given)
     datasets.check_flags(ns, given)
     cls = fedmed.ALGORITHMS[cfg.algo]
@@ -216,7 +217,7 @@ def check_before_data(cfg: Config, args, ns: argparse.Namespace, given: set) -> 
                 raise UsageError(f"{_flag(name)} does not apply to --algo {cfg.algo} (it builds "
                                  f"its own model); drop {_flag(name)}")
     else:
-        models.check(cfg.model, cfg.weights)
+        models.check(cfg.model, cfg.weights, ns.image_size)
     if args is not None and hasattr(args, "clip_model"):
         import clip_adapters
         spec = clip_adapters.resolve_model(args.clip_model)
@@ -236,18 +237,65 @@ def prepare_out(ns: argparse.Namespace, cfg: Config) -> str:
                          "--resume to continue, or another --out")
     elif os.path.exists(out) and not os.path.isdir(out):
         raise UsageError(f"--out {out} is a file; give a folder path")
+    check_writable(out)
     return out
 
 
-def main(argv=None) -> int:
+def check_writable(out: str) -> None:
+    """A one-line error now, before any image is decoded, when folder `out` cannot be
+    made or written; leaves the file system as it found it."""
+    made, d = [], os.path.abspath(out)
+    while not os.path.isdir(d):
+        if os.path.exists(d):
+            raise UsageError(f"--out {out}: {d} is a file, so the folder cannot be made; "
+                             "give another --out")
+        made.append(d)
+        d = os.path.dirname(d)
     try:
-        return _main(argv)
+        for m in reversed(made):
+            os.mkdir(m)
+        with tempfile.TemporaryFile(dir=os.path.abspath(out)):
+            pass
+    except OSError as e:
+        raise UsageError(f"--out {out}: cannot write there ({e.strerror or e}); give another --out")
+    finally:
+        for m in made:
+            try:
+                os.rmdir(m)
+            except OSError:
+                pass
+
+
+def _remove_stub(out: str, existed: bool) -> None:
+    """After a crash before the first round ended: remove the folder when it holds only
+    what the loop writes first (config.json, an empty metrics.jsonl), so the next attempt
+    is not refused as 'already holds results'."""
+    try:
+        names = set(os.listdir(out))
+        if names <= {"config.json", "metrics.jsonl"} and (
+                "metrics.jsonl" not in names or not os.path.getsize(os.path.join(out, "metrics.jsonl"))):
+            for n in names:
+                os.remove(os.path.join(out, n))
+            if not existed:
+                os.rmdir(out)
+    except OSError:
+        pass
+
+
+def main(argv=None) -> int:
+    made: dict = {}                  # _main: the results folder, when this run may create it
+    try:
+        return _main(argv, made)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Exception:
+        if made.get("out"):
+            _remove_stub(made["out"], made["existed"])
+        raise
 
 
-def _main(argv) -> int:
+def _main(argv, made: dict) -> int:
     ns = build_parser().parse_args(argv)
     given = given_flags(build_parser(), argv)
     if ns.bn == "none":
@@ -265,9 +313,13 @@ def _main(argv) -> int:
     check_before_data(cfg, args, ns, given)
     ns.given_flags = given                             # datasets.build: flags a partition ignores
     out = prepare_out(ns, cfg)
+    if not ns.resume and not (os.path.isdir(out) and os.listdir(out)):
+        made.update(out=out, existed=os.path.isdir(out))
     if ns.image_size is None and hasattr(cls, "default_image_size"):
         ns.image_size = cls.default_image_size(args)   # e.g. a CLIP model's input size
     fed = datasets.load(ns, seed=cfg.seed)
+    if cls.build_model is fedmed.Algorithm.build_model:
+        models.check_image_size(cfg.model, int(fed.x.shape[-1]))  # e.g. a dataset's own size
     if not ns.quiet:
         print(f"{cfg.algo} on {fed.name}: {len(fed.clients)} clients, {fed.num_classes} classes "
               f"({', '.join(fed.classes)})")

@@ -115,3 +115,62 @@ def test_flags_a_real_dataset_does_not_read_are_refused(tmp_path, capsys):
     one_line_error(capsys, rc, "--clients", "natural", out=out)
     rc, out = cli(tmp_path, *base, "--test-fraction", "0.3")
     one_line_error(capsys, rc, "--test-fraction", "official test split", out=out)
+
+
+@pytest.mark.parametrize("flags,needles", [
+    (["--image-size", "4"], ["--image-size 4", "cnn", "8"]),
+    (["--image-size", "16", "--model", "densenet121"], ["--image-size 16", "densenet121"]),
+])
+def test_image_size_too_small_for_the_model(tmp_path, capsys, no_data, flags, needles):
+    """--image-size 4 with the CNN was a max-pool traceback in round 1 (after the results
+    folder was made); each model's smallest side is checked before the data are read."""
+    rc, out = cli(tmp_path, *flags)
+    one_line_error(capsys, rc, *needles, out=out)
+
+
+def test_images_that_would_not_fit_in_memory_are_refused_before_decoding(tmp_path, capsys,
+                                                                           monkeypatch):
+    """--image-size 4096 died part-way; the images' size is compared with the memory
+    available before anything is generated or decoded."""
+    monkeypatch.setattr(datasets, "available_memory", lambda: 2 ** 20)       # 1 MiB
+    for name in ("make_synthetic", "load_images"):
+        monkeypatch.setattr(datasets, name, lambda *a, **k: pytest.fail("decoded"))
+    rc, out = cli(tmp_path, "--image-size", "64")
+    one_line_error(capsys, rc, "--image-size 64", "GiB", out=out)
+    root = tmp_path / "flat"
+    for c in ("a", "b"):
+        for i in range(4):
+            write_image(root / c / f"{i}.png", i)
+    rc, out = cli(tmp_path, "--dataset", "imagefolder", "--data-dir", str(root), "--clients",
+                  "2", "--image-size", "300")
+    one_line_error(capsys, rc, "--image-size 300", "8 images", out=out)
+
+
+def test_out_that_cannot_be_created_is_one_line_and_leaves_nothing(tmp_path, capsys, no_data):
+    """--out below a file, or where no folder can be made, was a traceback after the data
+    had been read."""
+    (tmp_path / "file.txt").write_text("x")
+    out = str(tmp_path / "file.txt" / "run1")
+    rc = run.main(["--quiet", "--out", out])
+    one_line_error(capsys, rc, "--out", "file.txt", out=out)
+    if os.path.isdir("/proc/self"):
+        rc = run.main(["--quiet", "--out", "/proc/fedmed-no-such/run1"])
+        one_line_error(capsys, rc, "--out", "/proc/fedmed-no-such/run1",
+                       out="/proc/fedmed-no-such")
+    deep = tmp_path / "a" / "b" / "c"                         # creatable: nothing left behind
+    assert run.check_writable(str(deep)) is None and not (tmp_path / "a").exists()
+
+
+def test_a_crash_before_the_first_round_leaves_no_folder_that_blocks_the_retry(tmp_path,
+                                                                                monkeypatch):
+    import fedmed
+
+    def boom(*a, **k):
+        raise RuntimeError("simulated crash in round 1")
+    monkeypatch.setattr(fedmed.Algorithm, "train", boom)
+    with pytest.raises(RuntimeError, match="simulated"):
+        cli(tmp_path, "--local-epochs", "1")
+    assert not os.path.exists(tmp_path / "out")
+    monkeypatch.undo()
+    rc, out = cli(tmp_path, "--local-epochs", "1")
+    assert rc == 0 and os.path.isfile(os.path.join(out, "summary.json"))
