@@ -38,6 +38,7 @@ import os
 import re
 import sys
 import time
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -959,11 +960,14 @@ def load_images(cat: Catalog, rows: np.ndarray, size: int, color_constancy: bool
 
     Cache: one .npy [N, 3, size, size] per (catalog root, its files with byte size and
     mtime, size, transform, Pillow version), keyed by their sha256, under `cache_dir`
-    (None: no cache), beside a boolean .done.npy of the rows that hold pixels. Rows are
+    (None: no cache), beside a .sums.npy of a CRC-32 per row (0: not decoded). Rows are
     decoded lazily, only when a run uses them, and each only once. The .npy is created
     as a temporary file and linked into place without replacing a concurrent one; the
-    done-mask is written after a flush, by tmp file + os.replace, so a killed run leaves
-    at worst rows decoded but not marked (decoded again next time)."""
+    checksums are written after a flush, by tmp file + os.replace, so a killed run leaves
+    at worst rows decoded but not marked (decoded again next time). The cache verifies
+    itself: a data file of the wrong size (truncated, replaced) is rebuilt, and every
+    stored row used is checked against its checksum and decoded again when it differs
+    (e.g. the .npy deleted, or damaged, while the checksums stayed)."""
     rows = np.asarray(rows, np.int64)
     workers = workers or min(8, os.cpu_count() or 1)
     if cat.arrays is not None:                                   # shipped as arrays
@@ -987,15 +991,21 @@ def load_images(cat: Catalog, rows: np.ndarray, size: int, color_constancy: bool
                                      transform_name(size, color_constancy),
                                      PIL.__version__]).encode()).hexdigest()
     stem = os.path.join(cache_dir, f"{cat.name}-{size}px-{key[:24]}")
-    data_path, done_path = stem + ".npy", stem + ".done.npy"
+    data_path, sums_path = stem + ".npy", stem + ".sums.npy"
     shape = (len(cat.files), 3, size, size)
+    say = log or (lambda s: None)
     try:
         os.makedirs(cache_dir, exist_ok=True)
+        _remove(stem + ".done.npy")                      # the unverified mask of earlier versions
+        if os.path.exists(data_path) and not _cache_file_fits(data_path, shape):
+            say(f"image cache {data_path}: wrong size (truncated or replaced); rebuilding it")
+            _remove(data_path)
         if not os.path.exists(data_path):
             tmp = f"{data_path}.tmp{os.getpid()}"
             np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape).flush()
             try:
                 os.link(tmp, data_path)                      # never replaces another's file
+                _remove(sums_path)                           # it described a file now gone
             except FileExistsError:
                 pass
             os.remove(tmp)
@@ -1009,15 +1019,14 @@ def load_images(cat: Catalog, rows: np.ndarray, size: int, color_constancy: bool
     if mm.shape != shape or mm.dtype != np.uint8:
         raise UsageError(f"{data_path}: cache file has shape {mm.shape}, expected {shape}; "
                          "delete it")
-    done = np.zeros(len(cat.files), bool)
-    if os.path.exists(done_path):
-        try:
-            d = np.load(done_path)
-            if d.shape == done.shape:
-                done = d
-        except (OSError, ValueError):
-            pass                                              # unreadable: decode again
-    todo = rows[~done[rows]]
+    sums = _read_sums(sums_path, len(cat.files))
+    stored = rows[sums[rows] != 0]
+    bad = stored[_row_sums(mm, stored, workers) != sums[stored]]
+    if len(bad):
+        say(f"image cache {data_path}: {len(bad):,} of {len(stored):,} stored images fail "
+            "their checksum; decoding them again")
+        sums[bad] = 0
+    todo = rows[sums[rows] == 0]
     decoded = 0
     if len(todo):
         if log:
@@ -1029,20 +1038,60 @@ def load_images(cat: Catalog, rows: np.ndarray, size: int, color_constancy: bool
         finally:
             if finished:
                 mm.flush()
-                if os.path.exists(done_path):                 # merge a concurrent run's rows
-                    try:
-                        d = np.load(done_path)
-                        done |= d if d.shape == done.shape else False
-                    except (OSError, ValueError):
-                        pass
-                done[todo[np.asarray(finished)]] = True
-                tmp = f"{done_path}.tmp{os.getpid()}.npy"
-                np.save(tmp, done)
-                os.replace(tmp, done_path)
+                ours = todo[np.asarray(finished)]
+                theirs = _read_sums(sums_path, len(cat.files))   # a concurrent run's rows
+                keep = (sums == 0) & (theirs != 0)
+                sums[keep] = theirs[keep]
+                sums[ours] = _row_sums(mm, ours, workers)
+                tmp = f"{sums_path}.tmp{os.getpid()}.npy"
+                np.save(tmp, sums)
+                os.replace(tmp, sums_path)
         decoded = len(todo)
     out = np.asarray(mm[rows])
     del mm
-    return out, {"cache": data_path, "decoded": decoded}
+    return out, {"cache": data_path, "decoded": decoded, "failed_checksum": int(len(bad))}
+
+
+def _remove(path: str) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+
+
+def _cache_file_fits(path: str, shape: tuple) -> bool:
+    """Whether the .npy at `path` holds exactly a uint8 array of `shape` (a truncated file
+    would otherwise be zero-filled back to size by numpy's r+ memmap)."""
+    try:
+        mm = np.load(path, mmap_mode="r")
+        ok = (mm.shape == shape and mm.dtype == np.uint8
+              and os.path.getsize(path) == mm.offset + mm.nbytes)
+        del mm
+        return ok
+    except (OSError, ValueError):
+        return False
+
+
+def _read_sums(path: str, n: int) -> np.ndarray:
+    """The per-image checksums of the cache (0: not decoded); zeros when absent or unreadable."""
+    try:
+        s = np.load(path)
+        if s.shape == (n,) and s.dtype == np.uint64:
+            return s
+    except (OSError, ValueError, EOFError):
+        pass
+    return np.zeros(n, np.uint64)
+
+
+def _row_sums(mm, rows: np.ndarray, workers: int) -> np.ndarray:
+    """CRC-32 of each cached image mm[r], tagged with bit 32 so that no checksum is 0 (the
+    mark of a row not decoded). zlib releases the GIL, so the threads overlap."""
+    def one(r):
+        return zlib.crc32(memoryview(np.ascontiguousarray(mm[r])).cast("B")) | (1 << 32)
+    if not len(rows):
+        return np.zeros(0, np.uint64)
+    with ThreadPoolExecutor(max(1, workers)) as ex:
+        return np.fromiter(ex.map(one, rows.tolist(), chunksize=256), np.uint64, len(rows))
 
 
 # ---------------------------------------------------------------- catalog -> federation

@@ -174,3 +174,49 @@ def test_a_crash_before_the_first_round_leaves_no_folder_that_blocks_the_retry(t
     monkeypatch.undo()
     rc, out = cli(tmp_path, "--local-epochs", "1")
     assert rc == 0 and os.path.isfile(os.path.join(out, "summary.json"))
+
+
+# ---------------------------------------------------------------- the image cache
+
+def small_folder(root, n=6, size=(23, 17)):
+    for c in ("a", "b"):
+        for i in range(n):
+            write_image(root / "train" / c / f"{i}.png", 10 * i + (c == "b"), size)
+    return root
+
+
+def cached_load(root, cache):
+    ns = datasets.namespace(dataset="imagefolder", data_dir=str(root), image_size=8,
+                            clients=2, cache_dir=str(cache))
+    return datasets.load(ns, seed=0)
+
+
+@pytest.mark.parametrize("damage", ["delete", "truncate", "flip"])
+def test_image_cache_verifies_itself_and_rebuilds_what_is_wrong(tmp_path, damage):
+    """Deleting the cache .npy (its done-mask staying) gave a zero-filled cache trusted as
+    decoded; a truncated .npy was zero-filled back to size; a damaged byte was served.
+    Every case must give the pixels of a fresh decode (--cache-dir none) and decode again
+    only what is wrong."""
+    root = small_folder(tmp_path / "set")
+    truth = datasets.load(datasets.namespace(dataset="imagefolder", data_dir=str(root),
+                                             image_size=8, clients=2, cache_dir="none"), seed=0)
+    first = cached_load(root, tmp_path / "cache")
+    assert np.array_equal(first.x.numpy(), truth.x.numpy())
+    path = first.info["image_cache"]
+    if damage == "delete":
+        os.remove(path)
+    elif damage == "truncate":
+        with open(path, "r+b") as f:
+            f.truncate(os.path.getsize(path) // 2)
+    else:
+        with open(path, "r+b") as f:                       # one byte of the last image
+            f.seek(os.path.getsize(path) - 5)
+            b = f.read(1)
+            f.seek(-1, 1)
+            f.write(bytes([b[0] ^ 0xFF]))
+    again = cached_load(root, tmp_path / "cache")
+    assert np.array_equal(again.x.numpy(), truth.x.numpy()), damage
+    assert again.info["images_decoded"] == (1 if damage == "flip" else 12)
+    third = cached_load(root, tmp_path / "cache")                  # and trusted again after
+    assert third.info["images_decoded"] == 0
+    assert np.array_equal(third.x.numpy(), truth.x.numpy())
