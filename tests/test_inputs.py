@@ -220,3 +220,41 @@ def test_image_cache_verifies_itself_and_rebuilds_what_is_wrong(tmp_path, damage
     third = cached_load(root, tmp_path / "cache")                  # and trusted again after
     assert third.info["images_decoded"] == 0
     assert np.array_equal(third.x.numpy(), truth.x.numpy())
+
+
+# ---------------------------------------------------------------- the CLIP feature cache
+
+@pytest.mark.parametrize("damage", ["truncated", "bad_crc", "garbage", "mismatched"])
+def test_damaged_clip_feature_shard_is_a_cache_miss(tmp_path, damage):
+    """A damaged shard raised zipfile.BadZipFile out of FeatureStore.load, which every later
+    run calls: it must count as a miss (its features computed again) and be removed."""
+    import io
+    import clip_adapters
+    store = clip_adapters.FeatureStore(str(tmp_path), {"k": 1}, "test")
+    g = np.random.default_rng(0)
+    h1, f1 = g.integers(0, 256, (4, 16), dtype=np.uint8), g.normal(size=(4, 8)).astype(np.float32)
+    h2, f2 = g.integers(0, 256, (3, 16), dtype=np.uint8), g.normal(size=(3, 8)).astype(np.float32)
+    store.add(h1, f1)
+    store.add(h2, f2)
+    bad = os.path.join(store.dir, [n for n in os.listdir(store.dir) if n.startswith("part-")][0])
+    with np.load(bad) as z:
+        lost = len(z["h"])
+    raw = open(bad, "rb").read()
+    if damage == "truncated":
+        raw = raw[:len(raw) // 2]
+    elif damage == "bad_crc":                       # one byte inside the stored f array
+        i = raw.index(b"f.npy") + 200
+        raw = raw[:i] + bytes([raw[i] ^ 0xFF]) + raw[i + 1:]
+    elif damage == "garbage":
+        raw = b"PK\x03\x04" + b"\x00" * 50
+    else:
+        buf = io.BytesIO()
+        np.savez(buf, h=h1, f=f1[:2])
+        raw = buf.getvalue()
+    open(bad, "wb").write(raw)
+    index, f = store.load()
+    assert len(index) == 7 - lost and f.shape == (7 - lost, 8)
+    assert not os.path.exists(bad)                                   # rebuilt, not re-read
+    store.add(h1, f1)                                                # recomputed and stored
+    index, f = store.load()
+    assert np.array_equal(f[[index[bytes(r)] for r in h1]], f1)
