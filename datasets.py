@@ -728,27 +728,55 @@ IMAGEFOLDER_LAYOUT = ("expected root/<split>/<class>/*.jpg (split: train/trainin
                       "test/testing, val), root/<site>/<split>/<class>/*.jpg or root/<class>/*.jpg")
 
 
-def _subdirs(p: Path) -> list:
-    return sorted((d for d in p.iterdir() if d.is_dir() and not d.name.startswith(".")),
-                  key=lambda d: d.name)
+# folders an archive tool leaves beside the data (macOS zip: __MACOSX/), never classes
+IGNORED_DIRS = {"__MACOSX"}
+
+
+def _subdirs(p: Path, ignored: list | None = None) -> list:
+    """The sub-folders of `p`, sorted; hidden ones and IGNORED_DIRS are left out (and
+    added to `ignored` when given, for a note)."""
+    out = []
+    for d in p.iterdir():
+        if not d.is_dir():
+            continue
+        if d.name.startswith(".") or d.name in IGNORED_DIRS:
+            if ignored is not None and d.name in IGNORED_DIRS:
+                ignored.append(d)
+            continue
+        out.append(d)
+    return sorted(out, key=lambda d: d.name)
 
 
 def _image_files(p: Path, recursive: bool) -> list:
     it = p.rglob("*") if recursive else p.iterdir()
     return sorted(f for f in it if f.suffix.lower() in IMAGE_EXTENSIONS
-                  and not f.name.startswith(".") and f.is_file())
+                  and not f.name.startswith(".") and f.is_file()
+                  and not IGNORED_DIRS & set(f.relative_to(p).parts))
 
 
 def catalog_imagefolder(root: Path) -> Catalog:
     """Folders of images named by class: root/<split>/<class>/, root/<site>/<split>/<class>/
     (each site a natural client) or root/<class>/. Classes are the sorted class folder
-    names of the training splits; a test folder must use the same names. A val split is
-    not used (no model selection here)."""
-    top = _subdirs(root)
+    names of the training splits that hold images; a test folder must use the same names.
+    A val split is not used (no model selection here). Read as a note, not silently:
+    __MACOSX/ folders (ignored), a single wrapper folder around the layout (read through),
+    empty class folders (ignored), a test split lacking a class. Refused: fewer than two
+    classes with images."""
+    notes, ignored = [], []
+    data_root = root
+    while True:                                # a wrapper: root/<one folder>/<the layout>
+        top = _subdirs(data_root, ignored)
+        if (len(top) != 1 or top[0].name.lower() in SPLIT_NAMES or _image_files(data_root, False)
+                or _image_files(top[0], False) or not _subdirs(top[0])):
+            break
+        data_root = top[0]
+    if data_root != root:
+        notes.append(f"read the layout inside {os.path.relpath(data_root, root)}/, the only "
+                     f"folder under {root}")
     is_split = lambda ds: bool(ds) and all(d.name.lower() in SPLIT_NAMES for d in ds)  # noqa: E731
     if is_split(top):
-        sites = [(None, root)]
-    elif top and all(is_split(_subdirs(d)) for d in top):
+        sites = [(None, data_root)]
+    elif top and all(is_split(_subdirs(d, ignored)) for d in top):
         sites = [(d.name, d) for d in top]
     elif top and any(_image_files(d, True) for d in top):
         sites = None                                           # root/<class>/
@@ -759,8 +787,16 @@ def catalog_imagefolder(root: Path) -> Catalog:
         entries = [(None, "train", d) for d in top]
     else:
         for name, sdir in sites:
-            for d in _subdirs(sdir):
-                entries += [(name, SPLIT_NAMES[d.name.lower()], c) for c in _subdirs(d)]
+            for d in _subdirs(sdir, ignored):
+                entries += [(name, SPLIT_NAMES[d.name.lower()], c) for c in _subdirs(d, ignored)]
+    if ignored:
+        notes.append("ignored (archive debris, not data): "
+                     + ", ".join(sorted({os.path.relpath(d, root) for d in ignored})))
+    images = {e[2]: _image_files(e[2], True) for e in entries}
+    empty = sorted(os.path.relpath(d, root) for d, fs in images.items() if not fs)
+    if empty:
+        notes.append("empty class folders ignored: " + ", ".join(empty))
+    entries = [e for e in entries if images[e[2]]]
     norm = lambda n: re.sub(r"[^0-9a-z]", "", n.lower())      # noqa: E731
     train_names = sorted({e[2].name for e in entries if e[1] == "train"})
     for a in train_names:
@@ -771,17 +807,21 @@ def catalog_imagefolder(root: Path) -> Catalog:
     for site, split, d in entries:
         if split == "test" and d.name not in train_names:
             near = [n for n in train_names if norm(n) == norm(d.name)]
-            raise UsageError(f"{d}: class folder {d.name!r} matches no training class folder ("
-                             f"{', '.join(train_names)}); rename it"
+            raise UsageError(f"{d}: class folder {d.name!r} matches no training class folder "
+                             f"with images ({', '.join(train_names)}); rename it"
                              + (f" to {near[0]!r}" if near else " or remove it"))
+    if len(train_names) == 1:
+        raise UsageError(f"{root}: only one class folder with training images "
+                         f"({train_names[0]!r}); a classifier needs two or more: add the other "
+                         f"classes' folders; {IMAGEFOLDER_LAYOUT}")
     files, y, site_of, test = [], [], [], []
     site_names = [s for s, _ in sites] if sites and sites[0][0] is not None else None
     skipped = 0
     for site, split, d in entries:
         if split == "val":
-            skipped += len(_image_files(d, True))
+            skipped += len(images[d])
             continue
-        for f in _image_files(d, True):
+        for f in images[d]:
             files.append(os.path.relpath(f, root))
             y.append(train_names.index(d.name))
             site_of.append(site_names.index(site) if site_names else -1)
@@ -791,10 +831,18 @@ def catalog_imagefolder(root: Path) -> Catalog:
                          f"found; {IMAGEFOLDER_LAYOUT}")
     stats = stat_files(root, files, lambda i: "the folder listing")
     test = np.array(test)
-    notes = [f"{len(files):,} images in {len(train_names)} class folders"
-             + (f" at {len(site_names)} sites" if site_names else "")]
+    notes.insert(0, f"{len(files):,} images in {len(train_names)} class folders"
+                 + (f" at {len(site_names)} sites" if site_names else ""))
     if skipped:
         notes.append(f"{skipped:,} images of val folders not used")
+    if test.any():
+        lacking = [train_names[c] for c in sorted(set(range(len(train_names)))
+                                                  - set(np.array(y)[test].tolist()))]
+        if lacking:
+            notes.append("the test split has no image of class " + ", ".join(lacking)
+                         + ": balanced accuracy and AUROC are over the classes it has"
+                         + (" (AUROC undefined with one)" if len(lacking) == len(train_names) - 1
+                            else ""))
     return Catalog("imagefolder", str(root), train_names, files, np.array(y, np.int64), stats,
                    np.array(site_of, np.int64) if site_names else None, site_names,
                    test=test if test.any() else None, notes=notes)

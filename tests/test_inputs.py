@@ -258,3 +258,71 @@ def test_damaged_clip_feature_shard_is_a_cache_miss(tmp_path, damage):
     store.add(h1, f1)                                                # recomputed and stored
     index, f = store.load()
     assert np.array_equal(f[[index[bytes(r)] for r in h1]], f1)
+
+
+# ---------------------------------------------------------------- image folders read wrongly
+
+def mri(root, layout):
+    """Images per {relative class folder: count} (0 makes an empty folder)."""
+    for folder, n in layout.items():
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            write_image(root / folder / f"{i}.png", i + 7 * len(folder))
+    return root
+
+
+def load_folder(root, **kw):
+    ns = datasets.namespace(dataset="imagefolder", data_dir=str(root), image_size=8,
+                            cache_dir="none", **kw)
+    return datasets.load(ns, seed=0)
+
+
+def notes(fed):
+    return " | ".join(fed.info["notes"])
+
+
+def test_empty_class_folder_is_not_a_class(tmp_path):
+    root = mri(tmp_path / "m", {"Training/glioma": 4, "Training/pituitary": 0,
+                                "Training/notumor": 4, "Testing/glioma": 2, "Testing/notumor": 2,
+                                "Testing/pituitary": 0})
+    fed = load_folder(root, clients=2)
+    assert fed.classes == ["glioma", "notumor"]                       # no extra model output
+    assert "empty class folders ignored" in notes(fed) and "Training/pituitary" in notes(fed)
+
+
+def test_one_class_is_refused(tmp_path, capsys):
+    root = mri(tmp_path / "m", {"Training/glioma": 4, "Testing/glioma": 2})
+    rc, out = cli(tmp_path, "--dataset", "imagefolder", "--data-dir", str(root), "--clients", "2")
+    one_line_error(capsys, rc, "only one class", "'glioma'", out=out)
+
+
+def test_macosx_folder_is_ignored_not_read_as_classes(tmp_path):
+    """A macOS zip puts __MACOSX/ beside Training/ and Testing/: the top level then looked
+    like root/<class>/ with classes Testing, Training, __MACOSX."""
+    root = mri(tmp_path / "m", {"Training/glioma": 4, "Training/notumor": 4,
+                                "Testing/glioma": 2, "Testing/notumor": 2,
+                                "__MACOSX/Training/glioma": 1})
+    fed = load_folder(root, clients=2)
+    assert fed.classes == ["glioma", "notumor"]
+    assert sum(len(c.test) for c in fed.clients) == 4                # the Testing folder
+    assert "__MACOSX" in notes(fed)
+
+
+def test_a_wrapper_folder_is_read_through_not_made_one_site(tmp_path):
+    """root/Brain-MRI/{Training,Testing}/<class>/ was read as one site, so the whole
+    federation was one natural client."""
+    root = mri(tmp_path / "m", {"Brain-MRI/Training/glioma": 6, "Brain-MRI/Training/notumor": 6,
+                                "Brain-MRI/Testing/glioma": 2, "Brain-MRI/Testing/notumor": 2})
+    fed = load_folder(root, clients=3)
+    assert len(fed.clients) == 3 and fed.info["partition"] == "iid"
+    assert sum(len(c.test) for c in fed.clients) == 4
+    assert "Brain-MRI" in notes(fed)
+
+
+def test_test_split_lacking_a_class_is_noted(tmp_path):
+    root = mri(tmp_path / "m", {"Training/glioma": 4, "Training/notumor": 4,
+                                "Training/pituitary": 4, "Testing/glioma": 2,
+                                "Testing/notumor": 2})
+    fed = load_folder(root, clients=2)
+    assert fed.classes == ["glioma", "notumor", "pituitary"]
+    assert "no image of class pituitary" in notes(fed)
