@@ -180,7 +180,8 @@ def given_flags(parser: argparse.ArgumentParser, argv) -> set:
 
 # a flag that is read only under a condition: (flag, does it apply?, what makes it apply)
 CONDITIONAL = [
-    ("momentum", lambda cfg: cfg.optimizer == "sgd", "--optimizer sgd"),
+    ("momentum", lambda cfg: cfg.optimizer == "sgd" or cfg.algo == "fcu",   # FCU: its PGA SGD
+     "--optimizer sgd (or --algo fcu)"),
     ("focal_gamma", lambda cfg: cfg.loss == "focal", "--loss focal"),
     ("local_epochs", lambda cfg: cfg.local_steps == 0, "no --local-steps (which replaces it)"),
 ]

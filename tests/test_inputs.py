@@ -326,3 +326,12 @@ def test_test_split_lacking_a_class_is_noted(tmp_path):
     fed = load_folder(root, clients=2)
     assert fed.classes == ["glioma", "notumor", "pituitary"]
     assert "no image of class pituitary" in notes(fed)
+
+
+def test_flags_read_under_a_condition_pass_where_they_apply():
+    """The other side of the 'does not apply' checks: FCU's projected gradient ascent is SGD
+    with --momentum whatever --optimizer says, and the focal loss reads --focal-gamma."""
+    from fedmed import Config
+    run.check_applies(Config(algo="fcu", optimizer="adam"), None, {"momentum"})
+    run.check_applies(Config(loss="focal"), None, {"focal_gamma"})
+    run.check_applies(Config(algo="fedprox"), None, {"mu"})
