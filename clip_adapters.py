@@ -46,6 +46,7 @@ import re
 import sys
 import time
 import uuid
+import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -432,11 +433,21 @@ class FeatureStore:
         for p in self._shards():
             try:
                 with np.load(p, allow_pickle=False) as z:
-                    hs.append(z["h"])
-                    fs.append(z["f"])
-            except (OSError, ValueError, KeyError, EOFError) as e:  # removed or damaged
-                if not isinstance(e, FileNotFoundError):
-                    log(f"clip features: skipping unreadable shard {p} ({type(e).__name__})")
+                    h, f = z["h"], z["f"]
+                if h.ndim != 2 or h.shape[1] != 16 or f.ndim != 2 or len(f) != len(h):
+                    raise ValueError("h and f do not match")
+                hs.append(h)
+                fs.append(f)
+            except FileNotFoundError:                         # merged away meanwhile
+                pass
+            except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+                # damaged (truncated, bad CRC): a cache miss; removed so that it is rebuilt
+                log(f"clip features: removing unreadable shard {p} ({type(e).__name__}); "
+                    "its features are computed again")
+                try:
+                    os.remove(p)
+                except OSError:
+                    pass
         if not hs:
             return {}, None
         h = np.concatenate(hs)

@@ -38,6 +38,7 @@ import os
 import re
 import sys
 import time
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -727,27 +728,55 @@ IMAGEFOLDER_LAYOUT = ("expected root/<split>/<class>/*.jpg (split: train/trainin
                       "test/testing, val), root/<site>/<split>/<class>/*.jpg or root/<class>/*.jpg")
 
 
-def _subdirs(p: Path) -> list:
-    return sorted((d for d in p.iterdir() if d.is_dir() and not d.name.startswith(".")),
-                  key=lambda d: d.name)
+# folders an archive tool leaves beside the data (macOS zip: __MACOSX/), never classes
+IGNORED_DIRS = {"__MACOSX"}
+
+
+def _subdirs(p: Path, ignored: list | None = None) -> list:
+    """The sub-folders of `p`, sorted; hidden ones and IGNORED_DIRS are left out (and
+    added to `ignored` when given, for a note)."""
+    out = []
+    for d in p.iterdir():
+        if not d.is_dir():
+            continue
+        if d.name.startswith(".") or d.name in IGNORED_DIRS:
+            if ignored is not None and d.name in IGNORED_DIRS:
+                ignored.append(d)
+            continue
+        out.append(d)
+    return sorted(out, key=lambda d: d.name)
 
 
 def _image_files(p: Path, recursive: bool) -> list:
     it = p.rglob("*") if recursive else p.iterdir()
     return sorted(f for f in it if f.suffix.lower() in IMAGE_EXTENSIONS
-                  and not f.name.startswith(".") and f.is_file())
+                  and not f.name.startswith(".") and f.is_file()
+                  and not IGNORED_DIRS & set(f.relative_to(p).parts))
 
 
 def catalog_imagefolder(root: Path) -> Catalog:
     """Folders of images named by class: root/<split>/<class>/, root/<site>/<split>/<class>/
     (each site a natural client) or root/<class>/. Classes are the sorted class folder
-    names of the training splits; a test folder must use the same names. A val split is
-    not used (no model selection here)."""
-    top = _subdirs(root)
+    names of the training splits that hold images; a test folder must use the same names.
+    A val split is not used (no model selection here). Read as a note, not silently:
+    __MACOSX/ folders (ignored), a single wrapper folder around the layout (read through),
+    empty class folders (ignored), a test split lacking a class. Refused: fewer than two
+    classes with images."""
+    notes, ignored = [], []
+    data_root = root
+    while True:                                # a wrapper: root/<one folder>/<the layout>
+        top = _subdirs(data_root, ignored)
+        if (len(top) != 1 or top[0].name.lower() in SPLIT_NAMES or _image_files(data_root, False)
+                or _image_files(top[0], False) or not _subdirs(top[0])):
+            break
+        data_root = top[0]
+    if data_root != root:
+        notes.append(f"read the layout inside {os.path.relpath(data_root, root)}/, the only "
+                     f"folder under {root}")
     is_split = lambda ds: bool(ds) and all(d.name.lower() in SPLIT_NAMES for d in ds)  # noqa: E731
     if is_split(top):
-        sites = [(None, root)]
-    elif top and all(is_split(_subdirs(d)) for d in top):
+        sites = [(None, data_root)]
+    elif top and all(is_split(_subdirs(d, ignored)) for d in top):
         sites = [(d.name, d) for d in top]
     elif top and any(_image_files(d, True) for d in top):
         sites = None                                           # root/<class>/
@@ -758,8 +787,16 @@ def catalog_imagefolder(root: Path) -> Catalog:
         entries = [(None, "train", d) for d in top]
     else:
         for name, sdir in sites:
-            for d in _subdirs(sdir):
-                entries += [(name, SPLIT_NAMES[d.name.lower()], c) for c in _subdirs(d)]
+            for d in _subdirs(sdir, ignored):
+                entries += [(name, SPLIT_NAMES[d.name.lower()], c) for c in _subdirs(d, ignored)]
+    if ignored:
+        notes.append("ignored (archive debris, not data): "
+                     + ", ".join(sorted({os.path.relpath(d, root) for d in ignored})))
+    images = {e[2]: _image_files(e[2], True) for e in entries}
+    empty = sorted(os.path.relpath(d, root) for d, fs in images.items() if not fs)
+    if empty:
+        notes.append("empty class folders ignored: " + ", ".join(empty))
+    entries = [e for e in entries if images[e[2]]]
     norm = lambda n: re.sub(r"[^0-9a-z]", "", n.lower())      # noqa: E731
     train_names = sorted({e[2].name for e in entries if e[1] == "train"})
     for a in train_names:
@@ -770,17 +807,21 @@ def catalog_imagefolder(root: Path) -> Catalog:
     for site, split, d in entries:
         if split == "test" and d.name not in train_names:
             near = [n for n in train_names if norm(n) == norm(d.name)]
-            raise UsageError(f"{d}: class folder {d.name!r} matches no training class folder ("
-                             f"{', '.join(train_names)}); rename it"
+            raise UsageError(f"{d}: class folder {d.name!r} matches no training class folder "
+                             f"with images ({', '.join(train_names)}); rename it"
                              + (f" to {near[0]!r}" if near else " or remove it"))
+    if len(train_names) == 1:
+        raise UsageError(f"{root}: only one class folder with training images "
+                         f"({train_names[0]!r}); a classifier needs two or more: add the other "
+                         f"classes' folders; {IMAGEFOLDER_LAYOUT}")
     files, y, site_of, test = [], [], [], []
     site_names = [s for s, _ in sites] if sites and sites[0][0] is not None else None
     skipped = 0
     for site, split, d in entries:
         if split == "val":
-            skipped += len(_image_files(d, True))
+            skipped += len(images[d])
             continue
-        for f in _image_files(d, True):
+        for f in images[d]:
             files.append(os.path.relpath(f, root))
             y.append(train_names.index(d.name))
             site_of.append(site_names.index(site) if site_names else -1)
@@ -790,10 +831,18 @@ def catalog_imagefolder(root: Path) -> Catalog:
                          f"found; {IMAGEFOLDER_LAYOUT}")
     stats = stat_files(root, files, lambda i: "the folder listing")
     test = np.array(test)
-    notes = [f"{len(files):,} images in {len(train_names)} class folders"
-             + (f" at {len(site_names)} sites" if site_names else "")]
+    notes.insert(0, f"{len(files):,} images in {len(train_names)} class folders"
+                 + (f" at {len(site_names)} sites" if site_names else ""))
     if skipped:
         notes.append(f"{skipped:,} images of val folders not used")
+    if test.any():
+        lacking = [train_names[c] for c in sorted(set(range(len(train_names)))
+                                                  - set(np.array(y)[test].tolist()))]
+        if lacking:
+            notes.append("the test split has no image of class " + ", ".join(lacking)
+                         + ": balanced accuracy and AUROC are over the classes it has"
+                         + (" (AUROC undefined with one)" if len(lacking) == len(train_names) - 1
+                            else ""))
     return Catalog("imagefolder", str(root), train_names, files, np.array(y, np.int64), stats,
                    np.array(site_of, np.int64) if site_names else None, site_names,
                    test=test if test.any() else None, notes=notes)
@@ -959,11 +1008,14 @@ def load_images(cat: Catalog, rows: np.ndarray, size: int, color_constancy: bool
 
     Cache: one .npy [N, 3, size, size] per (catalog root, its files with byte size and
     mtime, size, transform, Pillow version), keyed by their sha256, under `cache_dir`
-    (None: no cache), beside a boolean .done.npy of the rows that hold pixels. Rows are
+    (None: no cache), beside a .sums.npy of a CRC-32 per row (0: not decoded). Rows are
     decoded lazily, only when a run uses them, and each only once. The .npy is created
     as a temporary file and linked into place without replacing a concurrent one; the
-    done-mask is written after a flush, by tmp file + os.replace, so a killed run leaves
-    at worst rows decoded but not marked (decoded again next time)."""
+    checksums are written after a flush, by tmp file + os.replace, so a killed run leaves
+    at worst rows decoded but not marked (decoded again next time). The cache verifies
+    itself: a data file of the wrong size (truncated, replaced) is rebuilt, and every
+    stored row used is checked against its checksum and decoded again when it differs
+    (e.g. the .npy deleted, or damaged, while the checksums stayed)."""
     rows = np.asarray(rows, np.int64)
     workers = workers or min(8, os.cpu_count() or 1)
     if cat.arrays is not None:                                   # shipped as arrays
@@ -987,15 +1039,21 @@ def load_images(cat: Catalog, rows: np.ndarray, size: int, color_constancy: bool
                                      transform_name(size, color_constancy),
                                      PIL.__version__]).encode()).hexdigest()
     stem = os.path.join(cache_dir, f"{cat.name}-{size}px-{key[:24]}")
-    data_path, done_path = stem + ".npy", stem + ".done.npy"
+    data_path, sums_path = stem + ".npy", stem + ".sums.npy"
     shape = (len(cat.files), 3, size, size)
+    say = log or (lambda s: None)
     try:
         os.makedirs(cache_dir, exist_ok=True)
+        _remove(stem + ".done.npy")                      # the unverified mask of earlier versions
+        if os.path.exists(data_path) and not _cache_file_fits(data_path, shape):
+            say(f"image cache {data_path}: wrong size (truncated or replaced); rebuilding it")
+            _remove(data_path)
         if not os.path.exists(data_path):
             tmp = f"{data_path}.tmp{os.getpid()}"
             np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape).flush()
             try:
                 os.link(tmp, data_path)                      # never replaces another's file
+                _remove(sums_path)                           # it described a file now gone
             except FileExistsError:
                 pass
             os.remove(tmp)
@@ -1009,15 +1067,14 @@ def load_images(cat: Catalog, rows: np.ndarray, size: int, color_constancy: bool
     if mm.shape != shape or mm.dtype != np.uint8:
         raise UsageError(f"{data_path}: cache file has shape {mm.shape}, expected {shape}; "
                          "delete it")
-    done = np.zeros(len(cat.files), bool)
-    if os.path.exists(done_path):
-        try:
-            d = np.load(done_path, allow_pickle=False)
-            if d.shape == done.shape:
-                done = d
-        except (OSError, ValueError):
-            pass                                              # unreadable: decode again
-    todo = rows[~done[rows]]
+    sums = _read_sums(sums_path, len(cat.files))
+    stored = rows[sums[rows] != 0]
+    bad = stored[_row_sums(mm, stored, workers) != sums[stored]]
+    if len(bad):
+        say(f"image cache {data_path}: {len(bad):,} of {len(stored):,} stored images fail "
+            "their checksum; decoding them again")
+        sums[bad] = 0
+    todo = rows[sums[rows] == 0]
     decoded = 0
     if len(todo):
         if log:
@@ -1029,20 +1086,60 @@ def load_images(cat: Catalog, rows: np.ndarray, size: int, color_constancy: bool
         finally:
             if finished:
                 mm.flush()
-                if os.path.exists(done_path):                 # merge a concurrent run's rows
-                    try:
-                        d = np.load(done_path, allow_pickle=False)
-                        done |= d if d.shape == done.shape else False
-                    except (OSError, ValueError):
-                        pass
-                done[todo[np.asarray(finished)]] = True
-                tmp = f"{done_path}.tmp{os.getpid()}.npy"
-                np.save(tmp, done)
-                os.replace(tmp, done_path)
+                ours = todo[np.asarray(finished)]
+                theirs = _read_sums(sums_path, len(cat.files))   # a concurrent run's rows
+                keep = (sums == 0) & (theirs != 0)
+                sums[keep] = theirs[keep]
+                sums[ours] = _row_sums(mm, ours, workers)
+                tmp = f"{sums_path}.tmp{os.getpid()}.npy"
+                np.save(tmp, sums)
+                os.replace(tmp, sums_path)
         decoded = len(todo)
     out = np.asarray(mm[rows])
     del mm
-    return out, {"cache": data_path, "decoded": decoded}
+    return out, {"cache": data_path, "decoded": decoded, "failed_checksum": int(len(bad))}
+
+
+def _remove(path: str) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+
+
+def _cache_file_fits(path: str, shape: tuple) -> bool:
+    """Whether the .npy at `path` holds exactly a uint8 array of `shape` (a truncated file
+    would otherwise be zero-filled back to size by numpy's r+ memmap)."""
+    try:
+        mm = np.load(path, mmap_mode="r", allow_pickle=False)
+        ok = (mm.shape == shape and mm.dtype == np.uint8
+              and os.path.getsize(path) == mm.offset + mm.nbytes)
+        del mm
+        return ok
+    except (OSError, ValueError):
+        return False
+
+
+def _read_sums(path: str, n: int) -> np.ndarray:
+    """The per-image checksums of the cache (0: not decoded); zeros when absent or unreadable."""
+    try:
+        s = np.load(path, allow_pickle=False)
+        if s.shape == (n,) and s.dtype == np.uint64:
+            return s
+    except (OSError, ValueError, EOFError):
+        pass
+    return np.zeros(n, np.uint64)
+
+
+def _row_sums(mm, rows: np.ndarray, workers: int) -> np.ndarray:
+    """CRC-32 of each cached image mm[r], tagged with bit 32 so that no checksum is 0 (the
+    mark of a row not decoded). zlib releases the GIL, so the threads overlap."""
+    def one(r):
+        return zlib.crc32(memoryview(np.ascontiguousarray(mm[r])).cast("B")) | (1 << 32)
+    if not len(rows):
+        return np.zeros(0, np.uint64)
+    with ThreadPoolExecutor(max(1, workers)) as ex:
+        return np.fromiter(ex.map(one, rows.tolist(), chunksize=256), np.uint64, len(rows))
 
 
 # ---------------------------------------------------------------- catalog -> federation
@@ -1080,6 +1177,14 @@ def build(cat: Catalog, ns: argparse.Namespace, seed: int, log=None) -> Federati
         return (grouped_stratified_split(labels, idx, groups, tf, gen) if groups is not None
                 else stratified_split(labels, idx, tf, gen))
 
+    given = getattr(ns, "given_flags", ())               # flags typed (run.py)
+    if "clients" in given and partition == "natural":
+        raise UsageError(f"--clients does not apply to --partition natural ({cat.name} at "
+                         f"{cat.root} has sites: they are the clients); drop --clients or "
+                         "choose another --partition")
+    if "test_fraction" in given and cat.test is not None:
+        raise UsageError(f"--test-fraction does not apply: {cat.name} at {cat.root} has an "
+                         "official test split, which is used; drop --test-fraction")
     notes = list(cat.notes)
     pool = np.arange(N, dtype=np.int64)
     if partition == "natural":
@@ -1183,6 +1288,8 @@ def build(cat: Catalog, ns: argparse.Namespace, seed: int, log=None) -> Federati
     used = np.unique(np.concatenate([np.concatenate([c.train, c.test, c.unlabeled])
                                      for c in members]).astype(np.int64))
     size = ns.image_size or cat.default_size
+    check_memory(len(used) * 3 * size * size, size, f"{len(used):,} images",
+                 " or --max-images-per-client")
     t0 = time.perf_counter()
     x, where = load_images(cat, used, size, ns.color_constancy, cache_dir(ns), log=log)
     for c in members:
@@ -1355,6 +1462,61 @@ def _check_flags(ns) -> None:
         raise UsageError(f"--max-images-per-client must be >= 2 (got {ns.max_images_per_client})")
 
 
+# data flags that only one partition reads
+PARTITION_FLAGS = {"alpha": "dirichlet", "min_client_size": "dirichlet",
+                   "shards_per_client": "shards", "labels_per_client": "labelset"}
+# data flags that only file-based datasets read
+FILE_FLAGS = ("data_dir", "color_constancy", "split_unit", "max_images_per_client")
+
+
+def check_flags(ns, given=()) -> None:
+    """The data flags, checked before anything is read: a known --dataset, values in
+    range, and no flag given (`given`: the dests typed) that the dataset does not read."""
+    if ns.dataset not in DATASETS:
+        raise UsageError(f"--dataset {ns.dataset!r} is unknown; choose one of "
+                         + ", ".join(sorted(DATASETS)))
+    _check_flags(ns)
+    part = ns.partition or ("labelset" if ns.dataset == "synthetic-multilabel" else None)
+    for name, reader in PARTITION_FLAGS.items():
+        if name in given and part != reader:
+            flag = "--" + name.replace("_", "-")
+            raise UsageError(f"{flag} only applies to --partition {reader} (here: "
+                             f"{part or 'the default partition'}); add --partition {reader} "
+                             f"or drop {flag}")
+    if "clients" in given and part == "natural" and not ns.dataset.startswith("synthetic"):
+        raise UsageError("--clients does not apply to --partition natural (the clients are the "
+                         "dataset's sites); drop --clients or choose another --partition")
+    if ns.dataset.startswith("synthetic"):
+        for name in FILE_FLAGS:
+            if name in given:
+                flag = "--" + name.replace("_", "-")
+                raise UsageError(f"{flag} does not apply to --dataset {ns.dataset} (generated, "
+                                 "no files); give --dataset imagefolder (or another) or drop "
+                                 f"{flag}")
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available now (MemAvailable), None where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_memory(nbytes: int, size: int, what: str, hint: str = "") -> None:
+    """A one-line error before decoding when the images at --image-size `size` would not
+    fit in the memory available (instead of dying part-way)."""
+    avail = available_memory()
+    if avail is not None and nbytes > 0.8 * avail:
+        raise UsageError(f"--image-size {size}: {what} need {nbytes / 2 ** 30:.1f} GiB of "
+                         f"memory, more than the {avail / 2 ** 30:.1f} GiB available here; "
+                         f"lower --image-size{hint}")
+
+
 def load_catalog(ns: argparse.Namespace) -> Catalog:
     """The catalog of --dataset at --data-dir, with a one-line error for a bad path."""
     if not ns.data_dir:
@@ -1374,10 +1536,7 @@ def load_catalog(ns: argparse.Namespace) -> Catalog:
 
 
 def load(args: argparse.Namespace, seed: int) -> Federation:
-    if args.dataset not in DATASETS:
-        raise UsageError(f"--dataset {args.dataset!r} is unknown; choose one of "
-                         + ", ".join(sorted(DATASETS)))
-    _check_flags(args)
+    check_flags(args)
     if args.dataset == "synthetic-multilabel":      # label sets built in (FedLSM, multi-label)
         if args.partition not in (None, "labelset"):
             raise UsageError("--partition: synthetic-multilabel has built-in label sets; use "
@@ -1385,7 +1544,10 @@ def load(args: argparse.Namespace, seed: int) -> Federation:
         if args.unlabeled_fraction:
             raise UsageError("--unlabeled-fraction does not apply to synthetic-multilabel "
                              "(its missing labels come from the label sets); drop it")
-        fed = make_synthetic_multilabel(seed, args.clients, args.image_size or 32,
+        size = args.image_size or 32            # images and their float32 work arrays:
+        check_memory(args.clients * 200 * 3 * size * size * 4 * 4, size,
+                     f"{args.clients} synthetic clients")
+        fed = make_synthetic_multilabel(seed, args.clients, size,
                                         args.labels_per_client, args.test_fraction,
                                         args.oracle_labels)
         notes: list = []
@@ -1396,7 +1558,10 @@ def load(args: argparse.Namespace, seed: int) -> Federation:
         if args.partition not in (None, "natural"):
             raise UsageError("--partition: the synthetic dataset has natural sites only; "
                              "use --partition natural")
-        fed = make_synthetic(seed, args.clients, args.image_size or 32, args.test_fraction)
+        size = args.image_size or 32            # images and their float32 work arrays:
+        check_memory(args.clients * 240 * 3 * size * size + 240 * 3 * size * size * 4 * 4,
+                     size, f"{args.clients} synthetic clients")
+        fed = make_synthetic(seed, args.clients, size, args.test_fraction)
         stream = lambda *k: np_rng(seed, "data", "synthetic", *k)  # noqa: E731
         notes: list = []
         post_process(fed.clients, fed.y.numpy(), args, stream)

@@ -53,10 +53,39 @@ def _replace_head(model: nn.Module, name: str, num_classes: int) -> None:
 MODELS = ("cnn", "resnet18", "efficientnet_b0", "densenet121")
 
 
+def _no_such_weights(path: str) -> UsageError:
+    return UsageError(f"--weights {path}: no such file; pass a local checkpoint "
+                      "(.pt/.pth state dict) or leave --weights out")
+
+
+# the smallest image side each model can take (three 2x2 max-pools; DenseNet's stride-32
+# stem and transition pools): below it the first forward pass fails
+MIN_IMAGE_SIZE = {"cnn": 8, "densenet121": 32}
+
+
+def check_image_size(name: str, size: int | None) -> None:
+    if size is not None and size < MIN_IMAGE_SIZE.get(name, 1):
+        raise UsageError(f"--image-size {size} is too small for --model {name} (it needs at "
+                         f"least {MIN_IMAGE_SIZE[name]}); raise --image-size")
+
+
+def check(name: str, weights: str | None = None, image_size: int | None = None) -> None:
+    """The checks of `build` that need no model: a known name, an existing weights file,
+    an image side the model can take (run.py makes them before any image is decoded)."""
+    check_image_size(name, image_size)
+    if name.startswith("clip:"):
+        import clip_adapters
+        clip_adapters.resolve_model(name[len("clip:"):])
+    elif name not in MODELS:
+        raise UsageError(f"--model {name!r} is unknown; choose one of {', '.join(MODELS)} "
+                         "or clip:NAME (an open_clip image encoder)")
+    if weights and not os.path.isfile(weights):
+        raise _no_such_weights(weights)
+
+
 def _read_checkpoint(path: str) -> dict:
     if not os.path.isfile(path):
-        raise UsageError(f"--weights {path}: no such file; pass a local checkpoint "
-                         "(.pt/.pth state dict) or leave --weights out")
+        raise _no_such_weights(path)
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file is the user's input error

@@ -16,10 +16,12 @@ import glob
 import os
 import shlex
 import sys
+import tempfile
 import time
 
 import datasets
 import fedmed
+import models
 from fedmed import Config, UsageError
 
 HELP = {
@@ -78,9 +80,17 @@ def _add_dataclass_flags(group, cls, seen: set, only: set | None = None,
                            help=f"{text} (default: {default}{recipes})")
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse that reports a bad flag as one line (a UsageError) instead of printing the
+    whole usage block before it."""
+
+    def error(self, message):
+        raise UsageError(f"{message} (see python run.py --help)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     fedmed.load_algorithms()
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="run.py", description="FedMed: federated learning for medical image "
         "classification. Trains --algo on --dataset and writes results to --out.")
     p.add_argument("--algo", default="fedavg",
@@ -142,10 +152,19 @@ def validate(cfg: Config, ns: argparse.Namespace) -> None:
         raise UsageError("--local-epochs must be at least 1 (or set --local-steps)")
     if cfg.local_steps < 0:
         raise UsageError(f"--local-steps must be >= 0 (got {cfg.local_steps})")
-    if cfg.batch_size < 1:
-        raise UsageError(f"--batch-size must be at least 1 (got {cfg.batch_size})")
+    if cfg.batch_size < 2:        # the loop drops a batch of one image (BatchNorm cannot train on it)
+        raise UsageError(f"--batch-size must be at least 2 (got {cfg.batch_size}; a batch of one "
+                         "image is skipped, so nothing would train)")
     if cfg.lr <= 0:
         raise UsageError(f"--lr must be positive (got {cfg.lr})")
+    if not 0 <= cfg.momentum < 1:
+        raise UsageError(f"--momentum must lie in [0, 1) (got {cfg.momentum})")
+    if cfg.weight_decay < 0:
+        raise UsageError(f"--weight-decay must be >= 0 (got {cfg.weight_decay})")
+    if cfg.focal_gamma < 0:
+        raise UsageError(f"--focal-gamma must be >= 0 (got {cfg.focal_gamma})")
+    if cfg.eval_batch_size < 1:
+        raise UsageError(f"--eval-batch-size must be at least 1 (got {cfg.eval_batch_size})")
     if cfg.device.startswith("cuda"):
         import torch
         if not torch.cuda.is_available():
@@ -156,6 +175,62 @@ def validate(cfg: Config, ns: argparse.Namespace) -> None:
         raise UsageError(f"--stop-after must be at least 1 (got {ns.stop_after})")
     if ns.resume and ns.overwrite:
         raise UsageError("--resume and --overwrite exclude each other; pick one")
+
+
+def given_flags(parser: argparse.ArgumentParser, argv) -> set:
+    """The dests of the flags typed on the command line (not their defaults). Consumes
+    `parser` (its defaults are cleared)."""
+    for a in parser._actions:
+        a.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv)))
+
+
+# a flag that is read only under a condition: (flag, does it apply?, what makes it apply)
+CONDITIONAL = [
+    ("momentum", lambda cfg: cfg.optimizer == "sgd" or cfg.algo == "fcu",   # FCU: its PGA SGD
+     "--optimizer sgd (or --algo fcu)"),
+    ("focal_gamma", lambda cfg: cfg.loss == "focal", "--loss focal"),
+    ("local_epochs", lambda cfg: cfg.local_steps == 0, "no --local-steps (which replaces it)"),
+]
+
+
+def check_applies(cfg: Config, ns: argparse.Namespace, given: set) -> None:
+    """A flag typed on the command line that this configuration does not read is refused
+    (it would be silently ignored): another algorithm's options, SGD momentum with Adam,
+    --focal-gamma without the focal loss, --local-epochs with --local-steps."""
+    own = {f.name for f in dataclasses.fields(fedmed.ALGORITHMS[cfg.algo].Args or _NoArgs)}
+    for name in sorted(fedmed.ALGORITHMS):
+        for f in dataclasses.fields(fedmed.ALGORITHMS[name].Args or _NoArgs):
+            if f.name in given and f.name not in own and not hasattr(cfg, f.name):
+                users = [a for a in sorted(fedmed.ALGORITHMS) if f.name in
+                         {g.name for g in dataclasses.fields(fedmed.ALGORITHMS[a].Args or _NoArgs)}]
+                raise UsageError(f"{_flag(f.name)} does not apply to --algo {cfg.algo} (only to "
+                                 f"{', '.join(users)}); drop it or choose that algorithm")
+    for name, applies, when in CONDITIONAL:
+        if name in given and not applies(cfg):
+            raise UsageError(f"{_flag(name)} does not apply here; it is read only with {when}; "
+                             f"drop {_flag(name)}")
+
+
+def check_before_data(cfg: Config, args, ns: argparse.Namespace, given: set) -> None:
+    """What can be checked without reading an image: flags that do not apply, the data
+    flags, the model name and weights file, and a CLIP method's --clip-model and
+    --pretrained."""
+    check_applies(cfg, ns, given)
+    datasets.check_flags(ns, given)
+    cls = fedmed.ALGORITHMS[cfg.algo]
+    if cls.build_model is not fedmed.Algorithm.build_model:   # e.g. CLIP methods
+        for name in ("model", "weights"):
+            if name in given:
+                raise UsageError(f"{_flag(name)} does not apply to --algo {cfg.algo} (it builds "
+                                 f"its own model); drop {_flag(name)}")
+    else:
+        models.check(cfg.model, cfg.weights, ns.image_size)
+    if args is not None and hasattr(args, "clip_model"):
+        import clip_adapters
+        spec = clip_adapters.resolve_model(args.clip_model)
+        if hasattr(args, "pretrained"):
+            clip_adapters.resolve_weights(spec, args.pretrained, cfg.seed)
 
 
 def prepare_out(ns: argparse.Namespace, cfg: Config, out: str) -> str:
@@ -169,7 +244,51 @@ def prepare_out(ns: argparse.Namespace, cfg: Config, out: str) -> str:
                          "--resume to continue, or another --out")
     elif os.path.exists(out) and not os.path.isdir(out):
         raise UsageError(f"--out {out} is a file; give a folder path")
+    check_writable(out)
     return out
+
+
+def check_writable(out: str) -> None:
+    """A one-line error now, before any image is decoded, when folder `out` cannot be
+    made or written; leaves the file system as it found it."""
+    made, d = [], os.path.abspath(out)
+    while not os.path.isdir(d):
+        if os.path.exists(d):
+            raise UsageError(f"--out {out}: {d} is a file, so the folder cannot be made; "
+                             "give another --out")
+        made.append(d)
+        d = os.path.dirname(d)
+    try:
+        for m in reversed(made):
+            os.mkdir(m)
+        with tempfile.TemporaryFile(dir=os.path.abspath(out)):
+            pass
+    except OSError as e:
+        raise UsageError(f"--out {out}: cannot write there ({e.strerror or e}); give another --out")
+    finally:
+        for m in made:
+            try:
+                os.rmdir(m)
+            except OSError:
+                pass
+
+
+def _remove_stub(out: str, existed: bool) -> None:
+    """After a crash before the first round ended: remove the folder when it holds only
+    what the loop writes first (config.json, an empty metrics.jsonl), so the next attempt
+    is not refused as 'already holds results'."""
+    try:
+        names = set(os.listdir(out)) - {fedmed.LOCK_NAME}
+        if names <= {"config.json", "metrics.jsonl"} and (
+                "metrics.jsonl" not in names or not os.path.getsize(os.path.join(out, "metrics.jsonl"))):
+            for n in names:
+                os.remove(os.path.join(out, n))
+            if not existed:
+                if os.path.exists(os.path.join(out, fedmed.LOCK_NAME)):
+                    os.remove(os.path.join(out, fedmed.LOCK_NAME))
+                os.rmdir(out)
+    except OSError:
+        pass
 
 
 def _held(out: str) -> contextlib.AbstractContextManager:
@@ -194,8 +313,9 @@ def continue_command(argv: list, out: str) -> str:
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    made: dict = {}                  # _main: the results folder, when this run may create it
     try:
-        return _main(argv)
+        return _main(argv, made)
     except (fedmed.Interrupted, KeyboardInterrupt) as e:
         where = str(e) if isinstance(e, fedmed.Interrupted) else "interrupted before training"
         out = _OUT.get("out")
@@ -209,14 +329,19 @@ def main(argv=None) -> int:
     except fedmed.Diverged as e:
         print(f"error: training diverged: {e}", file=sys.stderr)
         return fedmed.EXIT_DIVERGED
+    except Exception:
+        if made.get("out"):
+            _remove_stub(made["out"], made["existed"])
+        raise
 
 
 _OUT: dict = {}                         # the --out of the run in progress (for Ctrl-C)
 
 
-def _main(argv) -> int:
+def _main(argv, made: dict) -> int:
     ns = build_parser().parse_args(argv)
     ns.argv = list(argv)                                # recorded in config.json
+    given = given_flags(build_parser(), argv)
     if ns.bn == "none":
         ns.bn = "params_only"
     rounds_given = ns.rounds is not None
@@ -230,10 +355,15 @@ def _main(argv) -> int:
     validate(cfg, ns)
     cls = fedmed.ALGORITHMS[cfg.algo]
     args = _fill(cls.Args, ns) if cls.Args is not None else None
+    check_before_data(cfg, args, ns, given)
+    ns.given_flags = given                             # datasets.build: flags a partition ignores
     out = ns.out or os.path.join("runs", f"{cfg.algo}-{ns.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
     _OUT["out"] = out
     with _held(out):                                    # before anything there is read
         prepare_out(ns, cfg, out)
+        if not ns.resume and not (os.path.isdir(out) and
+                                  [n for n in os.listdir(out) if n != fedmed.LOCK_NAME]):
+            made.update(out=out, existed=os.path.isdir(out))
         return _train(ns, cfg, cls, args, out, rounds_given)
 
 
@@ -243,6 +373,8 @@ def _train(ns, cfg, cls, args, out, rounds_given) -> int:
     if ns.image_size is None and hasattr(cls, "default_image_size"):
         ns.image_size = cls.default_image_size(args)   # e.g. a CLIP model's input size
     fed = datasets.load(ns, seed=cfg.seed)
+    if cls.build_model is fedmed.Algorithm.build_model:
+        models.check_image_size(cfg.model, int(fed.x.shape[-1]))  # e.g. a dataset's own size
     if not ns.quiet:
         print(f"{cfg.algo} on {fed.name}: {len(fed.clients)} clients, {fed.num_classes} classes "
               f"({', '.join(fed.classes)})")

@@ -13,12 +13,16 @@ the squared norm of Eq. (2), not the square root used by some public CLIP baseli
 """
 from dataclasses import dataclass
 
-from fedmed import Algorithm, register, trainable
+from fedmed import Algorithm, UsageError, register, trainable
 
 
 @dataclass
 class Args:
     mu: float = 0.001                                 # mu in Eq. (2)
+
+    def __post_init__(self):
+        if not self.mu >= 0:                          # a negative mu pushes away from w^t
+            raise UsageError(f"--mu must be >= 0 (got {self.mu})")
 
 
 @register("fedprox")
