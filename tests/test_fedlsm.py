@@ -550,6 +550,7 @@ def test_label_set_of_none_is_the_classes_with_a_labelled_image(fed):
     mfed = multilabel_fed()
     algo, _, clients = make_algo(mfed)
     clients[1].label_set = None
+    mfed.y[torch.as_tensor(clients[1].train), 2] = 0.0      # observed, never positive: annotated
     assert algo.annotated(clients[1]).tolist() == [False, True, True, False]
 
 
