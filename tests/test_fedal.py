@@ -617,3 +617,16 @@ def test_default_image_size_comes_from_the_base(monkeypatch):
     assert FedAL.default_image_size(FedAL.Args(base_algo="probe")) == 77
     assert FedAL.default_image_size(FedAL.Args()) is None               # fedavg has none
     assert FedAL.default_image_size(FedAL.Args(base_algo="nope")) is None
+
+
+def test_a_client_without_any_ground_truth_is_refused(fed):
+    """A client whose images all lack a ground truth has N_k = 0: with --al-initial 1 it
+    used to get an empty L_k, on which the local update loops forever; now a usage error."""
+    y = fed.y.clone()
+    c0 = fed.clients[0]
+    y[torch.as_tensor(c0.train)] = -1
+    split = dataclasses.replace(c0, train=c0.train[:0], unlabeled=c0.train)
+    f2 = dataclasses.replace(fed, y=y, clients=[split] + fed.clients[1:])
+    for p0 in (1.0, 0.2):
+        with pytest.raises(fedmed.UsageError, match=c0.name):
+            FedAL(Config(algo="fedal"), FedAL.Args(al_initial=p0, al_budget=1.0), f2)
