@@ -544,13 +544,14 @@ def test_label_efficiency_curve_and_area_by_hand(fed):
     lab = {2: (2, 4), 4: (4, 6), 6: (7, 8)}
     for r in (1, 3, 5):                                     # rounds inside a phase: not on it
         ba[r], lab[r] = (0.0, 0.0), (1, 1)
-    lines = []
-    for r in range(1, 7):
-        for view, shift in (("main", 0.0), ("other", 0.05)):
-            for i, name in enumerate(("site0", "site1")):
+    lines = []                                              # in evaluate_all's order:
+    for r in range(1, 7):                                   # per client, every view
+        for i, name in enumerate(("site0", "site1")):
+            for view, shift in (("main", 0.0), ("other", 0.05)):
                 lines.append({"round": r, "view": view, "holdout": False, "client": name,
                               "balanced_accuracy": ba[r][i] + shift, "macro_auroc": 0.5,
                               "labelled": lab[r][i], "unlabelled": 10 - lab[r][i]})
+        for view, shift in (("main", 0.0), ("other", 0.05)):
             lines.append({"round": r, "view": view, "holdout": False, "client": "pooled",
                           "balanced_accuracy": 0.33 + shift})
     server.state["al"]["acquisitions"] = [
