@@ -330,6 +330,9 @@ class FedAL(Algorithm):
                 dropped[c.name] = int((~has_truth).sum())
             extra = extra[has_truth]
             N = len(train) + len(extra)
+            if N == 0:                    # nothing to train on nor to acquire (training hangs)
+                raise UsageError(f"client {c.name} has no image with a ground truth (labelled or "
+                                 "for the oracle); use another --partition or fewer --clients")
             n0 = N if a.al_initial == 1 else max(1, int(round(a.al_initial * N)))
             if n0 > len(train):
                 raise UsageError(f"--al-initial {a.al_initial} needs {n0} labelled images at "

@@ -394,3 +394,240 @@ def test_semi_supervised_base_sees_no_label_on_u(fed):
 def test_bad_input_is_one_line_exit_2(tmp_path, capsys, flags, needle):
     rc, out = cli(tmp_path, *flags)
     one_line_error(capsys, rc, needle, out=out)
+
+
+# ---------------------------------------------------------------- issue #11: what the mutants showed
+
+def test_hidden_labels_raise_by_default_and_an_empty_oracle_answers_nothing(fed):
+    from algorithms.fedal import HiddenLabels, Oracle
+    view = HiddenLabels(fed.y, np.array([0, 2]))
+    with pytest.raises(LabelLeak):
+        view[torch.tensor([2])]
+    assert view[torch.tensor([1])].tolist() == [int(fed.y[1])]
+    idx, labels = Oracle(fed.y, np.array([0, 2])).answered()
+    assert len(idx) == len(labels) == 0
+
+
+def test_base_args_parse_booleans_and_numbers():
+    from algorithms.fedal import parse_base_args
+    Lsm = fedmed.ALGORITHMS["fedlsm"]
+    a = parse_base_args(Lsm, "ude_compat=true, n_u=7, tau_p=0.5, empty_class=samples")
+    assert (a.ude_compat, a.n_u, a.tau_p, a.empty_class) == (True, 7, 0.5, "samples")
+    for text, want in (("1", True), ("yes", True), ("True", True), ("0", False), ("false", False),
+                       ("no", False)):
+        assert parse_base_args(Lsm, f"ude_compat={text}").ude_compat is want, text
+    assert parse_base_args(Lsm, "") == Lsm.Args()
+
+
+def test_no_acquisition_cycle_is_one_fl_phase(fed):
+    """--al-cycles 0: one FL phase of R_c rounds on the initial L_k, beta = 0."""
+    algo, server, clients = make_fedal(fed, al_cycles=0, al_rounds_per_cycle=2)
+    assert algo.cfg.rounds == 2 and algo.beta == 0.0 and algo.info["beta"] == 0.0
+    assert all(algo.target(c.id, 1) == algo.n0[c.id] for c in clients)
+
+
+@pytest.mark.parametrize("kw,needle", [
+    ({"al_initial": 1.5}, r"^--al-initial must lie in \(0, 1\]"),
+    ({"al_initial": 0.0}, r"^--al-initial must lie in \(0, 1\]"),
+    ({"al_cycles": -1}, r"^--al-cycles must be >= 0"),
+])
+def test_each_bound_names_its_own_flag(fed, kw, needle):
+    with pytest.raises(fedmed.UsageError, match=needle):
+        FedAL(Config(algo="fedal"), FedAL.Args(**kw), fed)
+
+
+def test_initial_share_targets_and_run_record(fed):
+    """n0 = max(1, round(p0 N_k)); the recorded targets are n_k(c) = round((p0 + c beta) N_k)
+    for c = 0..A; warm start unless --al-reinit; a budget equal to p0 acquires nothing."""
+    algo, _, clients = make_fedal(fed)
+    for c in clients:
+        N = len(c.train) + len(c.unlabeled)
+        want = [max(1, round(0.2 * N)), round(0.4 * N), round(0.6 * N)]
+        assert algo.info["targets"][c.name] == want and len(c.train) == want[0]
+    assert algo.info["warm_start"] is True
+    assert make_fedal(fed, al_reinit=True)[0].info["warm_start"] is False
+    tiny, _, clients = make_fedal(fed, al_initial=0.001, al_budget=0.001)
+    assert [len(c.train) for c in clients] == [1, 1, 1] == tiny.n0
+    assert all(tiny.acquisition_size(c, k) == 0 for c in clients for k in (1, 2))
+
+
+def test_unlabelled_images_with_a_truth_join_u(fed):
+    """Images of a client's `unlabeled` split join U_k when the oracle has a ground truth
+    for them (any class, 0 included); those without (y = -1) are left out and counted."""
+    y = fed.y.clone()
+    c0 = fed.clients[0]
+    extra = c0.train[-6:]
+    y[torch.as_tensor(extra[:2])] = 0
+    y[torch.as_tensor(extra[2])] = -1
+    split = dataclasses.replace(c0, train=c0.train[:-6], unlabeled=extra)
+    f2 = dataclasses.replace(fed, y=y, clients=[split] + fed.clients[1:])
+    algo, _, clients = make_fedal(f2)
+    U_and_L = set(clients[0].train.tolist()) | set(clients[0].unlabeled.tolist())
+    assert set(extra.tolist()) - U_and_L == {int(extra[2])}
+    assert algo.N[0] == len(c0.train) - 1
+    assert algo.info["unlabelled_without_ground_truth"] == {c0.name: 1}
+
+
+def test_a_base_with_its_own_local_update_reads_no_label_on_u(fed):
+    """`local` replaces local_update (not train): its reads of U must give -1, not raise."""
+    algo, _, _ = make_fedal(fed, base_algo="local")
+    assert not algo.labels.strict
+    assert make_fedal(fed)[0].labels.strict
+
+
+def test_every_acquisition_uses_the_local_model_of_its_phase(fed):
+    """theta_k is scored after the last local update of EVERY phase before an acquisition,
+    not only phase 0, and not before it (R_c = 2: rounds 1 and 3 are the phases' last),
+    nor in the final phase (rounds 4, 5)."""
+    algo, server, clients = make_fedal(fed, al_rounds_per_cycle=2)
+    for t in range(6):
+        train_round(algo, server, clients, t)
+        assert all(("al_p_local" in c.state) == (t in (1, 3)) for c in clients), t
+        if t == 3:
+            assert all(len(c.state["al_p_local"]) == len(c.unlabeled) for c in clients)
+    recs = server.state["al"]["acquisitions"]
+    assert len(recs) == 2 and all(v["local_model"] for r in recs for v in r["clients"].values())
+
+
+def test_local_scores_only_where_the_next_acquisition_takes_an_image(fed):
+    """p0 = 2%, B = 3%, A = 2 on clients of 107, 109 and 94 images: b_k(1) = 1, 1, 0 and
+    b_k(2) = 0, 0, 1. theta_k is scored exactly where b_k(next acquisition) > 0."""
+    algo, server, clients = make_fedal(fed, al_initial=0.02, al_budget=0.03)
+    b = [[algo.acquisition_size(c, 1) for c in clients]]
+    n0 = [len(c.train) for c in clients]
+    train_round(algo, server, clients, 0)
+    assert [("al_p_local" in c.state) for c in clients] == [x > 0 for x in b[0]] == [True, True, False]
+    train_round(algo, server, clients, 1)                 # acquisition 1, then phase 1
+    rec = server.state["al"]["acquisitions"][0]["clients"]
+    assert [rec[c.name]["local_model"] for c in clients] == [True, True, False]
+    assert [rec[c.name]["acquired"] for c in clients] == b[0]
+    assert [len(c.train) - n for c, n in zip(clients, n0)] == b[0]
+    assert rec[clients[2].name]["classes"] == [0] * fed.num_classes
+    assert [e["client"] for e in algo.oracle.log] == [clients[0].name, clients[1].name]
+    b2 = [algo.acquisition_size(c, 2) for c in clients]
+    assert [("al_p_local" in c.state) for c in clients] == [x > 0 for x in b2] == [False, False, True]
+
+
+def test_the_protocol_delegates_begin_round_to_the_base(fed, monkeypatch):
+    calls = []
+
+    class Probe(fedmed.ALGORITHMS["fedavg"]):
+        def begin_round(self, server, clients):
+            calls.append(self.round)
+    monkeypatch.setitem(fedmed.ALGORITHMS, "probe", Probe)
+    algo, server, clients = make_fedal(fed, base_algo="probe")
+    for t in (0, 1):
+        algo.round = t
+        algo.begin_round(server, clients)
+    assert calls == [0, 1]
+
+
+def test_a_client_without_a_local_model_scores_with_the_global_one(fed):
+    """No local update in the phase (e.g. never sampled): p_loc := p_glob for every score,
+    so local-entropy and ensemble-entropy equal global-entropy."""
+    algo, server, clients = make_fedal(fed)
+    c = clients[0]
+    assert "al_p_local" not in c.state
+    algo.args.acquisition = "global-entropy"
+    ref = algo.scores(server, c, 1)
+    for acq in ("local-entropy", "ensemble-entropy"):
+        algo.args.acquisition = acq
+        assert np.allclose(algo.scores(server, c, 1), ref, atol=1e-12), acq
+
+
+def test_label_efficiency_curve_and_area_by_hand(fed):
+    """al_curve: the primary view (the first of the lines) at the end of every FL phase;
+    al_area = sum of trapezoids (BA_i + BA_{i+1}) / 2 (f_{i+1} - f_i) / (f_last - f_0);
+    the table prints every point. Two views per round, as a base with several has."""
+    algo, server, _ = make_fedal(fed, al_rounds_per_cycle=2)   # A = 2: phases end at 2, 4, 6
+    ba = {2: (0.2, 0.4), 4: (0.5, 0.7), 6: (0.6, 0.9)}      # (site0, site1) of view "main"
+    lab = {2: (2, 4), 4: (4, 6), 6: (7, 8)}
+    for r in (1, 3, 5):                                     # rounds inside a phase: not on it
+        ba[r], lab[r] = (0.0, 0.0), (1, 1)
+    lines = []                                              # in evaluate_all's order:
+    for r in range(1, 7):                                   # per client, every view
+        for i, name in enumerate(("site0", "site1")):
+            for view, shift in (("main", 0.0), ("other", 0.05)):
+                lines.append({"round": r, "view": view, "holdout": False, "client": name,
+                              "balanced_accuracy": ba[r][i] + shift, "macro_auroc": 0.5,
+                              "labelled": lab[r][i], "unlabelled": 10 - lab[r][i]})
+        for view, shift in (("main", 0.0), ("other", 0.05)):
+            lines.append({"round": r, "view": view, "holdout": False, "client": "pooled",
+                          "balanced_accuracy": 0.33 + shift})
+    server.state["al"]["acquisitions"] = [
+        {"cycle": c, "oracle_queries": q, "clients": {"site0": {"classes": [1, 0, q - 1]},
+                                                      "site1": {"classes": [0, 1, 0]}}}
+        for c, q in ((1, 4), (2, 9))]
+    server.state["al"]["oracle_log"] = [{"indices": np.arange(4)}, {"indices": np.arange(5)}]
+    out = algo.summary_extra(server, lines)
+    curve = out["al_curve"]
+    assert [p["round"] for p in curve] == [2, 4, 6] and [p["cycle"] for p in curve] == [0, 1, 2]
+    f = [6 / 20, 10 / 20, 15 / 20]
+    mean_ba = [0.3, 0.6, 0.75]
+    assert [p["label_fraction"] for p in curve] == pytest.approx(f)
+    assert [p["balanced_accuracy"] for p in curve] == pytest.approx(mean_ba)
+    assert [p["labelled"] for p in curve] == [6, 10, 15]
+    assert [p["pooled_balanced_accuracy"] for p in curve] == pytest.approx([0.33] * 3)
+    assert [p["acquired_classes"] for p in curve] == [None, [1, 1, 3], [1, 1, 8]]
+    assert [p["oracle_queries"] for p in curve] == [0, 4, 9]
+    area = ((0.3 + 0.6) / 2 * (f[1] - f[0]) + (0.6 + 0.75) / 2 * (f[2] - f[1])) / (f[2] - f[0])
+    assert out["al_area"] == pytest.approx(area)
+    assert out["al"]["oracle_queries"] == 9 and out["al"]["base_algo"] == "fedavg"
+    table = FedAL.summary_table({**out, "al_area": out["al_area"]}).splitlines()
+    assert len(table) == 2 + 3 + 1
+    assert table[2].split()[:6] == ["0", "2", "6", "0.300", "0.300", "0.330"]
+    assert table[4].split()[:6] == ["2", "6", "15", "0.750", "0.750", "0.330"]
+    assert f"{area:.3f}" in table[-1] and "9" in table[-1]
+
+
+@pytest.mark.parametrize("labelled,has_area", [
+    ([(3, 3), (5, 5)], True),                       # two points
+    ([(3, 3), (3, 3), (7, 8)], True),               # flat, then up
+    ([(3, 3), (7, 8), (7, 8)], True),               # up, then flat
+    ([(3, 3), (3, 3)], False),                      # no label gained: no area
+    ([(3, 3)], False),                              # one point
+])
+def test_area_only_when_the_labelled_fraction_grew(fed, labelled, has_area):
+    algo, server, _ = make_fedal(fed, al_cycles=len(labelled) - 1)
+    lines = []
+    for c, lab in enumerate(labelled):
+        for i, name in enumerate(("site0", "site1")):
+            lines.append({"round": c + 1, "view": "v", "holdout": False, "client": name,
+                          "balanced_accuracy": 0.1 * (c + 1) + 0.1 * i, "macro_auroc": 0.5,
+                          "labelled": lab[i], "unlabelled": 10 - lab[i]})
+        lines.append({"round": c + 1, "view": "v", "holdout": False, "client": "pooled",
+                      "balanced_accuracy": 0.5})
+    server.state["al"]["acquisitions"] = [{"oracle_queries": 0, "clients": {
+        "site0": {"classes": [0]}, "site1": {"classes": [0]}}}] * (len(labelled) - 1)
+    out = algo.summary_extra(server, lines)
+    assert len(out["al_curve"]) == len(labelled)
+    assert ("al_area" in out) is has_area
+    if has_area:
+        f = [sum(lab) / 20 for lab in labelled]
+        ba = [0.1 * (c + 1) + 0.05 for c in range(len(labelled))]
+        area = sum((ba[i] + ba[i + 1]) / 2 * (f[i + 1] - f[i]) for i in range(len(f) - 1))
+        assert out["al_area"] == pytest.approx(area / (f[-1] - f[0]))
+
+
+def test_default_image_size_comes_from_the_base(monkeypatch):
+    class Probe(fedmed.ALGORITHMS["fedavg"]):
+        @classmethod
+        def default_image_size(cls, args):
+            return 77
+    monkeypatch.setitem(fedmed.ALGORITHMS, "probe", Probe)
+    assert FedAL.default_image_size(FedAL.Args(base_algo="probe")) == 77
+    assert FedAL.default_image_size(FedAL.Args()) is None               # fedavg has none
+    assert FedAL.default_image_size(FedAL.Args(base_algo="nope")) is None
+
+
+def test_a_client_without_any_ground_truth_is_refused(fed):
+    """A client whose images all lack a ground truth has N_k = 0: with --al-initial 1 it
+    used to get an empty L_k, on which the local update loops forever; now a usage error."""
+    y = fed.y.clone()
+    c0 = fed.clients[0]
+    y[torch.as_tensor(c0.train)] = -1
+    split = dataclasses.replace(c0, train=c0.train[:0], unlabeled=c0.train)
+    f2 = dataclasses.replace(fed, y=y, clients=[split] + fed.clients[1:])
+    for p0 in (1.0, 0.2):
+        with pytest.raises(fedmed.UsageError, match=c0.name):
+            FedAL(Config(algo="fedal"), FedAL.Args(al_initial=p0, al_budget=1.0), f2)

@@ -469,3 +469,160 @@ def test_synthetic_multilabel_dataset_from_the_command_line(tmp_path, capsys):
                              "--out", str(tmp_path / "a")]) == 0
     assert run.main(flags + ["--partition", "iid", "--out", str(tmp_path / "b")]) == 2
     assert "--partition" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- issue #11: what the mutants showed
+
+def test_defaults_are_the_sheet_isic_values():
+    """Sheet section 7 (ISIC column where the two differ) and the documented flags."""
+    a = fedlsm.Args()
+    assert (a.n_u, a.n_c, a.batch_u) == (50, 200, 4)
+    assert (a.ema_decay, a.mix_alpha, a.lambda_ude) == (0.999, 0.2, 0.1)
+    assert (a.tau_p, a.tau_u, a.tau_hi, a.tau_lo, a.tau_u_lo) == (0.95, 0.7, 0.85, 0.01, 0.005)
+    assert (a.ce_weights, a.empty_class, a.ude_compat, a.ue_binary_entropy) == \
+        (False, "keep", False, False)
+
+
+def test_pseudo_label_thresholds_are_inclusive():
+    """Sheet section 4: y_c = 1 if t_c >= tau_hi, 0 if t_c <= tau_lo; a single-label image
+    gets a pseudo label when max t >= tau (values exact in binary)."""
+    L = torch.tensor([True, False, False])
+    y, has, new = fedlsm.pseudo_single(torch.full((1, 3), -1.0), torch.tensor([[0.125, 0.75, 0.125]]),
+                                       0.75, L)
+    assert y.tolist() == [[0, 1, 0]] and has.tolist() == [True] and new.tolist() == [True]
+    y, m, pos = fedlsm.pseudo_multi(torch.full((1, 3), -1.0), torch.tensor([[0.75, 0.25, 0.5]]),
+                                    0.75, 0.25)
+    assert y.tolist() == [[1, 0, 0]] and m.tolist() == [[True, True, False]]
+    assert pos.tolist() == [[True, False, False]]
+
+
+def test_pools_at_their_bounds():
+    """n_u = 0 / n_c = 0 give empty pools and P = everything; U never takes every image
+    (P keeps at least one), Cf may."""
+    H = torch.tensor([0.3, 0.1, 0.2, 0.4])
+    U, Cf, P = fedlsm.rank_pools(H, 0, 0)
+    assert len(U) == 0 and len(Cf) == 0 and P.tolist() == [0, 1, 2, 3]
+    U, Cf, P = fedlsm.rank_pools(H, 10, 10)
+    assert U.tolist() == [0, 2, 3] and P.tolist() == [1] and Cf.tolist() == [0, 1, 2, 3]
+    U, Cf, P = fedlsm.rank_pools(H, 3, 4)
+    assert U.tolist() == [0, 2, 3] and Cf.tolist() == [0, 1, 2, 3]
+
+
+def test_soft_ce_equals_its_formula_with_class_weights():
+    """CE_soft of (L-s): -1/B sum_i sum_c a_c y_ic log softmax(z_i)_c."""
+    g = torch.Generator().manual_seed(0)
+    z, a = torch.randn(4, 3, generator=g), torch.tensor([0.5, 2.0, 3.0])
+    y = torch.tensor([[1, 0, 0], [0, 0.3, 0.7], [0, 0, 0], [0, 1, 0]])
+    hand = 0.0
+    for i in range(4):
+        for c in range(3):
+            hand -= a[c] * y[i, c] * torch.log(torch.softmax(z[i], 0)[c])
+    assert torch.allclose(fedlsm.soft_ce(z, y, a), hand / 4)
+    assert torch.allclose(fedlsm.soft_ce(z, y, None), fedlsm.soft_ce(z, y, torch.ones(3)))
+
+
+@pytest.mark.parametrize("kw,ok", [
+    ({"n_u": 0, "n_c": 0}, True), ({"n_u": -1}, False), ({"n_c": -1}, False),
+    ({"ema_decay": 0.0}, True), ({"ema_decay": 1.0}, True), ({"ema_decay": -0.5}, False),
+    ({"ema_decay": 1.5}, False), ({"mix_alpha": 0.0}, False), ({"mix_alpha": 0.01}, True),
+    ({"batch_u": 0}, True), ({"batch_u": 15}, True), ({"batch_u": -1}, False),
+])
+def test_argument_bounds(fed, kw, ok):
+    """n_u, n_c >= 0, d in [0, 1], alpha > 0, 0 <= batch_u < batch size (16)."""
+    if ok:
+        make_algo(fed, fedlsm.Args(**kw))
+    else:
+        with pytest.raises(fedmed.UsageError):
+            make_algo(fed, fedlsm.Args(**kw))
+
+
+def test_label_set_of_none_is_the_classes_with_a_labelled_image(fed):
+    """Natural mode: L_k = the classes with a labelled training image (single-label) or
+    with an observed entry (multi-label); a given label set is taken as it is, even for a
+    class with no image at the client."""
+    algo, _, clients = make_algo(fed)
+    c = clients[0]
+    assert algo.annotated(c).nonzero()[:, 0].tolist() == sorted(c.label_set)
+    c.label_set = sorted(c.label_set) + [5]                 # annotates 5, has no image of it
+    assert algo.annotated(c).nonzero()[:, 0].tolist() == sorted(set(c.label_set))
+    c.label_set = None
+    assert algo.annotated(c).nonzero()[:, 0].tolist() == sorted(set(fed.y[c.train].tolist()))
+    mfed = multilabel_fed()
+    algo, _, clients = make_algo(mfed)
+    clients[1].label_set = None
+    mfed.y[torch.as_tensor(clients[1].train), 2] = 0.0      # observed, never positive: annotated
+    assert algo.annotated(clients[1]).tolist() == [False, True, True, False]
+
+
+def test_once_only_label_counts_and_their_bytes(fed, monkeypatch):
+    """Multi-label: each client sends its positive / negative counts once; bytes_up_once is
+    what they cost; with --class-weights none nothing is sent and W = m. Single-label:
+    nothing is sent."""
+    mfed = multilabel_fed()
+    sent = []
+    real = fedlsm.transmit
+
+    def spy(payload):
+        got, nbytes = real(payload)
+        sent.append(nbytes)
+        return got, nbytes
+    monkeypatch.setattr(fedlsm, "transmit", spy)
+    algo, server, _ = make_algo(mfed)
+    assert len(sent) == 3 and server.state["bytes_up_once"] == sum(sent) > 0
+    algo, server, _ = make_algo(mfed, class_weights="none")
+    assert server.state["bytes_up_once"] == 0 and "pos_weight" not in server.state
+    single, server, _ = make_algo(fed)
+    assert server.state["bytes_up_once"] == 0 and "pos_weight" not in server.state
+
+
+def test_no_mixup_without_u_cf_batches(fed, monkeypatch):
+    """batch_u = 0 (or an empty U or Cf) turns UDE off: no mixup, no lambda drawn, and the
+    P batch is the whole --batch-size."""
+    called = []
+    monkeypatch.setattr(fedlsm, "mixup", lambda *a: called.append(1) or a[:2])
+    for kw in ({"batch_u": 0, "n_u": 4, "n_c": 6}, {"batch_u": 2, "n_u": 0, "n_c": 6},
+               {"batch_u": 2, "n_u": 4, "n_c": 0}):
+        algo, server, clients = make_algo(fed, fedlsm.Args(**kw))
+        payload, _ = transmit(algo.broadcast(server, clients[0]))
+        up = algo.local_update(clients[0], payload)
+        assert not called, kw
+        assert all(torch.isfinite(v).all() for v in up["w"].values() if v.is_floating_point())
+
+
+def test_epochs_budget_is_passes_over_p(fed):
+    """Without --local-steps, E epochs are E ceil(|P| / (B - b)) steps."""
+    algo, server, clients = make_algo(fed, fedlsm.Args(n_u=5, n_c=10), local_steps=0, local_epochs=2)
+    c = clients[0]
+    payload, _ = transmit(algo.broadcast(server, c))
+    algo.load_model(payload["w"], {})
+    N = len(c.train) + len(c.unlabeled)
+    assert algo.train(c, payload) == 2 * -(-(N - 5) // (16 - 4))
+
+
+def test_binary_entropy_option_equals_its_formula():
+    """--ue-binary-entropy (sheet pitfall 3): H = mean over missing c of
+    -s_c log s_c - (1 - s_c) log(1 - s_c)."""
+    s = torch.tensor([[0.2, 0.9, 0.5], [0.01, 0.3, 1.0]])
+    missing = torch.tensor([True, False, True])
+    hand = torch.tensor([[-(p * np.log(p) + (1 - p) * np.log(1 - p)) if 0 < p < 1 else 0.0
+                          for p in row] for row in s.tolist()])
+    assert torch.allclose(fedlsm.uncertainty(s, missing, binary=True), hand[:, [0, 2]].mean(1).float())
+    assert torch.equal(fedlsm.uncertainty(s, torch.zeros(3, dtype=torch.bool), binary=True),
+                       torch.zeros(2))
+
+
+def test_ude_compat_uses_ground_truth_only(fed):
+    """--ude-compat (sheet pitfall 2): U and Cf get no pseudo labels, whatever the
+    teacher says; a row has a target only where the image carries a ground truth."""
+    algo, _, clients = make_algo(fed, fedlsm.Args(ude_compat=True))
+    L = algo.annotated(clients[0])
+    out = int((~L).nonzero()[0])                            # a class outside L_0
+    Y = torch.tensor([[0, 1, 0, 0, 0, 0], [-1] * 6, [1, 0, 0, 0, 0, 0]], dtype=torch.float)
+    t = torch.full((3, 6), 0.002)
+    t[:, out] = 0.99                                        # the teacher is confident in it
+    y_u, m_u, y_c, m_c = algo._mix_targets(Y, t, Y.flip(0), t, L)
+    assert y_u.tolist() == (Y == 1).float().tolist() and m_u.tolist() == [True, False, True]
+    assert y_c.tolist() == (Y.flip(0) == 1).float().tolist() and m_c.tolist() == [True, False, True]
+    algo.args.ude_compat = False                            # the described behaviour
+    y_u, m_u, _, _ = algo._mix_targets(Y, t, Y, t, L)
+    assert m_u.tolist() == [True, True, True] and y_u[1].tolist() == torch.eye(6)[out].tolist()
