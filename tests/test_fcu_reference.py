@@ -12,8 +12,10 @@ steps 3 and 6, the 7th step unfused) so that a fusion skipped, run every step or
 the wrong step changes the result.
 """
 import itertools
+import json
 import math
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -30,7 +32,8 @@ from algorithms.fcu import FCU  # noqa: E402
 SEED = 5
 U = 1                                  # the forgotten client
 TARGET = 2                             # the backdoor's target class
-CFG = dict(algo="fcu", model="cnn", rounds=3, local_steps=10, batch_size=8, seed=SEED)
+CFG = dict(algo="fcu", model="cnn", rounds=3, local_steps=10, batch_size=8, seed=SEED,
+           eval_batch_size=32)
 ARGS = dict(forget_client=str(U), unlearn_steps=7, fusion_interval=3, fgmp_ratio=0.7,
             unlearn_lr=2e-3, post_rounds=2, post_local_steps=2, post_lr=1e-3,
             pga_lr=0.01, pga_epochs=2, pga_radius=0.1, pga_stop_accuracy=-1.0, backdoor=True,
@@ -49,11 +52,15 @@ def fed():
 def protocol(fed, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("fcuref") / "out")
     summary = FCU.protocol(Config(**CFG), FCU.Args(**ARGS), fed, out, quiet=True)
-    # PGA once more with the default stopping rule (accuracy below chance, 1/C)
+    # PGA once more with the default stopping rule (accuracy below chance, 1/C), into a
+    # folder that holds another finished PGA run: without resume, it must start over
+    shutil.copytree(os.path.join(out, "pga"), os.path.join(out, "pga_stop"))
+    log = []
     FCU.run_phase(Config(**CFG), FCU.Args(**STOP_ARGS), fed, os.path.join(out, "pga_stop"),
-                  "pga", os.path.join(out, "original"), quiet=True)
+                  "pga", os.path.join(out, "original"), log=log.append)
     ck = {p: torch.load(os.path.join(out, p, "checkpoint.pt"), weights_only=False)
           for p in ("original", "retrain", "continue", "pga", "fcu", "fcu_code", "pga_stop")}
+    ck["log"], ck["out"] = log, out
     return summary, ck
 
 
@@ -546,3 +553,102 @@ def test_audit_recomputed_from_the_final_and_the_uploaded_models(fed, protocol, 
             before, abs=1e-9)
     assert summary["forget_client"] == fed.clients[U].name
     assert summary["backdoor_target"] == fed.classes[TARGET]
+
+
+def test_what_the_protocol_writes_and_keeps(fed, protocol):
+    """The folder of the whole protocol: config.json (every setting, the phases run),
+    summary.json (the returned summary: FCU's run, the audit, the table); every phase
+    starts from theta_o; only u's last local model is kept, by the original run (and
+    handed to PGA); a phase run alone says what it runs."""
+    summary, ck = protocol
+    out = ck["out"]
+    cfg = json.load(open(os.path.join(out, "config.json")))
+    assert cfg["phases"] == ["original", "retrain", "continue", "pga", "fcu", "fcu_code"]
+    assert cfg["data"] == {} and cfg["algorithm_args"]["fusion_interval"] == 3
+    assert json.load(open(os.path.join(out, "summary.json"))) == json.loads(
+        fedmed.dumps(summary))
+    fcu_run = json.load(open(os.path.join(out, "fcu", "summary.json")))
+    for k in ("pooled_balanced_accuracy", "balanced_accuracy", "rounds", "bytes_up"):
+        assert summary[k] == fcu_run[k]
+    assert summary["phase"] == "audit"
+    keeps = {p: [k for k, c in enumerate(ck[p]["clients"]) if "last_local" in c["state"]]
+             for p in ("original", "retrain", "continue", "pga", "fcu", "fcu_code")}
+    assert keeps == {"original": [U], "retrain": [], "continue": [], "pga": [U], "fcu": [],
+                     "fcu_code": []}
+    assert ck["log"] == [f"phase pga: {1 + ARGS['post_rounds']} rounds"]
+    rows = FCU.summary_table(summary).splitlines()
+    names = [r.split()[0] for r in rows[2:-1]]
+    assert names == ["original", "retrain", "continue", "pga", "theta_u", "fcu", "theta_u",
+                     "fcu_code", "theta_u"]
+    pga_row = rows[2 + names.index("pga")]
+    assert f"{summary['audit']['pga']['backdoor_success']:.3f}" in pga_row
+    assert f"{summary['audit']['pga']['grad_samples']:,}" in pga_row
+    assert rows[-1].startswith("FCU speed-up vs retraining")
+
+
+def fresh_algo(fed, protocol, phase, **kw):
+    """An FCU instance of `phase` set up as the loop sets it up for round 0."""
+    _, ck = protocol
+    args = FCU.Args(**{**ARGS, **kw}, phase=phase,
+                    from_run=os.path.join(ck["out"], "original"))
+    algo = FCU(Config(**CFG), args, fed)
+    clients = fedmed.make_clients(fed)
+    server = fedmed.ServerState()
+    algo.setup(server, clients)
+    algo.round = 0
+    algo.begin_round(server, clients)
+    return algo, clients
+
+
+def test_unlearning_trains_in_training_mode_whatever_mode_the_model_was_left_in(
+        fed, protocol):
+    """MCU+FGMP and PGA put the model in training mode themselves: after an evaluation
+    (eval mode) they produce the same theta_u as in the protocol."""
+    _, ck = protocol
+    algo, clients = fresh_algo(fed, protocol, "fcu")
+    algo.model.eval()
+    assert_close(algo.mcu_fgmp(clients[U]), ck["fcu"]["server"]["state"]["theta_u"])
+    algo, clients = fresh_algo(fed, protocol, "pga")
+    algo.model.eval()
+    assert_close(algo.pga(clients[U]), ck["pga"]["server"]["state"]["theta_u"])
+
+
+def test_pga_stop_is_strict(fed, protocol):
+    """The ascent stops at a batch whose accuracy is BELOW the threshold: with the
+    threshold equal to the first batch's accuracy under w_ref, that batch is a step."""
+    _, ck = protocol
+    theta_o = ck["original"]["server"]["weights"]
+    w_u = ck["original"]["clients"][U]["state"]["last_local"]
+    _, info = pga(fed, theta_o, w_u, trainable_keys(fed), poisoned(fed), [0, 0])
+    m = net(fed, info["ref"])
+    gen = torch_rng(SEED, "batches", "pga", 0, U)
+    idx = next(batches(fed.clients[U].train, gen, epochs=1))
+    x, y = images(fed, idx, gen, poisoned(fed))
+    with torch.no_grad():
+        acc = float((m(x).argmax(1) == y).float().mean())
+    assert acc > 0
+    algo, clients = fresh_algo(fed, protocol, "pga", pga_stop_accuracy=acc, pga_epochs=1)
+    algo.pga(clients[U])
+    assert clients[U].state["grad_steps"] >= 1
+
+
+def test_attack_success_in_eval_mode_and_on_a_single_image(fed, protocol):
+    """The attack success rate is measured with the model in eval mode whatever its
+    mode, and is a share: 1.0 for one image of another class the model sends to the
+    target."""
+    summary, ck = protocol
+    algo = FCU.auditor(Config(**CFG), FCU.Args(**ARGS), fed)
+    w = ck["original"]["server"]["weights"]
+    algo.load_model(w, {})
+    algo.model.train()
+    test = np.concatenate([c.test for c in fed.clients])
+    assert algo.attack_success(test) == pytest.approx(
+        summary["audit"]["original"]["backdoor_success"], abs=1e-12)
+    other = test[fed.y.numpy()[test] != TARGET]
+    x, _ = images(fed, torch.as_tensor(other))
+    s, patch = trigger_patch(x.shape[-1])
+    x[:, :, -s:, -s:] = patch
+    with torch.no_grad():
+        hit = (net(fed, w, False)(x).argmax(1) == TARGET).numpy()
+    assert hit.any()
+    assert algo.attack_success(other[hit][:1]) == 1.0
