@@ -602,3 +602,19 @@ def test_mia_loss_is_the_cross_entropy_floored_at_1e_12(fed, monkeypatch):
         return p
     monkeypatch.setattr(algo, "forward_probs", probs)
     assert algo.audit_model(algo.init_weights)["mia_auroc"] == 1.0
+
+
+def test_speedups_are_plain_ratios_even_for_one_image_clients(tmp_path):
+    """speedup = retrain's sample gradients / the method's, with a floor only against 0:
+    a remaining client holding one image trains on batches of one (1 sample gradient
+    a step), and the ratio is exact."""
+    two = datasets.make_synthetic(seed=3, clients=2, image_size=16)
+    rest = dataclasses.replace(two.clients[1], train=two.clients[1].train[:1])
+    fed1 = dataclasses.replace(two, clients=[two.clients[0], rest])
+    s = FCU.protocol(small_cfg(rounds=1, local_steps=1),
+                     FCU.Args(**dict(SMALL_ARGS, unlearn_methods="retrain,continue",
+                                     post_rounds=1, post_local_steps=1)),
+                     fed1, str(tmp_path / "out"), quiet=True)
+    a = s["audit"]
+    assert a["retrain"]["grad_samples"] == 1 and a["continue"]["grad_samples"] == 1
+    assert s["speedup_vs_retrain_continue"] == 1.0
