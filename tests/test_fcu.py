@@ -146,7 +146,7 @@ def hand_fuse(base, donor, r, symmetric=True):
     return m
 
 
-SHAPES = [(6, 4, 3, 3), (8, 5, 1, 1), (7, 12), (3, 10)]
+SHAPES = [(6, 4, 3, 3), (8, 5, 1, 1), (7, 12), (3, 10), (10, 3)]   # (10, 3): b_w = 1 at r 0.7
 
 
 @pytest.mark.parametrize("shape", SHAPES)
