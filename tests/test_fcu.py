@@ -113,6 +113,7 @@ def test_penultimate_features_are_the_classifier_input(fed):
     f, logits = fcu.penultimate(algo.model, algo.model.classifier, x)
     want = algo.model.features(x).mean(dim=(2, 3))
     assert torch.allclose(f, want) and torch.allclose(logits, algo.model.classifier(want))
+    assert not algo.model.classifier._forward_pre_hooks          # the hook is removed
 
 
 # ---------------------------------------------------------------- FGMP
@@ -145,7 +146,7 @@ def hand_fuse(base, donor, r, symmetric=True):
     return m
 
 
-SHAPES = [(6, 4, 3, 3), (8, 5, 1, 1), (7, 12), (3, 10)]
+SHAPES = [(6, 4, 3, 3), (8, 5, 1, 1), (7, 12), (3, 10), (10, 3)]   # (10, 3): b_w = 1 at r 0.7
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -399,6 +400,18 @@ def test_paper_defaults():
             a.fgmp_convention, a.forget_client) == (100, 10, 0.7, 0.5, 1e-5, 20, 20, 1e-4,
                                                     "uniform", "paper", "0")
     assert FCU.recipe["batch_size"] == 64
+    # PGA (Halimi et al.: radius 1/3 of the distance to random models; stop at chance)
+    # and the backdoor check, as documented in fcu.py
+    assert (a.pga_lr, a.pga_epochs, a.pga_radius, a.pga_stop_accuracy) == (0.01, 5, 1 / 3, 0.0)
+    assert (a.backdoor, a.backdoor_fraction, a.backdoor_patch) == (False, 0.2, 0.125)
+    assert (a.phase, a.from_run) == ("audit", "")
+    text = run.build_parser().format_help()            # set by the protocol, not by a user
+    assert "--phase" not in text and "--from-run" not in text and "--fgmp-ratio" in text
+
+
+def test_trigger_side_is_at_least_one_pixel():
+    assert fcu.trigger(8, 0.125)[0] == 1 and fcu.trigger(4, 0.1)[0] == 1
+    assert fcu.trigger(16, 0.125)[0] == 2 and fcu.trigger(17, 0.125)[0] == 3
 
 
 # ---------------------------------------------------------------- bad input
@@ -414,6 +427,8 @@ def cli(tmp_path, *flags):
 @pytest.mark.parametrize("flags,needle", [
     (["--forget-client", "site9"], "--forget-client"),
     (["--forget-client", "7"], "--forget-client"),
+    (["--forget-client", "3"], "--forget-client"),             # 3 clients: 0..2
+    (["--backdoor", "--backdoor-target", "6"], "--backdoor-target"),   # 6 classes: 0..5
     (["--clients", "1"], "single client"),
     (["--unlearn-methods", "fcu,magic"], "--unlearn-methods"),
     (["--fgmp-convention", "swapped"], "--fgmp-convention"),
@@ -486,3 +501,120 @@ def test_torchvision_backbones_expose_features_and_fuse(model):
     sd = {k: v.clone() for k, v in algo.model.state_dict().items()}
     out = fcu.fgmp(sd, sd, algo.fused, 0.7)
     assert all(torch.allclose(out[k].float(), sd[k].float(), atol=1e-5) for k in algo.fused)
+
+
+@pytest.mark.parametrize("kw,ok", [
+    ({"fgmp_convention": "swapped"}, False), ({"unlearn_methods": "fcu,magic"}, False),
+    ({"unlearn_methods": " , "}, False), ({"fgmp_ratio": -0.1}, False),
+    ({"fgmp_ratio": 0.0}, True), ({"fgmp_ratio": 1.0}, True),
+    ({"backdoor": True, "backdoor_fraction": 0.0}, False),
+    ({"backdoor": True, "backdoor_fraction": 1.5}, False),
+    ({"backdoor": True, "backdoor_fraction": 1.0}, True),
+    ({"unlearn_steps": 0}, False), ({"phase": "magic"}, False),
+])
+def test_each_phase_run_validates_its_arguments(fed, kw, ok):
+    """A phase is one fedmed.run of FCU: constructing it checks the arguments, so a run
+    started without the protocol gets the same one-line errors; the bounds are inclusive
+    where the help says so."""
+    if ok:
+        FCU(small_cfg(), FCU.Args(**{**SMALL_ARGS, **kw}), fed)
+    else:
+        with pytest.raises(fedmed.UsageError):
+            FCU(small_cfg(), FCU.Args(**{**SMALL_ARGS, **kw}), fed)
+
+
+def test_multilabel_data_is_refused():
+    ml = datasets.make_synthetic_multilabel(seed=3, clients=2, image_size=16)
+    with pytest.raises(fedmed.UsageError, match="single-label"):
+        FCU(small_cfg(), FCU.Args(**SMALL_ARGS), ml)
+
+
+def test_pga_reference_model_uniform_weighting_and_clipped_variances(fed):
+    """Halimi et al.'s w_ref with uniform aggregation weights: (K w_o - w_u) / (K - 1);
+    running variances below 0 are clipped to 0; integer buffers are theta_o's."""
+    algo, clients = make(fed, cfg=small_cfg(weighting="uniform"))
+    g = torch.Generator().manual_seed(9)
+    w_o = {k: (v + torch.rand(v.shape, generator=g) if v.is_floating_point() else v + 3)
+           for k, v in algo.init_weights.items()}
+    w_u = {k: (v + 5 * torch.rand(v.shape, generator=g) if v.is_floating_point() else v)
+           for k, v in algo.init_weights.items()}
+    algo.theta_o, clients[1].state["last_local"] = w_o, w_u
+    ref = algo.reference_model(clients[1])
+    K = len(clients)
+    for k, v in w_o.items():
+        if not v.is_floating_point():
+            assert torch.equal(ref[k], v)
+            continue
+        want = (K * v.double() - w_u[k].double()) / (K - 1)
+        if k.endswith("running_var"):
+            assert (want < 0).any()                 # the test covers the clipping
+            want = want.clamp(min=0)
+        assert torch.allclose(ref[k].double(), want, atol=1e-6), k
+
+
+def test_a_fresh_protocol_removes_an_old_summary_first(fed, tmp_path, monkeypatch):
+    """Without --resume, the old summary.json goes before any phase runs, so a run that
+    fails half-way never leaves the previous audit looking current."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "summary.json").write_text("{}")
+
+    def boom(*a, **k):
+        raise RuntimeError("phase failed")
+    monkeypatch.setattr(FCU, "run_phase", boom)
+    with pytest.raises(RuntimeError):
+        FCU.protocol(small_cfg(), FCU.Args(**SMALL_ARGS), fed, str(out), quiet=True)
+    assert not (out / "summary.json").exists()
+    (out / "summary.json").write_text("{}")
+    with pytest.raises(RuntimeError):
+        FCU.protocol(small_cfg(), FCU.Args(**SMALL_ARGS), fed, str(out), resume=True,
+                     quiet=True)
+    assert (out / "summary.json").exists()          # resuming keeps it until the end
+
+
+def test_protocol_without_fcu_starts_over_and_reports_the_last_phase(fed, tmp_path):
+    """Into an existing folder without resume, every phase starts over (here with a new
+    post-training length that a resumed run would refuse); without fcu among the
+    methods, the summary's figures are the last phase's; the log names each phase."""
+    out = str(tmp_path / "out")
+    cfg = small_cfg(rounds=1, local_steps=1)
+    args = dict(SMALL_ARGS, unlearn_methods="retrain,continue", post_local_steps=1)
+    log = []
+    s = FCU.protocol(cfg, FCU.Args(**args), fed, out, log=log.append)
+    assert s["rounds"] == SMALL_ARGS["post_rounds"] and set(s["audit"]) == {
+        "original", "retrain", "continue"}
+    assert log == ["phase original: 1 rounds", "phase retrain: 1 rounds",
+                   f"phase continue: {SMALL_ARGS['post_rounds']} rounds"]
+    s = FCU.protocol(cfg, FCU.Args(**{**args, "post_rounds": 3}), fed, out, quiet=True)
+    assert s["rounds"] == 3 and s["audit"]["continue"]["rounds"] == 3
+
+
+def test_mia_loss_is_the_cross_entropy_floored_at_1e_12(fed, monkeypatch):
+    """The MIA score is -CE with p_y floored at 1e-12 (as the metrics' loss): members
+    at p_y = 1.5e-12 keep their loss, non-members at 1e-13 are floored, so the members
+    score higher (AUROC 1); a floor above 1.5e-12 would tie them all (0.5)."""
+    algo, clients = make(fed, forget_client="1")
+    u, y = clients[1], fed.y.numpy()
+
+    def probs(idx):
+        p = np.full((len(idx), fed.num_classes), 0.5)
+        p[np.arange(len(idx)), y[idx]] = np.where(np.isin(idx, u.train), 1.5e-12, 1e-13)
+        return p
+    monkeypatch.setattr(algo, "forward_probs", probs)
+    assert algo.audit_model(algo.init_weights)["mia_auroc"] == 1.0
+
+
+def test_speedups_are_plain_ratios_even_for_one_image_clients(tmp_path):
+    """speedup = retrain's sample gradients / the method's, with a floor only against 0:
+    a remaining client holding one image trains on batches of one (1 sample gradient
+    a step), and the ratio is exact."""
+    two = datasets.make_synthetic(seed=3, clients=2, image_size=16)
+    rest = dataclasses.replace(two.clients[1], train=two.clients[1].train[:1])
+    fed1 = dataclasses.replace(two, clients=[two.clients[0], rest])
+    s = FCU.protocol(small_cfg(rounds=1, local_steps=1),
+                     FCU.Args(**dict(SMALL_ARGS, unlearn_methods="retrain,continue",
+                                     post_rounds=1, post_local_steps=1)),
+                     fed1, str(tmp_path / "out"), quiet=True)
+    a = s["audit"]
+    assert a["retrain"]["grad_samples"] == 1 and a["continue"]["grad_samples"] == 1
+    assert s["speedup_vs_retrain_continue"] == 1.0
