@@ -17,6 +17,8 @@ from fedmed import Algorithm, register
 class Local(Algorithm):
     Args = None
     primary_view = "local"
+    pooled_kinds = {"local": "each client's own model on its own test set, joined (no single "
+                             "model)"}
 
     def _private_keys(self, affine, stats):
         return set(self.init_weights)                 # the whole model stays home
