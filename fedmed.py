@@ -374,6 +374,22 @@ class Algorithm:
             return "each client's own model on its own test set, joined (no single model)"
         return f"the {view!r} model of each client on its own test set, joined"
 
+    def export_models(self, server: ServerState, clients: list) -> dict:
+        """{file stem: plain state dict} written at the end of a run, each loadable by
+        --weights: `model` = the global model (private tensors, e.g. FedBN's, as their
+        n_k-average: the held-out rule), and `model-CLIENT` = each client's own model where
+        it keeps private tensors. {} where the trained model is not a models.py model
+        (the CLIP methods train adapters)."""
+        if type(self).build_model is not Algorithm.build_model:
+            return {}
+        self.load_model(server.weights, self.average_private())
+        out = {"model": _cpu_state(self.model)}
+        if self.private_keys:
+            for c in clients:
+                self.load_model(server.weights, c.state.get("private", {}))
+                out[f"model-{c.name}"] = _cpu_state(self.model)
+        return out
+
     def summary_extra(self, server: ServerState, lines: list) -> dict:
         """Extra keys for summary.json, from every line of metrics.jsonl (e.g. a
         label-efficiency curve); {} by default."""
@@ -515,6 +531,10 @@ class Algorithm:
         if not out:
             return np.zeros((0, self.fed.num_classes), np.float32)
         return torch.cat(out).numpy()
+
+
+def _cpu_state(model: nn.Module) -> dict:
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
 
 def trainable(model: nn.Module):
@@ -692,7 +712,9 @@ def run(cfg: Config, args, fed, out: str, *, resume: bool = False, data_args: di
         _truncate_metrics(metrics_path, start)
     else:
         os.makedirs(out, exist_ok=True)
-        for name in ("summary.json", "checkpoint.pt"):    # stale files of a replaced run
+        stale = ["summary.json", "checkpoint.pt"] + [n for n in os.listdir(out) if n == "model.pt"
+                                                     or n.startswith("model-") and n.endswith(".pt")]
+        for name in stale:                                # files of a replaced run
             if os.path.exists(os.path.join(out, name)):
                 os.remove(os.path.join(out, name))
         atomic_write(os.path.join(out, "config.json"), dumps(record))
@@ -738,8 +760,17 @@ def run(cfg: Config, args, fed, out: str, *, resume: bool = False, data_args: di
     for view, v in summary.get("views", {}).items():
         v["pooled_kind"] = algo.pooled_kind(view)
     summary.update(algo.summary_extra(server, history))
+    exported = algo.export_models(server, clients)
+    for stem, sd in exported.items():                 # plain weights, for --weights
+        atomic_torch_save(sd, os.path.join(out, _file_stem(stem) + ".pt"))
+    if exported:
+        summary["exported"] = sorted(_file_stem(stem) + ".pt" for stem in exported)
     atomic_write(os.path.join(out, "summary.json"), dumps(summary))
     return summary
+
+
+def _file_stem(name: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
 
 
 def evaluate_all(algo, server, clients, holdout, t, up_bytes, down_bytes, seconds) -> list:

@@ -26,6 +26,14 @@ class Local(Algorithm):
     def broadcast(self, server, client):
         return {}
 
+    def export_models(self, server, clients):
+        out = {}                                      # no global model: each client's own
+        for c in clients:
+            self.load_model({}, c.state["private"])
+            out[f"model-{c.name}"] = {k: v.detach().cpu().clone()
+                                      for k, v in self.model.state_dict().items()}
+        return out
+
     def local_update(self, client, payload):
         super().local_update(client, payload)
         return {}

@@ -36,6 +36,9 @@ class Pooled(Algorithm):
     def broadcast(self, server, client):
         return {}
 
+    def export_models(self, server, clients):
+        return {"model": {k: v.clone() for k, v in server.state["private"].items()}}
+
     def local_update(self, client, payload):
         self.load_model({}, client.state["private"])
         self.train(client, payload, steps_scale=len(self.clients))
