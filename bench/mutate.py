@@ -444,7 +444,8 @@ def main(argv=None) -> int:
                     help="every file of algorithms/ and clip_adapters.py")
     ap.add_argument("--tests", nargs="+", help="test files to run (default: the file's own)")
     ap.add_argument("--jobs", type=int, default=1, help="mutants run at once (default 1)")
-    ap.add_argument("--only", help="run only the mutants whose key contains this")
+    ap.add_argument("--only", nargs="+",
+                    help="run only the mutants whose key contains one of these")
     ap.add_argument("--list", action="store_true", help="list the mutants, run nothing")
     ap.add_argument("--timeout-factor", type=float, default=4.0,
                     help="a mutant times out after this many times its tests' unmutated "
@@ -522,6 +523,8 @@ def run(args) -> int:
         for rel, path, tests in plans:
             with open(path) as f:
                 ms = enumerate_mutants(f.read(), rel)
+            if args.only:
+                ms = [m for m in ms if any(o in m.key for o in args.only)]
             for m in ms:
                 print(f"{m.line:5d}  {m.desc:28s}  {m.key}")
             print(f"{rel}: {len(ms)} mutants")
@@ -552,7 +555,7 @@ def mutate_file(args, root, rel, path, tests):
     mutants = enumerate_mutants(source, rel)
     equiv, equiv_path = load_equivalents(root, rel)
     if args.only:
-        mutants = [m for m in mutants if args.only in m.key]
+        mutants = [m for m in mutants if any(o in m.key for o in args.only)]
     t0 = time.time()
     rec = baseline(modname, path, source, tests, root)
     if rec["rc"] != 0 or rec["failed"]:
