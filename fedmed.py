@@ -363,6 +363,9 @@ class Algorithm:
         """What the pooled-test figure of `view` measures, in words, for summary.json."""
         if view in self.pooled_kinds:
             return self.pooled_kinds[view]
+        if not hasattr(self, "private_keys"):         # a wrapper owning no model (FedAL)
+            base = getattr(self, "base", None)
+            return base.pooled_kind(view) if base is not None else f"the {view!r} view, joined"
         if view == "global" and not self.private_keys:
             return "one global model on every client's test set, joined"
         if view == "global":
@@ -380,6 +383,9 @@ class Algorithm:
         n_k-average: the held-out rule), and `model-CLIENT` = each client's own model where
         it keeps private tensors. {} where the trained model is not a models.py model
         (the CLIP methods train adapters)."""
+        if not hasattr(self, "init_weights"):         # a wrapper owning no model (FedAL)
+            base = getattr(self, "base", None)
+            return base.export_models(server, clients) if base is not None else {}
         if type(self).build_model is not Algorithm.build_model:
             return {}
         self.load_model(server.weights, self.average_private())
