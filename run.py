@@ -37,8 +37,9 @@ HELP = {
     "fraction": "share C of the clients sampled each round, in (0, 1]",
     "weighting": "samples (n_k/n, FedAvg) | uniform (plain mean, not FedAvg)",
     "bn": "BatchNorm policy: average | local (FedBN) | params_only (FLamby; alias: none)",
-    "model": "cnn | resnet18 | efficientnet_b0 | densenet121",
-    "weights": "local checkpoint file to initialise the model from",
+    "model": "cnn | resnet18 | efficientnet_b0 | densenet121 | mobilenet_v2",
+    "weights": "imagenet (ImageNet weights, offline from the torch hub cache; mobilenet_v2: "
+               "`python models.py fetch mobilenet_v2` once) or a local checkpoint file",
     "loss": "ce | focal",
     "focal_gamma": "gamma of the focal loss",
     "class_weights": "inverse (alpha_c = N/N_c on the pooled training split) | none",
@@ -105,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--stop-after", type=int, default=None, metavar="R",
                    help="stop after round R (resume later with --resume)")
     o.add_argument("--quiet", action="store_true", help="no progress bar")
+    o.add_argument("--last-k", type=int, default=5, metavar="K",
+                   help="summary.json also gives the mean over the last K rounds (default: 5)")
     users: dict = {}                                    # flag -> algorithms that read it
     for name in sorted(fedmed.ALGORITHMS):
         for f in dataclasses.fields(fedmed.ALGORITHMS[name].Args or _NoArgs):
@@ -353,6 +356,8 @@ def _main(argv, made: dict) -> int:
             setattr(ns, key, value)
     cfg = _fill(Config, ns)
     validate(cfg, ns)
+    if ns.last_k < 1:
+        raise UsageError(f"--last-k must be at least 1 (got {ns.last_k})")
     cls = fedmed.ALGORITHMS[cfg.algo]
     args = _fill(cls.Args, ns) if cls.Args is not None else None
     check_before_data(cfg, args, ns, given)
@@ -390,7 +395,8 @@ def _train(ns, cfg, cls, args, out, rounds_given) -> int:
                                quiet=ns.quiet)
     else:
         summary = fedmed.run(cfg, args, fed, out, resume=ns.resume, data_args=data_args,
-                             stop_after=ns.stop_after, quiet=ns.quiet, argv=ns.argv)
+                             stop_after=ns.stop_after, quiet=ns.quiet, argv=ns.argv,
+                             last_k=ns.last_k)
     if summary:
         print(fedmed.results_table(summary))
         if hasattr(cls, "summary_table"):              # e.g. FedAL's label-efficiency curve
@@ -398,6 +404,12 @@ def _train(ns, cfg, cls, args, out, rounds_given) -> int:
         print(f"mean balanced accuracy over clients {summary['balanced_accuracy']:.4f}, "
               f"pooled {summary['pooled_balanced_accuracy']:.4f}; bytes up "
               f"{summary['bytes_up']:,}, down {summary['bytes_down']:,}; results in {out}")
+        j = summary.get("last_k")
+        if j:
+            print(f"mean of the last {j} rounds: balanced accuracy "
+                  f"{summary[f'balanced_accuracy_last{j}']:.4f}, pooled "
+                  f"{summary[f'pooled_balanced_accuracy_last{j}']:.4f} (pooled = "
+                  f"{summary['pooled_kind']})")
     return 0
 
 

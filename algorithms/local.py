@@ -17,12 +17,22 @@ from fedmed import Algorithm, register
 class Local(Algorithm):
     Args = None
     primary_view = "local"
+    pooled_kinds = {"local": "each client's own model on its own test set, joined (no single "
+                             "model)"}
 
     def _private_keys(self, affine, stats):
         return set(self.init_weights)                 # the whole model stays home
 
     def broadcast(self, server, client):
         return {}
+
+    def export_models(self, server, clients):
+        out = {}                                      # no global model: each client's own
+        for c in clients:
+            self.load_model({}, c.state["private"])
+            out[f"model-{c.name}"] = {k: v.detach().cpu().clone()
+                                      for k, v in self.model.state_dict().items()}
+        return out
 
     def local_update(self, client, payload):
         super().local_update(client, payload)

@@ -16,6 +16,8 @@ from fedmed import Algorithm, ClientState, register
 class Pooled(Algorithm):
     Args = None
     primary_view = "centralised"
+    pooled_kinds = {"centralised": "one model trained on the union of the clients' training "
+                                   "sets, on every client's test set, joined"}
 
     def _private_keys(self, affine, stats):
         return set(self.init_weights)
@@ -33,6 +35,9 @@ class Pooled(Algorithm):
 
     def broadcast(self, server, client):
         return {}
+
+    def export_models(self, server, clients):
+        return {"model": {k: v.clone() for k, v in server.state["private"].items()}}
 
     def local_update(self, client, payload):
         self.load_model({}, client.state["private"])

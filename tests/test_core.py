@@ -338,7 +338,7 @@ def test_results_folder_contents(tmp_path):
     rc, out = cli(tmp_path)
     assert rc == 0
     assert sorted(os.listdir(out)) == [fedmed.LOCK_NAME, "checkpoint.pt", "config.json",
-                                       "metrics.jsonl", "summary.json"]
+                                       "metrics.jsonl", "model.pt", "summary.json"]
     cfg = json.load(open(os.path.join(out, "config.json")))
     assert cfg["config"]["rounds"] == 3 and cfg["versions"]["torch"] == torch.__version__
     assert "open_clip" in cfg["versions"] and "git_commit" in cfg and cfg["split"]
