@@ -347,6 +347,15 @@ class _Coverage:
     def pytest_runtest_logstart(self, nodeid, location):
         self.current = nodeid
 
+    def pytest_runtest_setup(self, item):
+        """Code run while a test's fixtures are set up may build a module- or
+        session-scoped fixture that later tests of the file reuse: it counts as executed
+        by every test of that file (recorded as '<setup>FILE')."""
+        self.current = "<setup>" + item.nodeid.split("::")[0]
+
+    def pytest_runtest_call(self, item):
+        self.current = item.nodeid
+
     def pytest_runtest_logreport(self, report):
         self.durations[report.nodeid] = self.durations.get(report.nodeid, 0) + report.duration
         if report.failed:
@@ -432,7 +441,8 @@ def select_tests(m: Mutant, rec) -> list | None:
         return None
     if "<import>" in hit:
         return ["*"]
-    return [t for t in rec["order"] if t in hit]
+    files = {h[len("<setup>"):] for h in hit if h.startswith("<setup>")}
+    return [t for t in rec["order"] if t in hit or t.split("::")[0] in files]
 
 
 def main(argv=None) -> int:

@@ -125,3 +125,33 @@ def test_bad_input_is_one_line_exit_2(toy):
     (toy / "bench" / "equivalent_mutants" / "toy.py.txt").unlink()
     p = mutate_cli(toy, "toy.py", "--tests", "tests/test_toy.py")
     assert p.returncode == 2 and "fail on the unmutated" in p.stderr, p.stderr
+
+
+def test_code_run_by_a_shared_fixture_counts_for_every_test_that_uses_it(toy):
+    """A module-scoped fixture is built in the setup of the first test that asks for it;
+    a later test reusing it must still be run against mutants of the code it executed."""
+    (toy / "tests" / "test_toy.py").write_text(textwrap.dedent('''\
+        import pytest
+
+        import toy
+
+
+        @pytest.fixture(scope="module")
+        def result():
+            return toy.add(2, 3)
+
+
+        def test_first(result):
+            assert result is not None
+
+
+        def test_second(result):
+            assert result == 5
+
+
+        def test_weak():
+            assert toy.weak(5) and not toy.weak(-5) and toy.weak(0.5)
+        '''))
+    p = mutate_cli(toy, "toy.py", "--tests", "tests/test_toy.py")
+    assert p.returncode == 0, p.stderr
+    assert "| toy.py | 7 | 4 | 0 | 3 (2) | 0 | 57.1% |" in p.stdout, p.stdout
