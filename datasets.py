@@ -1253,6 +1253,7 @@ def build(cat: Catalog, ns: argparse.Namespace, seed: int, log=None) -> Federati
     C, labels, N = len(cat.classes), cat.y, len(cat.files)
     partition = ns.partition or ("natural" if cat.site_names else "iid")
     unit = ns.split_unit or cat.split_unit
+    ns.partition, ns.split_unit = partition, unit     # config.json records what was used
     if unit == "lesion" and cat.group is None:
         raise UsageError(f"--split-unit lesion: {cat.name} at {cat.root} has no lesion ids; "
                          "use --split-unit image")
@@ -1376,7 +1377,7 @@ def build(cat: Catalog, ns: argparse.Namespace, seed: int, log=None) -> Federati
     members = clients + holdout
     used = np.unique(np.concatenate([np.concatenate([c.train, c.test, c.unlabeled])
                                      for c in members]).astype(np.int64))
-    size = ns.image_size or cat.default_size
+    size = ns.image_size = ns.image_size or cat.default_size
     check_memory(len(used) * 3 * size * size, size, f"{len(used):,} images",
                  " or --max-images-per-client")
     t0 = time.perf_counter()
@@ -1647,7 +1648,8 @@ def load(args: argparse.Namespace, seed: int) -> Federation:
         if args.unlabeled_fraction:
             raise UsageError("--unlabeled-fraction does not apply to synthetic-multilabel "
                              "(its missing labels come from the label sets); drop it")
-        size = args.image_size or 32            # images and their float32 work arrays:
+        size = args.image_size = args.image_size or 32   # (resolved: recorded in config.json)
+        args.partition = "labelset"
         check_memory(args.clients * 200 * 3 * size * size * 4 * 4, size,
                      f"{args.clients} synthetic clients")
         fed = make_synthetic_multilabel(seed, args.clients, size,
@@ -1661,7 +1663,8 @@ def load(args: argparse.Namespace, seed: int) -> Federation:
         if args.partition not in (None, "natural"):
             raise UsageError("--partition: the synthetic dataset has natural sites only; "
                              "use --partition natural")
-        size = args.image_size or 32            # images and their float32 work arrays:
+        size = args.image_size = args.image_size or 32   # (resolved: recorded in config.json)
+        args.partition = "natural"
         check_memory(args.clients * 240 * 3 * size * size + 240 * 3 * size * size * 4 * 4,
                      size, f"{args.clients} synthetic clients")
         fed = make_synthetic(seed, args.clients, size, args.test_fraction)

@@ -277,7 +277,7 @@ def multilabel_metrics(y: np.ndarray, prob: np.ndarray, threshold: float = 0.5) 
         if 0 < t.sum() < len(t):
             aucs.append(_auroc_binary(t, prob[obs, c]))
     obs = y >= 0
-    q = np.clip(prob, 1e-12, 1 - 1e-12)
+    q = np.clip(prob.astype(np.float64), 1e-12, 1 - 1e-12)   # 1 - 1e-12 is 1.0 in float32
     bce = -(np.where(y == 1, np.log(q), np.log(1 - q)))[obs]
     return {"balanced_accuracy": float(np.mean(ba)) if ba else float("nan"),
             "accuracy": float(np.mean(acc)) if acc else float("nan"),

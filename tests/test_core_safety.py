@@ -3,6 +3,7 @@ it guards against; each failed on the code before its fix."""
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -360,6 +361,26 @@ def test_config_records_the_command_line_and_the_thread_count(tmp_path, capsys):
         torch.set_num_threads(threads)
     err = capsys.readouterr().err
     assert rc == 0 and "warning" in err and f"OMP_NUM_THREADS={threads}" in err
+
+
+def test_config_records_the_resolved_data_settings_not_null(tmp_path):
+    """A data flag left unset is recorded with the value the run used (the partition the
+    dataset defaults to, the image size), not null; what stays null means 'none' (no data
+    folder, no held-out client, no cap, no split file)."""
+    out = str(tmp_path / "r")
+    assert run.main(["--rounds", "1", "--clients", "2", "--quiet", "--out", out]) == 0
+    data = json.load(open(os.path.join(out, "config.json")))["data"]
+    assert data["partition"] == "natural" and data["image_size"] == 32
+    assert {k for k, v in data.items() if v is None} <= {
+        "data_dir", "holdout_client", "max_images_per_client", "split_file", "split_unit",
+        "color_constancy"}, data
+
+
+def test_multilabel_loss_of_a_saturated_wrong_sigmoid_is_finite():
+    """float32 1 - 1e-12 rounds to 1.0: the clip must happen in float64, or a sigmoid
+    saturated at 1 on a negative label gives log(0) and an infinite loss."""
+    m = fedmed.multilabel_metrics(np.array([[0], [1]]), np.array([[1.0], [1.0]], np.float32))
+    assert np.isfinite(m["loss"]) and m["loss"] == pytest.approx(-np.log(1e-12) / 2, rel=1e-6)
 
 
 # ---------------------------------------------------------------- memory flat in clients
