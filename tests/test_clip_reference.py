@@ -28,6 +28,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import datasets  # noqa: E402
+from helpers import register_clip_config  # noqa: E402
 import fedmed  # noqa: E402
 from fedmed import Config  # noqa: E402
 
@@ -42,12 +43,7 @@ BETAS, EPS = (0.9, 0.98), 1e-6                         # sheet §7: every CLIP m
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    import open_clip
-    d = tmp_path_factory.mktemp("configs")
-    path = d / "fedmed-tiny-ref.json"
-    path.write_text(json.dumps(TINY))
-    open_clip.add_model_config(str(path))
-    return str(path)
+    return register_clip_config(tmp_path_factory, "fedmed-tiny-ref", TINY)
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import clip_adapters as ca  # noqa: E402
 import datasets  # noqa: E402
+from helpers import register_clip_config  # noqa: E402
 import fedmed  # noqa: E402
 from fedmed import Config, ServerState  # noqa: E402
 
@@ -29,12 +30,7 @@ TINY = {"embed_dim": 32,
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    import open_clip
-    d = tmp_path_factory.mktemp("configs")
-    path = d / "fedmed-tiny-parts.json"
-    path.write_text(json.dumps(TINY))
-    open_clip.add_model_config(str(path))
-    return str(path)
+    return register_clip_config(tmp_path_factory, "fedmed-tiny-parts", TINY)
 
 
 @pytest.fixture(scope="module")

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 import datasets
+from helpers import weak_view
 import fedmed
 import models
 from fedmed import Config, ServerState, transmit
@@ -58,18 +59,7 @@ def al_args(**kw):
 
 # ---------------------------------------------------------------- the reference, in plain torch
 
-def images(fed, idx, gen=None):
-    """Images as the model sees them; with `gen`, a horizontal then a vertical flip, each
-    with probability 1/2 (the core's training augmentation)."""
-    x = fed.x[torch.as_tensor(np.asarray(idx), dtype=torch.long)].float() / 255
-    if gen is not None:
-        u = torch.rand(len(idx), 2, generator=gen)
-        for i in range(len(idx)):
-            if u[i, 0] < 0.5:
-                x[i] = x[i].flip(2)
-            if u[i, 1] < 0.5:
-                x[i] = x[i].flip(1)
-    return (x - MEAN) / STD
+images = weak_view                                    # tests/helpers.py
 
 
 def net(state, C):

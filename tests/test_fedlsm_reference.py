@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 import datasets
+from helpers import weak_view
 import fedmed
 import models
 from fedmed import Config, ServerState, transmit
@@ -110,18 +111,7 @@ def theta_g_file(tmp_path, multilabel: bool) -> str:
 
 # ---------------------------------------------------------------- the reference, in plain torch
 
-def images(fed, idx, gen=None):
-    """The images of `idx` as the model sees them; with `gen`, the weak view: a
-    horizontal, then a vertical flip, each with probability 1/2 (core augmentation)."""
-    x = fed.x[torch.as_tensor(idx, dtype=torch.long)].float() / 255
-    if gen is not None:
-        u = torch.rand(len(idx), 2, generator=gen)
-        for i in range(len(idx)):
-            if u[i, 0] < 0.5:
-                x[i] = x[i].flip(2)
-            if u[i, 1] < 0.5:
-                x[i] = x[i].flip(1)
-    return (x - MEAN) / STD
+images = weak_view                                    # tests/helpers.py
 
 
 def strong(x, gen):
