@@ -35,8 +35,6 @@ from fedmed import Config, ServerState, transmit
 fedmed.load_algorithms()
 from algorithms.fedal import FedAL  # noqa: E402
 
-MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
-STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 SEED = 0
 P0, BUDGET, CYCLES = 0.2, 0.6, 2
 TOL = dict(rtol=1e-4, atol=1e-5)
