@@ -1367,6 +1367,7 @@ def build(cat: Catalog, ns: argparse.Namespace, seed: int, log=None) -> Federati
             c.unlabeled = np.sort(np.concatenate([c.unlabeled, c.train[~inside]]))
             c.train, c.label_set = c.train[inside], L
     post_process(clients, labels, ns, stream)                                   # (6)
+    clients = keep_clients(clients, getattr(ns, "only_clients", None), notes)
     holdout = take_holdout(clients, ns.holdout_client, notes)                   # (7)
     for c in clients:
         if len(c.train) == 0:
@@ -1432,6 +1433,25 @@ def post_process(clients: list, labels: np.ndarray, ns, stream) -> None:
     for c in clients:
         keep, move = stratified_split(labels, c.train, f, stream("unlabeled", c.name))
         c.train, c.unlabeled = keep, np.sort(np.concatenate([c.unlabeled, move])).astype(np.int64)
+
+
+def keep_clients(clients: list, spec: str | None, notes: list) -> list:
+    """--only-clients NAME[,NAME]: only those clients stay (in their order); the others'
+    images are never decoded. E.g. one centre as the new site of `run.py --evaluate`."""
+    if not spec:
+        return clients
+    names = [n.strip() for n in spec.split(",") if n.strip()]
+    known = [c.name for c in clients]
+    for n in names:
+        if n not in known:
+            raise UsageError(f"--only-clients {n!r} is not a client; the clients are "
+                             + ", ".join(known))
+    if not names:
+        raise UsageError("--only-clients names no client; give NAME[,NAME]")
+    dropped = [c.name for c in clients if c.name not in names]
+    if dropped:
+        notes.append("--only-clients: left out " + ", ".join(dropped))
+    return [c for c in clients if c.name in names]
 
 
 def take_holdout(clients: list, spec: str | None, notes: list) -> list:
@@ -1505,6 +1525,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--holdout-client", default=None, metavar="NAME",
                    help="client(s), comma-separated, kept out of training and evaluated as "
                    "unseen domains on all their images")
+    g.add_argument("--only-clients", default=None, metavar="NAME",
+                   help="keep only these client(s), comma-separated (e.g. one centre as the new "
+                   "site of --evaluate); the others are left out before any image is decoded")
     g.add_argument("--max-images-per-client", type=int, default=None, metavar="N",
                    help="class-stratified subsample of at most N images per client")
     g.add_argument("--test-fraction", type=float, default=0.2,
@@ -1629,7 +1652,10 @@ def load_catalog(ns: argparse.Namespace) -> Catalog:
     return CATALOGS[ns.dataset](root.resolve())
 
 
-def load(args: argparse.Namespace, seed: int) -> Federation:
+def load(args: argparse.Namespace, seed: int, check=None) -> Federation:
+    """The federation the data flags in `args` describe. `check(classes, multilabel)`, when
+    given, is called once the class names are known and before any image is decoded
+    (run.py --evaluate refuses data whose classes are not the run's there)."""
     if args.dataset not in DATASETS:
         raise UsageError(f"--dataset {args.dataset!r} is unknown; choose one of "
                          + ", ".join(sorted(DATASETS)))
@@ -1656,8 +1682,11 @@ def load(args: argparse.Namespace, seed: int) -> Federation:
                                         args.labels_per_client, args.test_fraction,
                                         args.oracle_labels)
         notes: list = []
+        fed.clients = keep_clients(fed.clients, getattr(args, "only_clients", None), notes)
         fed.holdout = take_holdout(fed.clients, args.holdout_client, notes)
         fed.info["notes"] = notes
+        if check is not None:
+            check(fed.classes, True)
         return fed
     if args.dataset == "synthetic":
         if args.partition not in (None, "natural"):
@@ -1671,13 +1700,18 @@ def load(args: argparse.Namespace, seed: int) -> Federation:
         stream = lambda *k: np_rng(seed, "data", "synthetic", *k)  # noqa: E731
         notes: list = []
         post_process(fed.clients, fed.y.numpy(), args, stream)
+        fed.clients = keep_clients(fed.clients, getattr(args, "only_clients", None), notes)
         fed.holdout = take_holdout(fed.clients, args.holdout_client, notes)
         if notes:
             fed.info["notes"] = notes
+        if check is not None:
+            check(fed.classes, False)
         return fed
     quiet = getattr(args, "quiet", False)
     log = None if quiet else (lambda s: print(s, file=sys.stderr, flush=True))
     cat = load_catalog(args)
     if getattr(args, "split_file", None):
         cat = apply_split_file(cat, Path(args.split_file).expanduser())
+    if check is not None:
+        check(list(cat.classes), cat.y.ndim == 2)
     return build(cat, args, seed, log=log)

@@ -1106,6 +1106,7 @@ def _rounds(cfg, algo, server, clients, holdout, record, out, stop_after, log, s
         atomic_torch_save(sd, os.path.join(out, _file_stem(stem) + ".pt"))
     if exported:
         summary["exported"] = sorted(_file_stem(stem) + ".pt" for stem in exported)
+        summary["client_n"] = {c.name: int(c.n) for c in clients}   # n_k of the held-out rule
     atomic_write(os.path.join(out, "summary.json"), dumps(summary))
     return summary
 

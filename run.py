@@ -22,6 +22,7 @@ import time
 import datasets
 import fedmed
 import models
+import results
 from fedmed import Config, UsageError
 
 HELP = {
@@ -108,6 +109,14 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--quiet", action="store_true", help="no progress bar")
     o.add_argument("--last-k", type=int, default=5, metavar="K",
                    help="summary.json also gives the mean over the last K rounds (default: 5)")
+    o.add_argument("--evaluate", default=None, metavar="RUN_DIR",
+                   help="no training: evaluate the finished run in RUN_DIR (its exported model(s), "
+                   "by its held-out rule) on every labelled image of the data the data flags "
+                   "describe (e.g. a new hospital); writes evaluation.md/.json to --out")
+    o.add_argument("--seeds", type=int, nargs="+", default=None, metavar="S",
+                   help="run the configuration once per seed S, each in OUT/seed-S, then write "
+                   "the mean +- sd over the seeds to OUT/seeds.md and OUT/seeds.json "
+                   "(replaces --seed)")
     users: dict = {}                                    # flag -> algorithms that read it
     for name in sorted(fedmed.ALGORITHMS):
         for f in dataclasses.fields(fedmed.ALGORITHMS[name].Args or _NoArgs):
@@ -238,6 +247,20 @@ def check_before_data(cfg: Config, args, ns: argparse.Namespace, given: set) -> 
 
 def prepare_out(ns: argparse.Namespace, cfg: Config, out: str) -> str:
     exists = os.path.isdir(out) and [n for n in os.listdir(out) if n != fedmed.LOCK_NAME]
+    seeds = results.seeds_folder(out) if exists else None
+    if ns.resume and ns.seeds is None and seeds is not None:
+        raise UsageError(f"--resume: {out} holds the runs of --seeds "
+                         f"{' '.join(map(str, seeds['seeds']))}; add those --seeds")
+    if ns.resume and ns.seeds is not None:
+        if seeds is None:
+            raise UsageError(f"--resume --seeds: {out} is not the folder of a --seeds run (no "
+                             f"{results.SEEDS_FILE}); give the --out of an earlier --seeds run")
+        if seeds["seeds"] != ns.seeds:
+            raise UsageError(f"--resume --seeds {' '.join(map(str, ns.seeds))}: {out} holds the "
+                             f"runs of --seeds {' '.join(map(str, seeds['seeds']))}; give those "
+                             "seeds, or another --out")
+        check_writable(out)
+        return out
     if ns.resume:
         marker = "config.json" if hasattr(fedmed.ALGORITHMS[cfg.algo], "protocol") else "checkpoint.pt"
         if not os.path.isfile(os.path.join(out, marker)):
@@ -345,6 +368,8 @@ def _main(argv, made: dict) -> int:
     ns = build_parser().parse_args(argv)
     ns.argv = list(argv)                                # recorded in config.json
     given = given_flags(build_parser(), argv)
+    if ns.evaluate is not None:
+        return _evaluate(ns, given)
     if ns.bn == "none":
         ns.bn = "params_only"
     rounds_given = ns.rounds is not None
@@ -354,6 +379,9 @@ def _main(argv, made: dict) -> int:
     for key, value in datasets.RECIPES.get(ns.dataset, {}).items():
         if getattr(ns, key) is None:                    # a flag the user left unset
             setattr(ns, key, value)
+    check_seeds(ns, given)                             # before anything else is read
+    if ns.seeds is not None:
+        ns.seed = ns.seeds[0]                           # the checks below see one of them
     cfg = _fill(Config, ns)
     validate(cfg, ns)
     if ns.last_k < 1:
@@ -364,12 +392,136 @@ def _main(argv, made: dict) -> int:
     ns.given_flags = given                             # datasets.build: flags a partition ignores
     out = ns.out or os.path.join("runs", f"{cfg.algo}-{ns.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
     _OUT["out"] = out
+    if ns.seeds is not None:
+        return _seeds(ns, cfg, cls, args, out, rounds_given)
     with _held(out):                                    # before anything there is read
         prepare_out(ns, cfg, out)
         if not ns.resume and not (os.path.isdir(out) and
                                   [n for n in os.listdir(out) if n != fedmed.LOCK_NAME]):
             made.update(out=out, existed=os.path.isdir(out))
         return _train(ns, cfg, cls, args, out, rounds_given)
+
+
+def _evaluate(ns: argparse.Namespace, given: set) -> int:
+    """--evaluate RUN_DIR: the flags it reads are checked, then the run, before any image
+    is read; the run's image size and colour constancy are used (the model saw those)."""
+    for name in sorted(given):
+        if name not in results.EVAL_FLAGS and name not in datasets.ARG_NAMES:
+            raise UsageError(f"{_flag(name)} does not apply to --evaluate (nothing is trained; "
+                             "the run's settings are used); drop it")
+    config, summary = results.finished_run(ns.evaluate)
+    run_cfg, run_data = config.get("config", {}), config.get("data", {})
+    size = run_data.get("image_size")
+    if "image_size" in given and size and ns.image_size != size:
+        raise UsageError(f"--image-size {ns.image_size}: the run's model was trained on {size} px "
+                         "images; drop --image-size (the run's is used)")
+    ns.image_size = size or ns.image_size
+    if "color_constancy" in given and not run_data.get("color_constancy"):
+        raise UsageError("--color-constancy: the run was trained without it; drop it (the run's "
+                         "preprocessing is used)")
+    ns.color_constancy = bool(run_data.get("color_constancy"))
+    if ns.seed is None:                                 # synthetic data are drawn from it
+        ns.seed = int(run_cfg.get("seed", 0))
+    datasets.check_flags(ns, given)
+    models.check(run_cfg.get("model", "cnn"), None, ns.image_size)
+    device = ns.device or "cpu"
+    if device.startswith("cuda"):
+        import torch
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {device}: no CUDA device here; use --device cpu")
+    elif device != "cpu":
+        raise UsageError(f"--device {device!r} is unknown; use cpu, cuda or cuda:N")
+    if ns.eval_batch_size is not None and ns.eval_batch_size < 1:
+        raise UsageError(f"--eval-batch-size must be at least 1 (got {ns.eval_batch_size})")
+    name = os.path.basename(os.path.normpath(ns.evaluate)) or "run"
+    out = ns.out or os.path.join("runs", f"eval-{name}-{ns.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
+    results.prepare_eval_out(out, ns.overwrite)
+    check_writable(out)
+    record = results.evaluate(ns.evaluate, ns, config, summary, out)
+    print(results.evaluation_markdown(record).rstrip())
+    print(f"results in {out}")
+    return 0
+
+
+def check_seeds(ns: argparse.Namespace, given: set) -> None:
+    """--seeds: distinct seeds >= 0, not with --seed or --stop-after (one line, exit 2)."""
+    if ns.seeds is None:
+        return
+    if "seed" in given:
+        raise UsageError("--seeds and --seed exclude each other; give the seeds to run with "
+                         "--seeds only (e.g. --seeds 0 1 2)")
+    dup = sorted({s for s in ns.seeds if ns.seeds.count(s) > 1})
+    if dup:
+        raise UsageError(f"--seeds: seed {dup[0]} is given twice; give each seed once")
+    if min(ns.seeds) < 0:
+        raise UsageError(f"--seeds: seeds must be >= 0 (got {min(ns.seeds)})")
+    if ns.stop_after is not None:
+        raise UsageError("--stop-after does not apply with --seeds; interrupt the run (Ctrl-C) "
+                         "and continue it with --resume")
+
+
+def seed_folder(out: str, seed: int) -> str:
+    return os.path.join(out, f"seed-{seed}")
+
+
+def _seeds(ns, cfg, cls, args, out, rounds_given) -> int:
+    """--seeds S1 S2 ...: the configuration once per seed, in OUT/seed-S (each a plain
+    results folder), then OUT/seeds.md and OUT/seeds.json (mean +- sd over the seeds).
+    OUT/seeds.json is written first and names the seeds, so a later --resume must give
+    the same ones (a second invocation never mixes two sets of seeds in one table); under
+    --resume a seed folder with a checkpoint is continued (a finished one only re-read)
+    and a missing one is started."""
+    marker = "config.json" if hasattr(cls, "protocol") else "checkpoint.pt"
+    existed = os.path.isdir(out)
+    prepare_out(ns, cfg, out)
+    os.makedirs(out, exist_ok=True)
+    summaries, wrote = [], False
+    try:
+        with fedmed.locked(out):
+            if ns.overwrite:
+                fedmed.clear_out(out)
+            if not ns.resume:
+                wrote = True
+                fedmed.atomic_write(os.path.join(out, results.SEEDS_FILE), fedmed.dumps(
+                    {"seeds": ns.seeds, "argv": ns.argv, "status": "running"}))
+            for seed in ns.seeds:
+                sub = seed_folder(out, seed)
+                one = argparse.Namespace(**vars(ns))
+                one.seed, one.overwrite = seed, False
+                one.resume = bool(ns.resume and os.path.isfile(os.path.join(sub, marker)))
+                if not ns.quiet:
+                    print(f"--- seed {seed} ({ns.seeds.index(seed) + 1} of {len(ns.seeds)}): {sub}")
+                if _train(one, dataclasses.replace(cfg, seed=seed), cls, args, sub,
+                          rounds_given) != 0:
+                    return 1
+                summaries.append(results.read_json(os.path.join(sub, "summary.json"), sub))
+            md, record = results.seeds_table(ns.seeds, summaries)
+            head = (f"# {cfg.algo} on {ns.dataset}, seeds {' '.join(map(str, ns.seeds))}\n\n"
+                    f"Command: `{shlex.join(['python', 'run.py', *ns.argv])}`\n\n")
+            fedmed.atomic_write(os.path.join(out, "seeds.md"), head + md)
+            record.update(argv=ns.argv, status="done",
+                          runs=[os.path.basename(seed_folder(out, s)) for s in ns.seeds])
+            fedmed.atomic_write(os.path.join(out, results.SEEDS_FILE), fedmed.dumps(record))
+    except BaseException:
+        if wrote and not any(os.path.isdir(seed_folder(out, s)) for s in ns.seeds):
+            _remove_seeds_stub(out, existed)            # nothing ran: leave no folder
+        raise
+    print(md.rstrip())
+    print(f"mean +- sd over {len(ns.seeds)} seeds in {os.path.join(out, 'seeds.md')}")
+    return 0
+
+
+def _remove_seeds_stub(out: str, existed: bool) -> None:
+    """After a failure before any seed folder was made: remove seeds.json (and the folder
+    when this invocation made it), so the next attempt is not refused."""
+    try:
+        for n in (results.SEEDS_FILE, fedmed.LOCK_NAME):
+            if os.path.exists(os.path.join(out, n)) and (n != fedmed.LOCK_NAME or not existed):
+                os.remove(os.path.join(out, n))
+        if not existed:
+            os.rmdir(out)
+    except OSError:
+        pass
 
 
 def _train(ns, cfg, cls, args, out, rounds_given) -> int:
