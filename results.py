@@ -427,6 +427,7 @@ def write_report(paths: list, out: str, names: dict | None = None, title: str = 
 # ---------------------------------------------------------------- run.py --evaluate
 
 EVAL_FILES = ("evaluation.json", "evaluation.md")
+MULTILABEL = {"synthetic-multilabel"}          # datasets whose y is [N, C] multi-hot
 # flags that --evaluate reads besides the data flags
 EVAL_FLAGS = {"evaluate", "out", "overwrite", "quiet", "device", "eval_batch_size", "seed",
               "cache_dir"}
@@ -497,7 +498,7 @@ def client_n(config: dict, summary: dict) -> dict:
     if summary.get("client_n"):
         return summary["client_n"]
     split = config.get("split", {})
-    if config.get("data", {}).get("dataset") == "synthetic-multilabel":
+    if config.get("data", {}).get("dataset") in MULTILABEL:
         raise UsageError("--evaluate: summary.json has no client_n (a run made before it was "
                          "recorded); run it again to evaluate its average model")
     return {c: int(sum(split[c]["train"])) for c in config.get("clients", []) if c in split}
@@ -540,7 +541,13 @@ def evaluate(run: str, ns, config: dict, summary: dict, out: str, log=print) -> 
     cfg_run = config.get("config", {})
     classes = list(config.get("classes", []))
 
+    run_multilabel = config.get("data", {}).get("dataset") in MULTILABEL
+
     def same_classes(got, multilabel):
+        if multilabel != run_multilabel:
+            kind = {True: "multi-label", False: "single-label"}
+            raise UsageError(f"--evaluate: the data is {kind[multilabel]} and the run "
+                             f"{kind[run_multilabel]}; evaluate on data labelled like the run's")
         if list(got) != classes:
             raise UsageError(f"--evaluate: the data's classes ({', '.join(map(str, got))}) are "
                              f"not the run's ({', '.join(classes)}); evaluate on data with the "
