@@ -199,7 +199,11 @@ def labels(configs: list) -> list:
     out = []
     for f in flats:
         parts = [str(f.get(("config", "algo"), "?"))]
-        parts += [f"--{k.replace('_', '-')} {f[(s, k)]}" for s, k in shown if (s, k) in f]
+        for s, k in shown:
+            v = f.get((s, k))
+            if v is None or v is False:                 # unset: nothing on the command line
+                continue
+            parts.append(f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}"))
         out.append(" ".join(parts))
     return out
 
@@ -340,6 +344,7 @@ def plot_all(groups: list, out: str) -> list:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
     written = []
     series = []
     for g in groups:
@@ -357,8 +362,10 @@ def plot_all(groups: list, out: str) -> list:
         for key, style, text in (("mean", "--", "mean over clients"), ("pooled", "-", "pooled")):
             m, sd = _stack([c[key] for c in cs])
             ax.plot(x, m, style, lw=2.5, color="black", label=text)
-            if len(cs) > 1:
-                ax.fill_between(x, m - sd, m + sd, color="black", alpha=0.12)
+            if len(cs) > 1 and key == "pooled":
+                ax.fill_between(x, m - sd, m + sd, color="black", alpha=0.12,
+                                label="pooled +- sd over seeds")
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.set(xlabel="round", ylabel="balanced accuracy",
                title=f"{g['label']} ({len(cs)} seed{'s' if len(cs) > 1 else ''})")
         ax.grid(alpha=0.3)
