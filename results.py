@@ -433,3 +433,238 @@ def write_report(paths: list, out: str, names: dict | None = None, title: str = 
     record.update(extra or {})
     fedmed.atomic_write(os.path.join(out, f"{name}.json"), fedmed.dumps(record))
     return {"markdown": md, "groups": groups, "notes": notes, "plots": pictures}
+
+
+# ---------------------------------------------------------------- run.py --evaluate
+
+EVAL_FILES = ("evaluation.json", "evaluation.md")
+MULTILABEL = {"synthetic-multilabel"}          # datasets whose y is [N, C] multi-hot
+# flags that --evaluate reads besides the data flags
+EVAL_FLAGS = {"evaluate", "out", "overwrite", "quiet", "device", "eval_batch_size", "seed",
+              "cache_dir"}
+
+
+def finished_run(run: str) -> tuple[dict, dict]:
+    """(config.json, summary.json) of the finished run in folder `run` that exported its
+    models; every other case is a one-line UsageError saying what to give instead."""
+    what = f"--evaluate {run}"
+    if not os.path.isdir(run):
+        raise UsageError(f"{what}: no such folder; give the --out of a finished run")
+    seeds = seeds_folder(run)
+    if seeds is not None:
+        raise UsageError(f"{what} holds the runs of --seeds {' '.join(map(str, seeds['seeds']))};"
+                         f" evaluate one of them, e.g. {os.path.join(run, 'seed-' + str(seeds['seeds'][0]))}")
+    if not os.path.isfile(os.path.join(run, "config.json")):
+        raise UsageError(f"{what}: not a FedMed run (no config.json); give the --out of a "
+                         "finished run")
+    config = read_json(os.path.join(run, "config.json"), what)
+    if "phases" in config:
+        raise UsageError(f"{what}: a protocol folder (phases {', '.join(config['phases'])}); "
+                         f"evaluate one phase's run, e.g. {os.path.join(run, config['phases'][-1])}")
+    if not os.path.isfile(os.path.join(run, "summary.json")):
+        raise UsageError(f"{what}: the run did not finish (no summary.json); finish it with "
+                         "--resume first")
+    summary = read_json(os.path.join(run, "summary.json"), what)
+    algo = config.get("config", {}).get("algo", "?")
+    if not summary.get("exported"):
+        raise UsageError(f"{what}: the run exported no model (--algo {algo} trains CLIP "
+                         "adapters, or the run predates exported weights); --evaluate loads "
+                         "model.pt / model-CLIENT.pt")
+    for name in summary["exported"]:
+        if not os.path.isfile(os.path.join(run, name)):
+            raise UsageError(f"{what}: {name} is listed in summary.json but missing; the folder "
+                             "is incomplete, run it again")
+    return config, summary
+
+
+def held_out_rule(run: str, config: dict, summary: dict) -> tuple[str, str, list]:
+    """(primary view, the rule in words, [(view, file)] of every model to evaluate) as the
+    run's loop evaluates a client it never trained (fedmed.Algorithm.predict with no
+    private state): the global model where there is one (model.pt: FedAvg, FedProx,
+    pooled, and FedBN / --bn params_only with the n_k-average of the clients' private
+    tensors); else (local) the n_k-weighted average of the clients' own models. Each
+    client's own model (model-CLIENT.pt) is evaluated too, as view model:CLIENT."""
+    exported = summary["exported"]
+    stems = {fedmed._file_stem(f"model-{c}") + ".pt": c for c in config.get("clients", [])}
+    own = [(f"model:{stems.get(f, f[6:-3])}", os.path.join(run, f)) for f in exported
+           if f != "model.pt"]
+    bn = config.get("config", {}).get("bn")
+    if "model.pt" in exported:
+        rule = "model.pt, the run's global model"
+        if own:
+            rule += (f" with the n_k-average of the clients' private tensors (--bn {bn}), as the "
+                     "run evaluates a held-out client; also each client's own model (model:CLIENT)")
+        else:
+            rule += ", as the run evaluates a held-out client"
+        return "global", rule, [("global", os.path.join(run, "model.pt"))] + own
+    rule = ("the n_k-weighted average of the clients' own models (model-CLIENT.pt, n_k = "
+            "training images; BatchNorm num_batches_tracked: maximum), as the run evaluates a "
+            "held-out client; also each client's own model (model:CLIENT)")
+    return "average", rule, [("average", None)] + own
+
+
+def client_n(config: dict, summary: dict) -> dict:
+    """n_k per client: summary.json's client_n, else (older runs) the training-split
+    counts in config.json (single-label only)."""
+    if summary.get("client_n"):
+        return summary["client_n"]
+    split = config.get("split", {})
+    if config.get("data", {}).get("dataset") in MULTILABEL:
+        raise UsageError("--evaluate: summary.json has no client_n (a run made before it was "
+                         "recorded); run it again to evaluate its average model")
+    return {c: int(sum(split[c]["train"])) for c in config.get("clients", []) if c in split}
+
+
+def average_state(states: dict, n: dict) -> dict:
+    """sum_k n_k w_k / sum_k n_k of the clients' state dicts (num_batches_tracked: max),
+    the weights fedmed.Algorithm.average_private gives a held-out client."""
+    names = list(states)
+    first = states[names[0]]
+    return {k: (torch.stack([states[c][k] for c in names]).max() if k.endswith("num_batches_tracked")
+                else fedmed.weighted_average([states[c][k] for c in names],
+                                             [n[c] for c in names]))
+            for k in first}
+
+
+def prepare_eval_out(out: str, overwrite: bool) -> None:
+    """--out of --evaluate: a new or empty folder, or (with --overwrite) one holding only
+    an earlier evaluation; never a run's folder."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UsageError(f"--out {out} is a file; give a folder path")
+    names = [n for n in os.listdir(out) if n != fedmed.LOCK_NAME] if os.path.isdir(out) else []
+    if names and not overwrite:
+        raise UsageError(f"--out {out} already holds results; pass --overwrite to replace an "
+                         "earlier evaluation there, or give another --out")
+    other = sorted(n for n in names if n not in EVAL_FILES)
+    if other:
+        raise UsageError(f"--overwrite: {out} holds files that are not an evaluation (e.g. "
+                         f"{other[0]}); give an empty or new --out")
+
+
+def evaluate(run: str, ns, config: dict, summary: dict, out: str, log=print) -> dict:
+    """Evaluate the finished run in `run` on the data the flags in `ns` describe, without
+    training: every client of that data is a new site, evaluated on all its labelled
+    images with the run's held-out rule (see held_out_rule); writes evaluation.json and
+    evaluation.md to `out` and returns the record."""
+    import dataclasses
+
+    import datasets
+    cfg_run = config.get("config", {})
+    classes = list(config.get("classes", []))
+
+    run_multilabel = config.get("data", {}).get("dataset") in MULTILABEL
+
+    def same_classes(got, multilabel):
+        if multilabel != run_multilabel:
+            kind = {True: "multi-label", False: "single-label"}
+            raise UsageError(f"--evaluate: the data is {kind[multilabel]} and the run "
+                             f"{kind[run_multilabel]}; evaluate on data labelled like the run's")
+        if list(got) != classes:
+            raise UsageError(f"--evaluate: the data's classes ({', '.join(map(str, got))}) are "
+                             f"not the run's ({', '.join(classes)}); evaluate on data with the "
+                             "run's classes, in the same order")
+
+    fed = datasets.load(ns, seed=ns.seed, check=same_classes)
+    known = {f.name for f in dataclasses.fields(fedmed.Config)}
+    cfg = fedmed.Config(**{k: v for k, v in cfg_run.items() if k in known})
+    cfg = dataclasses.replace(cfg, weights=None, device=ns.device or "cpu",
+                              eval_batch_size=ns.eval_batch_size or cfg.eval_batch_size)
+    view0, rule, models_ = held_out_rule(run, config, summary)
+    with fedmed.seeded(0, "evaluate"):
+        algo = fedmed.Algorithm(cfg, None, fed)
+    y_all = fed.y.numpy()
+    sites = []
+    for c in list(fed.clients) + list(fed.holdout):
+        idx = np.sort(np.concatenate([c.train, c.test, c.unlabeled]).astype(np.int64))
+        keep = (y_all[idx] >= 0).any(1) if y_all.ndim == 2 else y_all[idx] >= 0
+        if keep.any():
+            sites.append((c.name, idx[keep]))
+    if not sites:
+        raise UsageError("--evaluate: the data has no labelled image to evaluate on")
+    states = {}
+    for view, path in models_:
+        if path is not None:
+            states[view] = fedmed.safe_torch_load(path)
+    if view0 == "average":
+        n = client_n(config, summary)
+        own = {v[len("model:"):]: sd for v, sd in states.items()}
+        missing = [c for c in own if c not in n]
+        if missing:
+            raise UsageError(f"--evaluate: no n_k for client {missing[0]} in {run}; run it again")
+        states = {"average": average_state(own, n), **states}
+    views: dict = {}
+    for view, sd in states.items():
+        try:
+            algo.model.load_state_dict(sd, strict=True)
+        except RuntimeError as e:
+            first = " ".join(str(e).split())[:160]
+            raise UsageError(f"--evaluate: the {view} model of {run} does not fit --model "
+                             f"{cfg.model} with {len(classes)} classes ({first})") from None
+        ys, ps, per = [], [], {}
+        for name, idx in sites:
+            prob = algo.forward_probs(idx)
+            y = y_all[idx]
+            per[name] = fedmed.classification_metrics(y, prob)
+            ys.append(y)
+            ps.append(prob)
+        pooled = fedmed.classification_metrics(np.concatenate(ys), np.concatenate(ps))
+        views[view] = {"clients": per, "pooled": pooled,
+                       "balanced_accuracy": mean_sd([m["balanced_accuracy"] for m in per.values()])[0],
+                       "macro_auroc": mean_sd([m["macro_auroc"] for m in per.values()])[0]}
+    notes = list(fed.info.get("notes", []))
+    data_run = config.get("data", {})
+    same_data = (data_run.get("dataset") == ns.dataset and
+                 _real(data_run.get("data_dir")) == _real(ns.data_dir))
+    trained = [name for name, _ in sites if same_data and name in config.get("clients", [])]
+    if trained:
+        notes.append(f"{', '.join(trained)} trained in this run (same dataset and --data-dir): "
+                     "its figures may include images the run trained on; evaluate on a site the "
+                     "run held out (--holdout-client) or never saw")
+    record = {"run": os.path.abspath(run), "algo": cfg_run.get("algo"), "model": cfg.model,
+              "rule": rule, "primary_view": view0, "classes": classes,
+              "data": {a: getattr(ns, a, None) for a in datasets.ARG_NAMES}, "seed": ns.seed,
+              "images": {name: int(len(idx)) for name, idx in sites}, "views": views,
+              "notes": notes, "argv": getattr(ns, "argv", None),
+              "versions": fedmed.versions(), "git_commit": fedmed.git_commit()}
+    md = evaluation_markdown(record)
+    os.makedirs(out, exist_ok=True)
+    with fedmed.locked(out):
+        fedmed.atomic_write(os.path.join(out, "evaluation.json"), fedmed.dumps(record))
+        fedmed.atomic_write(os.path.join(out, "evaluation.md"), md)
+    return record
+
+
+def _real(path) -> str | None:
+    return os.path.realpath(os.path.expanduser(path)) if path else None
+
+
+def evaluation_markdown(r: dict) -> str:
+    data = r["data"]
+    where = data.get("dataset") + (f" at {data['data_dir']}" if data.get("data_dir") else "")
+    v = r["views"][r["primary_view"]]
+    lines = [f"# Evaluation of {r['run']} ({r['algo']}) on {where}", "",
+             f"Model: {r['rule']}. No training; every image with a label of each client "
+             "below is a test image.", "",
+             "| client | BA | accuracy | macro F1 | macro AUROC | n |", "|---|---:|---:|---:|---:|---:|"]
+
+    def row(name, m):
+        return (f"| {name} | {fmt(m['balanced_accuracy'], None)} | {fmt(m['accuracy'], None)} | "
+                f"{fmt(m['macro_f1'], None)} | {fmt(m['macro_auroc'], None)} | {m['n']} |")
+    lines += [row(name, m) for name, m in v["clients"].items()]
+    lines.append(f"| mean over clients | {fmt(v['balanced_accuracy'], None)} | | | "
+                 f"{fmt(v['macro_auroc'], None)} | |")
+    lines.append(row("pooled (all images joined)", v["pooled"]))
+    others = [k for k in r["views"] if k != r["primary_view"]]
+    if others:
+        names = list(v["clients"])
+        lines += ["", "Balanced accuracy of the other models:", "",
+                  "| model | " + " | ".join(names) + " | pooled |",
+                  "|---|" + "---:|" * (len(names) + 1)]
+        for k in others:
+            o = r["views"][k]
+            lines.append(f"| {k} | " + " | ".join(fmt(o["clients"][c]["balanced_accuracy"], None)
+                                                  for c in names)
+                         + f" | {fmt(o['pooled']['balanced_accuracy'], None)} |")
+    if r["notes"]:
+        lines += [""] + [f"note: {n}" for n in r["notes"]]
+    return "\n".join(lines) + "\n"
