@@ -366,14 +366,14 @@ def test_config_records_the_command_line_and_the_thread_count(tmp_path, capsys):
 def test_config_records_the_resolved_data_settings_not_null(tmp_path):
     """A data flag left unset is recorded with the value the run used (the partition the
     dataset defaults to, the image size), not null; what stays null means 'none' (no data
-    folder, no held-out client, no cap, no split file)."""
+    folder, no held-out client, no cap, no split file, no client selection)."""
     out = str(tmp_path / "r")
     assert run.main(["--rounds", "1", "--clients", "2", "--quiet", "--out", out]) == 0
     data = json.load(open(os.path.join(out, "config.json")))["data"]
     assert data["partition"] == "natural" and data["image_size"] == 32
     assert {k for k, v in data.items() if v is None} <= {
         "data_dir", "holdout_client", "max_images_per_client", "split_file", "split_unit",
-        "color_constancy"}, data
+        "color_constancy", "only_clients"}, data
 
 
 def test_multilabel_loss_of_a_saturated_wrong_sigmoid_is_finite():

@@ -110,6 +110,9 @@ def test_bad_runs_and_flags_are_one_line(runs, tmp_path, capsys):
     (empty / "notes.txt").write_text("x")
     unfinished = str(tmp_path / "unfinished")
     assert run.main(TINY + ["--out", unfinished, "--stop-after", "1"]) == 0
+    protocol = tmp_path / "fcu"                       # an FCU protocol's top folder
+    protocol.mkdir()
+    (protocol / "config.json").write_text(json.dumps({"phases": ["original", "fcu"]}))
     seeds = str(tmp_path / "seeds")
     assert run.main(TINY + ["--out", seeds, "--seeds", "0", "--rounds", "1"]) == 0
     for run_dir, flags, needle in [
@@ -117,6 +120,9 @@ def test_bad_runs_and_flags_are_one_line(runs, tmp_path, capsys):
             (str(empty), [], "not a FedMed run (no config.json)"),
             (unfinished, [], "did not finish (no summary.json)"),
             (seeds, [], f"evaluate one of them, e.g. {seeds}/seed-0"),
+            (str(protocol), [], f"a protocol folder (phases original, fcu); evaluate one phase's "
+                                f"run, e.g. {protocol}/fcu"),
+            (runs["fedavg"], ["--seeds", "0", "1"], "--seeds does not apply to --evaluate"),
             (runs["fedavg"], ["--lr", "0.1"], "--lr does not apply to --evaluate"),
             (runs["fedavg"], ["--algo", "local"], "--algo does not apply to --evaluate"),
             (runs["fedavg"], ["--image-size", "32"], "trained on 16 px images"),
