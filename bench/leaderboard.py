@@ -142,6 +142,19 @@ def plan(algos: list | None, groups: list) -> tuple[list, dict]:
     return rows, notes
 
 
+def budget(run_dir: str, name: str) -> str:
+    """One line of what a row ran: rounds, local work, batch, lr, model, data."""
+    c = results.read_json(os.path.join(run_dir, "config.json"), run_dir)
+    cfg, data = c.get("config", {}), c.get("data", {})
+    local = (f"{cfg.get('local_steps')} local steps" if cfg.get("local_steps")
+             else f"{cfg.get('local_epochs')} local epoch(s)")
+    return (f"{name}: {cfg.get('rounds')} rounds x {local}, batch {cfg.get('batch_size')}, "
+            f"{cfg.get('optimizer')} lr {cfg.get('lr')}, --model {cfg.get('model')}"
+            + (f" --weights {cfg['weights']}" if cfg.get("weights") else "")
+            + f"; {data.get('dataset')} ({len(c.get('clients', []))} clients, "
+            f"{data.get('image_size')} px)")
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     p = Parser(description="Every applicable algorithm, same federation, budget and seeds, "
@@ -207,7 +220,9 @@ def main(argv=None) -> int:
             raise UsageError("no row ran: " + "; ".join(f"{k}: {v}" for k, v in notes.items()))
         command = shlex.join(["python", "bench/leaderboard.py", *argv])
         preface = (f"Command: `{command}`\n\nEvery row: the same federation and budget, seeds "
-                   f"{' '.join(seeds)}; the row's own command is in leaderboard.json.\n\n")
+                   f"{' '.join(seeds)}; the row's own command is in leaderboard.json.\n\n"
+                   + "".join(f"* {budget(os.path.join(out, n, 'seed-' + seeds[0]), n)}\n"
+                             for n in done) + "\n")
         appendix = ("\nLeft out:\n\n" + "".join(f"* {k}: {v}\n" for k, v in notes.items())
                     if notes else "")
         rep = results.write_report([os.path.join(out, n) for n in done], out,

@@ -45,6 +45,8 @@ def test_every_applicable_algorithm_is_a_row_and_the_others_say_why(board):
             assert "--pretrained FILE" in rec["left_out"][name]
     md = open(os.path.join(board, "leaderboard.md")).read()
     assert "| fedbn | 2 |" in md and "Left out:" in md and "* fcu: a protocol" in md
+    assert ("* pooled: 2 rounds x 2 local steps, batch 16, sgd lr 0.01, --model cnn; synthetic "
+            "(3 clients, 16 px)") in md                 # what each row ran
     g = rec["groups"][0]
     s = [read(os.path.join(board, "fedavg", f"seed-{k}", "summary.json")) for k in (0, 1)]
     assert np.isclose(g["figures"]["balanced_accuracy"]["mean"],
