@@ -450,10 +450,6 @@ def finished_run(run: str) -> tuple[dict, dict]:
     what = f"--evaluate {run}"
     if not os.path.isdir(run):
         raise UsageError(f"{what}: no such folder; give the --out of a finished run")
-    seeds = seeds_folder(run)
-    if seeds is not None:
-        raise UsageError(f"{what} holds the runs of --seeds {' '.join(map(str, seeds['seeds']))};"
-                         f" evaluate one of them, e.g. {os.path.join(run, 'seed-' + str(seeds['seeds'][0]))}")
     if not os.path.isfile(os.path.join(run, "config.json")):
         raise UsageError(f"{what}: not a FedMed run (no config.json); give the --out of a "
                          "finished run")
@@ -526,19 +522,76 @@ def average_state(states: dict, n: dict) -> dict:
             for k in first}
 
 
+def _earlier_evaluation(path: str, name: str) -> bool:
+    """Whether `name` in `out` is part of an earlier evaluation (its files, or the
+    seed-S folder of one made from a --seeds run)."""
+    if name in EVAL_FILES:
+        return True
+    p = os.path.join(path, name)
+    return (re.fullmatch(r"seed-\d+", name) is not None and os.path.isdir(p)
+            and set(os.listdir(p)) <= set(EVAL_FILES) | {fedmed.LOCK_NAME})
+
+
 def prepare_eval_out(out: str, overwrite: bool) -> None:
     """--out of --evaluate: a new or empty folder, or (with --overwrite) one holding only
-    an earlier evaluation; never a run's folder."""
+    an earlier evaluation, which is removed; never a run's folder."""
+    import shutil
     if os.path.exists(out) and not os.path.isdir(out):
         raise UsageError(f"--out {out} is a file; give a folder path")
     names = [n for n in os.listdir(out) if n != fedmed.LOCK_NAME] if os.path.isdir(out) else []
     if names and not overwrite:
         raise UsageError(f"--out {out} already holds results; pass --overwrite to replace an "
                          "earlier evaluation there, or give another --out")
-    other = sorted(n for n in names if n not in EVAL_FILES)
+    other = sorted(n for n in names if not _earlier_evaluation(out, n))
     if other:
         raise UsageError(f"--overwrite: {out} holds files that are not an evaluation (e.g. "
                          f"{other[0]}); give an empty or new --out")
+    for n in names:
+        p = os.path.join(out, n)
+        shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
+
+
+def seeds_evaluation(seeds: list, records: list, out: str) -> dict:
+    """evaluation.md / evaluation.json in `out` for the evaluations of a --seeds run's
+    seeds (each in out/seed-S): mean +- sd over the seeds (ddof 1) of each client's,
+    the mean-over-clients and the pooled balanced accuracy and macro AUROC of the held-out
+    rule's model."""
+    views = [r["views"][r["primary_view"]] for r in records]
+    rows = {}
+    for name in views[0]["clients"]:
+        for key in ("balanced_accuracy", "macro_auroc"):
+            rows.setdefault(name, {})[key] = [v["clients"][name][key] for v in views]
+    rows["mean over clients"] = {k: [v[k] for v in views]
+                                 for k in ("balanced_accuracy", "macro_auroc")}
+    rows["pooled (all images joined)"] = {k: [v["pooled"][k] for v in views]
+                                          for k in ("balanced_accuracy", "macro_auroc")}
+    figures = {name: {k: dict(zip(("mean", "sd"), mean_sd(vals)), values=vals)
+                      for k, vals in r.items()} for name, r in rows.items()}
+    r0 = records[0]
+    data = r0["data"]
+    where = data.get("dataset") + (f" at {data['data_dir']}" if data.get("data_dir") else "")
+    lines = [f"# Evaluation of the --seeds run {os.path.dirname(r0['run'])} ({r0['algo']}) on "
+             f"{where}", "", f"Model of each seed: {r0['rule']}. No training; every image with "
+             "a label of each client below is a test image. Mean +- sd (ddof 1) over seeds "
+             f"{' '.join(map(str, seeds))}; each seed's evaluation is in seed-S/.", "",
+             "| client | BA | macro AUROC | " + " | ".join(f"BA seed {s}" for s in seeds) + " |",
+             "|---|---:|---:|" + "---:|" * len(seeds)]
+    for name, f in figures.items():
+        ba, auc = f["balanced_accuracy"], f["macro_auroc"]
+        lines.append(f"| {name} | {fmt(ba['mean'], ba['sd'])} | {fmt(auc['mean'], auc['sd'])} | "
+                     + " | ".join(fmt(v, None) for v in ba["values"]) + " |")
+    notes = list(dict.fromkeys(n for r in records for n in r["notes"]))
+    if notes:
+        lines += [""] + [f"note: {n}" for n in notes]
+    md = "\n".join(lines) + "\n"
+    record = {"seeds": list(seeds), "runs": [r["run"] for r in records], "algo": r0["algo"],
+              "rule": r0["rule"], "primary_view": r0["primary_view"], "data": data,
+              "figures": figures, "notes": notes}
+    with fedmed.locked(out):
+        fedmed.atomic_write(os.path.join(out, "evaluation.json"), fedmed.dumps(record))
+        fedmed.atomic_write(os.path.join(out, "evaluation.md"), md)
+    record["markdown"] = md
+    return record
 
 
 def evaluate(run: str, ns, config: dict, summary: dict, out: str, log=print) -> dict:

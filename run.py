@@ -112,7 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--evaluate", default=None, metavar="RUN_DIR",
                    help="no training: evaluate the finished run in RUN_DIR (its exported model(s), "
                    "by its held-out rule) on every labelled image of the data the data flags "
-                   "describe (e.g. a new hospital); writes evaluation.md/.json to --out")
+                   "describe (e.g. a new hospital); writes evaluation.md/.json to --out; a --seeds "
+                   "folder: every seed, and the mean +- sd over them")
     o.add_argument("--seeds", type=int, nargs="+", default=None, metavar="S",
                    help="run the configuration once per seed S, each in OUT/seed-S, then write "
                    "the mean +- sd over the seeds to OUT/seeds.md and OUT/seeds.json "
@@ -409,7 +410,13 @@ def _evaluate(ns: argparse.Namespace, given: set) -> int:
         if name not in results.EVAL_FLAGS and name not in datasets.ARG_NAMES:
             raise UsageError(f"{_flag(name)} does not apply to --evaluate (nothing is trained; "
                              "the run's settings are used); drop it")
-    config, summary = results.finished_run(ns.evaluate)
+    seeds = results.seeds_folder(ns.evaluate) if os.path.isdir(ns.evaluate) else None
+    if seeds is not None:                               # every seed of a --seeds run
+        runs = [(s, seed_folder(ns.evaluate, s)) for s in seeds["seeds"]]
+    else:
+        runs = [(None, ns.evaluate)]
+    found = [(s, d, *results.finished_run(d)) for s, d in runs]
+    config = found[0][2]
     run_cfg, run_data = config.get("config", {}), config.get("data", {})
     size = run_data.get("image_size")
     if "image_size" in given and size and ns.image_size != size:
@@ -420,8 +427,7 @@ def _evaluate(ns: argparse.Namespace, given: set) -> int:
         raise UsageError("--color-constancy: the run was trained without it; drop it (the run's "
                          "preprocessing is used)")
     ns.color_constancy = bool(run_data.get("color_constancy"))
-    if ns.seed is None:                                 # synthetic data are drawn from it
-        ns.seed = int(run_cfg.get("seed", 0))
+    seed_given = ns.seed is not None                    # synthetic data are drawn from it
     datasets.check_flags(ns, given)
     models.check(run_cfg.get("model", "cnn"), None, ns.image_size)
     device = ns.device or "cpu"
@@ -437,8 +443,17 @@ def _evaluate(ns: argparse.Namespace, given: set) -> int:
     out = ns.out or os.path.join("runs", f"eval-{name}-{ns.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
     results.prepare_eval_out(out, ns.overwrite)
     check_writable(out)
-    record = results.evaluate(ns.evaluate, ns, config, summary, out)
-    print(results.evaluation_markdown(record).rstrip())
+    records = []
+    for s, d, config, summary in found:
+        one = argparse.Namespace(**vars(ns))
+        if not seed_given:
+            one.seed = int(config.get("config", {}).get("seed", 0))
+        records.append(results.evaluate(d, one, config, summary,
+                                        out if s is None else seed_folder(out, s)))
+    if seeds is None:
+        print(results.evaluation_markdown(records[0]).rstrip())
+    else:
+        print(results.seeds_evaluation(seeds["seeds"], records, out)["markdown"].rstrip())
     print(f"results in {out}")
     return 0
 

@@ -113,13 +113,10 @@ def test_bad_runs_and_flags_are_one_line(runs, tmp_path, capsys):
     protocol = tmp_path / "fcu"                       # an FCU protocol's top folder
     protocol.mkdir()
     (protocol / "config.json").write_text(json.dumps({"phases": ["original", "fcu"]}))
-    seeds = str(tmp_path / "seeds")
-    assert run.main(TINY + ["--out", seeds, "--seeds", "0", "--rounds", "1"]) == 0
     for run_dir, flags, needle in [
             (str(tmp_path / "absent"), [], "no such folder"),
             (str(empty), [], "not a FedMed run (no config.json)"),
             (unfinished, [], "did not finish (no summary.json)"),
-            (seeds, [], f"evaluate one of them, e.g. {seeds}/seed-0"),
             (str(protocol), [], f"a protocol folder (phases original, fcu); evaluate one phase's "
                                 f"run, e.g. {protocol}/fcu"),
             (runs["fedavg"], ["--seeds", "0", "1"], "--seeds does not apply to --evaluate"),
@@ -130,6 +127,31 @@ def test_bad_runs_and_flags_are_one_line(runs, tmp_path, capsys):
             (runs["fedavg"], ["--only-clients", "site9"], "--only-clients 'site9' is not a client"),
             (runs["fedavg"], ["--dataset", "isic2019"], "--dataset isic2019 needs --data-dir")]:
         one_line_error(capsys, evaluate(run_dir, out, *flags), needle, out=out)
+
+
+def test_a_seeds_folder_is_evaluated_seed_by_seed_with_mean_and_sd(tmp_path):
+    """Each seed's run on the site it held out (its own data seed), then mean +- sd."""
+    r = str(tmp_path / "s")
+    assert run.main(TINY + ["--out", r, "--seeds", "0", "1", "--holdout-client", "site2"]) == 0
+    out = str(tmp_path / "eval")
+    assert evaluate(r, out, "--clients", "3", "--only-clients", "site2") == 0
+    want = []
+    for k in (0, 1):
+        w = read(os.path.join(r, f"seed-{k}", "summary.json"))["holdout"]["site2"]
+        one = read(os.path.join(out, f"seed-{k}", "evaluation.json"))
+        assert one["seed"] == k
+        assert np.isclose(one["views"]["global"]["clients"]["site2"]["balanced_accuracy"],
+                          w["balanced_accuracy"])
+        want.append(w["balanced_accuracy"])
+    f = read(os.path.join(out, "evaluation.json"))["figures"]["site2"]["balanced_accuracy"]
+    assert np.allclose(f["values"], want)
+    assert np.isclose(f["mean"], np.mean(want)) and np.isclose(f["sd"], np.std(want, ddof=1))
+    assert "| site2 |" in open(os.path.join(out, "evaluation.md")).read()
+    assert evaluate(r, out, "--clients", "3", "--only-clients", "site2", "--overwrite") == 0
+    single = train(tmp_path, "single")                  # an evaluation replaced by another
+    assert evaluate(single, out, "--overwrite") == 0
+    assert sorted(n for n in os.listdir(out) if not n.startswith(".")) == [
+        "evaluation.json", "evaluation.md"]                 # the seed-S folders are gone
 
 
 def test_models_that_do_not_fit_and_runs_without_models_are_refused(tmp_path, capsys):
