@@ -186,10 +186,29 @@ def test_a_damaged_or_missing_optimiser_file_is_one_line_exit_2(tmp_path, capsys
     before = sorted(os.listdir(out))
     rc, _ = cli(tmp_path, "--resume")
     err = one_line_error(capsys, rc, path)
-    assert ("checksum" in err) if damage == "flip" else ("--resume" in err)
+    size = os.path.getsize(path) if os.path.exists(path) else None
+    want = {"flip": "fails its checksum", "missing": "is missing"}.get(
+        damage, f"has {size} bytes, not {len(data)}")
+    assert f"{path} (client site0's optimiser state) {want}" in err
     assert not os.path.exists(marker)
     assert sorted(os.listdir(out)) == before
     assert fedmed.load_checkpoint(os.path.join(out, "checkpoint.pt"))["round"] == 1
+
+
+def test_a_state_the_update_left_untouched_keeps_its_file(tmp_path, fed, monkeypatch):
+    """A sampled client whose update does not train (here: round 2 does no step) keeps
+    the optimiser file of round 1: nothing is rewritten, the checkpoint still names the
+    round-1 file, and the state it read is dropped from memory again."""
+    cls = fedmed.ALGORITHMS["fedavg"]
+    orig = cls.train
+    monkeypatch.setattr(cls, "train", lambda self, client, payload, steps_scale=1: (
+        orig(self, client, payload, steps_scale) if self.round == 0 else 0))
+    out = str(tmp_path / "o")
+    fedmed.run(cfg(rounds=2), None, fed, out, quiet=True)
+    ck = fedmed.load_checkpoint(os.path.join(out, "checkpoint.pt"))
+    assert [c["state"][fedmed.OPT_REF]["file"] for c in ck["clients"]] == \
+        [f"{k}-{c.name}.r1.pt" for k, c in enumerate(fed.clients)] == opt_files(out)
+    assert all("optimizer" not in c["state"] for c in ck["clients"])
 
 
 def test_overwrite_removes_the_optimiser_files(tmp_path):
