@@ -253,9 +253,10 @@ def test_building_a_model_logs_no_warning_and_restores_logging(tiny, tmp_path, c
     warning is not shown, and logging is left as it was."""
     caplog.set_level(logging.INFO)
     ca.build_clip(tiny, ca.resolve_weights(tiny, "none", 0), 0)
-    ca.image_classifier("fedmed-tiny-units", 3)
-    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert logging.root.manager.disable == logging.NOTSET
+    ca.image_classifier("fedmed-tiny-units", 3)
+    assert logging.root.manager.disable == logging.NOTSET
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
     logging.getLogger("fedmed-test").warning("still shown")
     assert caplog.records[-1].getMessage() == "still shown"
 
@@ -447,3 +448,13 @@ def test_gaussian_kernel_bandwidths_by_hand():
         bw = d2.sum() / (25 - 5) / mul ** (num // 2)
         ref = sum(torch.exp(-d2 / (bw * mul ** i)) for i in range(num))
         assert torch.allclose(ca.gaussian_kernel(a, b, mul, num).double(), ref, atol=1e-5)
+
+
+def test_images_are_decoded_at_the_clip_models_input_size(tiny):
+    """run.py decodes images at --clip-model's input resolution (the default model's
+    when no flags were parsed)."""
+    import fedmed as fm
+    fm.load_algorithms()
+    cls = fm.ALGORITHMS["fedclip"]
+    assert cls.default_image_size(ca.ClipArgs(clip_model="fedmed-tiny-units")) == 32
+    assert cls.default_image_size(None) == 224                     # ViT-B-32
