@@ -112,7 +112,12 @@ class ModelSpec:
     @property
     def image_size(self) -> int:
         s = self.config["vision_cfg"].get("image_size", 224)
-        return int(s[0] if isinstance(s, (list, tuple)) else s)
+        if isinstance(s, (list, tuple)):
+            if len(set(s)) != 1:
+                raise UsageError(f"--clip-model {self.name}: image_size {list(s)} is not square; "
+                                 "FedMed drives towers with square inputs only")
+            s = s[0]
+        return int(s)
 
 
 def _open_clip_dir() -> Path | None:
@@ -300,12 +305,12 @@ def load_weights(model: nn.Module, path: str, spec: ModelSpec, flag: str = "--pr
     one-line UsageError that names the first mismatch."""
     from open_clip.factory import load_checkpoint, load_state_dict
     try:
-        sd = load_state_dict(path)
+        sd = load_state_dict(path)                   # torch.load(weights_only=True) or safetensors
     except Exception as e:  # noqa: BLE001 - any unreadable file is the user's to fix
-        raise UsageError(f"{flag} {path}: cannot be read as a checkpoint ({_one_line(e)}); pass "
+        why = ("an empty state dict" if isinstance(e, StopIteration)   # open_clip's reader on {}
+               else _one_line(e))
+        raise UsageError(f"{flag} {path}: cannot be read as a checkpoint ({why}); pass "
                          "a state dict saved with torch.save or safetensors")
-    if not isinstance(sd, dict) or not sd:
-        raise UsageError(f"{flag} {path}: not a state dict of tensors")
     try:
         load_checkpoint(model, path, strict=True)
     except Exception as e:  # noqa: BLE001
@@ -882,7 +887,7 @@ def pack_fp16_zlib(state: dict, level: int = -1, strategy: str = "huffman") -> t
         header.append([k, a.dtype.str, list(a.shape)])
         arrays.append(a.reshape(-1).view(np.uint8))
     h = json.dumps(header).encode()
-    z = zlib.compressobj(level, zlib.DEFLATED, zlib.MAX_WBITS, 8, ZLIB_STRATEGIES[strategy])
+    z = zlib.compressobj(level, strategy=ZLIB_STRATEGIES[strategy])   # zlib's own method, window, memLevel
     parts = [z.compress(len(h).to_bytes(4, "little") + h)]
     parts += [z.compress(a) for a in arrays]           # no joined copy of the raw bytes
     parts.append(z.flush())

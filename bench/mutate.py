@@ -73,7 +73,7 @@ TESTS = {
                              "tests/test_clip_isic.py"],
     "algorithms/fedmedclip.py": ["tests/test_clip_reference*.py", "tests/test_clip.py",
                                  "tests/test_clip_isic.py"],
-    "clip_adapters.py": ["tests/test_clip_reference*.py", "tests/test_clip.py",
+    "clip_adapters.py": ["tests/test_clip_units.py", "tests/test_clip_reference*.py", "tests/test_clip.py",
                          "tests/test_clip_isic.py"],
     "algorithms/fcu.py": ["tests/test_fcu_reference*.py", "tests/test_fcu.py"],
     "algorithms/fedlsm.py": ["tests/test_fedlsm_reference*.py", "tests/test_fedlsm.py"],
