@@ -11,6 +11,8 @@ clip_linear.py, fedclip.py, facmic.py, fedmedclip.py, and models.py's `--model c
    caches first (Hugging Face hub cache, ~/.cache/clip); where its weights are not on this
    machine and cannot be downloaded the run stops with a one-line error that names the tag
    and says how to pass a local file. A named tag never falls back to random weights.
+   OpenAI weights run with QuickGELU as open_clip runs them (the rule: `resolve_weights`);
+   a local folder's preprocess mean/std are used; `hf-hub:` names are refused in one line.
 2. Class prompts (`prompt_class_names`, `ClipBackbone.text_features`): T_c =
    normalise(mean_t normalise(CLIP_text(template_t.format(name_c)))), default template
    "a picture of a {}" (FedMedCLIP's public code), with readable clinical names for the
@@ -79,7 +81,8 @@ class ClipArgs:
     clip_model: str = flag("ViT-B-32", "open_clip model name, or the path of a .json "
                            "open_clip model config")
     pretrained: str = flag("openai", "open_clip tag (e.g. openai), a local checkpoint "
-                           ".pt/.bin/.safetensors, local-dir:PATH, or none (random weights)")
+                           ".pt/.bin/.safetensors (OpenAI's as a plain state dict: use "
+                           "--clip-model NAME-quickgelu), local-dir:PATH, or none (random weights)")
     prompts: str = flag("a picture of a {}", "class-prompt template(s), '|'-separated; {} is "
                         "the class name")
     class_names: str = flag("", "comma-separated readable class names for the prompts, in "
@@ -154,7 +157,8 @@ def resolve_model(name: str) -> ModelSpec:
         if not p.is_file():
             raise UsageError(f"--clip-model {name}: no such file; give an open_clip model "
                              "name (e.g. ViT-B-32) or the path of a .json model config")
-        return ModelSpec(p.stem, _read_json(p, "--clip-model"), str(p.resolve()))
+        name = p.resolve().parent.name if p.name == "open_clip_config.json" else p.stem
+        return ModelSpec(name, _read_json(p, "--clip-model"), str(p.resolve()))
     if "open_clip" in sys.modules:                       # configs registered at run time
         cfg = sys.modules["open_clip"].get_model_config(name)
         if cfg is not None:

@@ -183,3 +183,13 @@ def test_a_bad_pretrained_file_stops_the_run_before_any_image(specs, tmp_path, c
     code = run.main(base + ["--pretrained", f"local-dir:{d}", "--out", str(tmp_path / "c")])
     one_line_error(capsys, code, "does not fit", "missing")
     assert not os.path.exists(tmp_path / "a") and not os.path.exists(tmp_path / "b")
+
+
+def test_an_exported_folder_is_its_own_model_config(specs, saved, images, tmp_path):
+    """--clip-model FOLDER/open_clip_config.json --pretrained local-dir:FOLDER (open_clip's
+    export, what the hf-hub error points to): registered under the folder's name (open_clip's
+    registry reads flat configs only) and loaded with the folder's QuickGELU."""
+    d = local_dir(tmp_path, "exported-tiny", saved["model"].state_dict(), {**TINY, "quick_gelu": True})
+    bb = backbone(str(d / "open_clip_config.json"), f"local-dir:{d}")
+    assert bb.spec.name == "exported-tiny" and bb.weights.quick_gelu
+    assert torch.equal(bb.encode_images(images), saved["ref"])
