@@ -99,14 +99,25 @@ def test_local_dir_preprocess_mean_and_std_are_honoured(specs, saved, images, tm
     assert not torch.allclose(other.preprocess(images), (x - 0.5) / 0.5, atol=1e-3)
     assert bb.store.key["preprocess"] != other.store.key["preprocess"]
     assert bb.store.key != other.store.key
-    bad = local_dir(tmp_path, "bad", saved["model"].state_dict(), TINY, {"mean": [0.5], "std": [0, 1, 1]})
-    with pytest.raises(UsageError, match="preprocess_cfg"):
-        ca.resolve_weights(specs[0], f"local-dir:{bad}", 0)
+    ok = local_dir(tmp_path, "neg", saved["model"].state_dict(), TINY,
+                   {"mean": [-1, 0, 1], "std": [1, 2, 3]})          # a mean may be <= 0
+    assert ca.resolve_weights(specs[0], f"local-dir:{ok}", 0).mean == (-1, 0, 1)
+    for i, pre in enumerate(({"mean": [0.5], "std": [1, 1, 1]}, {"std": [0, 1, 1]},
+                             {"mean": ["a", 0, 0]}, {"mean": [float("nan"), 0, 0]},
+                             {"std": [1, -1, 1]}, "x")):
+        bad = local_dir(tmp_path, f"bad{i}", saved["model"].state_dict(), TINY, pre)
+        with pytest.raises(UsageError, match="preprocess_cfg"):
+            ca.resolve_weights(specs[0], f"local-dir:{bad}", 0)
 
 
 def torchscript(model, path):
-    """A TorchScript archive of the tiny CLIP, as OpenAI's clip.load files are."""
-    ts = torch.jit.trace_module(copy.deepcopy(model), {
+    """A TorchScript archive of the tiny CLIP, as OpenAI's clip.load files are (with
+    their three size entries in the state dict, which are not weights)."""
+    model = copy.deepcopy(model)
+    for k in ("input_resolution", "context_length", "vocab_size"):
+        model.__dict__.pop(k, None)                      # open_clip keeps some as ints
+        model.register_buffer(k, torch.tensor(7))
+    ts = torch.jit.trace_module(model, {
         "encode_image": torch.zeros(1, 3, 32, 32),
         "encode_text": torch.zeros(1, 8, dtype=torch.long)}, check_trace=False)
     ts.save(str(path))
