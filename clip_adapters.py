@@ -11,6 +11,8 @@ clip_linear.py, fedclip.py, facmic.py, fedmedclip.py, and models.py's `--model c
    caches first (Hugging Face hub cache, ~/.cache/clip); where its weights are not on this
    machine and cannot be downloaded the run stops with a one-line error that names the tag
    and says how to pass a local file. A named tag never falls back to random weights.
+   OpenAI weights run with QuickGELU as open_clip runs them (the rule: `resolve_weights`);
+   a local folder's preprocess mean/std are used; `hf-hub:` names are refused in one line.
 2. Class prompts (`prompt_class_names`, `ClipBackbone.text_features`): T_c =
    normalise(mean_t normalise(CLIP_text(template_t.format(name_c)))), default template
    "a picture of a {}" (FedMedCLIP's public code), with readable clinical names for the
@@ -79,7 +81,8 @@ class ClipArgs:
     clip_model: str = flag("ViT-B-32", "open_clip model name, or the path of a .json "
                            "open_clip model config")
     pretrained: str = flag("openai", "open_clip tag (e.g. openai), a local checkpoint "
-                           ".pt/.bin/.safetensors, local-dir:PATH, or none (random weights)")
+                           ".pt/.bin/.safetensors (OpenAI's as a plain state dict: use "
+                           "--clip-model NAME-quickgelu), local-dir:PATH, or none (random weights)")
     prompts: str = flag("a picture of a {}", "class-prompt template(s), '|'-separated; {} is "
                         "the class name")
     class_names: str = flag("", "comma-separated readable class names for the prompts, in "
@@ -112,7 +115,12 @@ class ModelSpec:
     @property
     def image_size(self) -> int:
         s = self.config["vision_cfg"].get("image_size", 224)
-        return int(s[0] if isinstance(s, (list, tuple)) else s)
+        if isinstance(s, (list, tuple)):
+            if len(set(s)) != 1:
+                raise UsageError(f"--clip-model {self.name}: image_size {list(s)} is not square; "
+                                 "FedMed drives towers with square inputs only")
+            s = s[0]
+        return int(s)
 
 
 def _open_clip_dir() -> Path | None:
@@ -137,13 +145,20 @@ def _read_json(path: Path, flag: str) -> dict:
 
 def resolve_model(name: str) -> ModelSpec:
     """The architecture named by --clip-model, without building it (importing open_clip
-    only when the name is neither a .json file nor one of its shipped configs)."""
+    only when the name is neither a .json file nor one of its shipped configs). An
+    `hf-hub:` name is refused in one line: FedMed never fetches a model from the hub (open_clip
+    would try the network and fail in a long traceback offline); its folder is given instead."""
+    if name.startswith("hf-hub:"):
+        raise UsageError(f"--clip-model {name}: models are not fetched from the Hugging Face hub; "
+                         "download that repo's folder where there is network and pass --clip-model "
+                         "FOLDER/open_clip_config.json --pretrained local-dir:FOLDER")
     if name.endswith(".json"):
         p = Path(name).expanduser()
         if not p.is_file():
             raise UsageError(f"--clip-model {name}: no such file; give an open_clip model "
                              "name (e.g. ViT-B-32) or the path of a .json model config")
-        return ModelSpec(p.stem, _read_json(p, "--clip-model"), str(p.resolve()))
+        name = p.resolve().parent.name if p.name == "open_clip_config.json" else p.stem
+        return ModelSpec(name, _read_json(p, "--clip-model"), str(p.resolve()))
     if "open_clip" in sys.modules:                       # configs registered at run time
         cfg = sys.modules["open_clip"].get_model_config(name)
         if cfg is not None:
@@ -167,7 +182,14 @@ def _register(spec: ModelSpec):
     if spec.path is not None:
         known = open_clip.get_model_config(spec.name)
         if known is None:
-            open_clip.add_model_config(spec.path)
+            path = Path(spec.path)
+            with open(path) as f:
+                nested = "model_cfg" in json.load(f)
+            if nested:                                   # open_clip_config.json: open_clip's
+                import tempfile                          # registry reads flat configs only
+                path = Path(tempfile.mkdtemp(prefix="fedmed-clip-cfg-")) / f"{spec.name}.json"
+                path.write_text(json.dumps(spec.config))
+            open_clip.add_model_config(path)
         elif known != spec.config:
             raise UsageError(f"--clip-model {spec.path}: another model config is already named "
                              f"{spec.name!r}; rename the file")
@@ -188,6 +210,37 @@ class WeightsSpec:
 def _file_identity(path: str) -> str:
     st = os.stat(path)
     return f"{os.path.abspath(path)}:{st.st_size}:{st.st_mtime_ns}"
+
+
+def _is_torchscript(path: str) -> bool:
+    """A TorchScript archive, the format of OpenAI's `clip.load` files (~/.cache/clip/
+    ViT-B-32.pt): a zip whose top folder holds constants.pkl (a torch.save state dict
+    never does)."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any(n.count("/") == 1 and n.endswith("/constants.pkl") for n in z.namelist())
+    except (OSError, zipfile.BadZipFile, ValueError):
+        return False
+
+
+def _dir_config(d: Path, pretrained: str) -> tuple[dict, dict]:
+    """(model_cfg, preprocess_cfg) of a local folder's open_clip_config.json."""
+    f = d / "open_clip_config.json"
+    raw = {}
+    try:
+        with open(f) as fh:
+            raw = json.load(fh)
+    except (OSError, ValueError):
+        pass                                               # _read_json reports it
+    pre = raw.get("preprocess_cfg", {}) if isinstance(raw, dict) else {}
+    if not isinstance(pre, dict) or any(
+            k in pre and not (isinstance(pre[k], (list, tuple)) and len(pre[k]) == 3
+                              and all(isinstance(v, (int, float)) and v == v for v in pre[k])
+                              and (k == "mean" or all(v > 0 for v in pre[k])))
+            for k in ("mean", "std")):
+        raise UsageError(f"--pretrained {pretrained}: the preprocess_cfg of {f} needs mean and std "
+                         "as three numbers each (std > 0); fix the file or remove preprocess_cfg")
+    return _read_json(f, "--pretrained"), pre
 
 
 def _find_in_dir(d: Path) -> str | None:
@@ -239,8 +292,22 @@ def _online(host: str = "huggingface.co") -> bool:
         return False
 
 
+def _arch(cfg: dict) -> dict:
+    """A model config without its activation choice, which comes with the weights."""
+    return {k: v for k, v in cfg.items() if k != "quick_gelu"}
+
+
 def resolve_weights(spec: ModelSpec, pretrained: str, seed: int) -> WeightsSpec:
-    """What --pretrained names, checked now (before any image is touched)."""
+    """What --pretrained names, checked now (run.py calls it before any image is touched):
+    a tag's file is found locally (or downloaded when online); a checkpoint file is read
+    and must fit `spec` (on the meta device: no weights are materialised, no model built).
+
+    QuickGELU (OpenAI's CLIP activation; open_clip runs OpenAI weights with it): on when
+    the model config says so (`--clip-model ViT-B-32-quickgelu`), when the tag says so
+    (`openai`), when a local-dir's open_clip_config.json says so, or when the file is a
+    TorchScript archive (only OpenAI's `clip.load` writes CLIP in that format). A plain
+    state-dict file says nothing about its activation: it runs as --clip-model says, so
+    OpenAI weights saved as a state dict need --clip-model NAME-quickgelu."""
     p = (pretrained or "").strip()
     if p.lower() == "none":
         return WeightsSpec("none", None, f"random-init:seed={seed}")
@@ -249,19 +316,22 @@ def resolve_weights(spec: ModelSpec, pretrained: str, seed: int) -> WeightsSpec:
         if not d.is_dir():
             raise UsageError(f"--pretrained {p}: {d} is not a folder; give local-dir:FOLDER "
                              "holding an open_clip checkpoint, or a checkpoint file")
+        quick_gelu, pre = False, {}
         if (d / "open_clip_config.json").is_file():
-            cfg = _read_json(d / "open_clip_config.json", "--pretrained")
-            if cfg != spec.config:
+            cfg, pre = _dir_config(d, p)
+            if _arch(cfg) != _arch(spec.config):
                 raise UsageError(f"--pretrained {p}: its open_clip_config.json describes another "
                                  f"architecture than --clip-model {spec.name}; pass --clip-model "
                                  f"{d / 'open_clip_config.json'}")
+            quick_gelu = bool(cfg.get("quick_gelu", False))
         f = _find_in_dir(d)
         if f is None:
             raise UsageError(f"--pretrained {p}: no checkpoint (.safetensors/.bin/.pth/.pt) in "
                              f"{d}; put the weights file there or pass the file itself")
-        return WeightsSpec("file", f, "file:" + _file_identity(f))
+        return _file_weights(spec, f, quick_gelu, tuple(pre.get("mean", OPENAI_MEAN)),
+                             tuple(pre.get("std", OPENAI_STD)))
     if os.path.isfile(p):
-        return WeightsSpec("file", p, "file:" + _file_identity(p))
+        return _file_weights(spec, p)
     if p.endswith(CHECKPOINT_SUFFIXES) or os.sep in p:
         raise UsageError(f"--pretrained {p}: no such file; give an existing checkpoint file, "
                          "local-dir:FOLDER, an open_clip tag, or none")
@@ -280,34 +350,93 @@ def resolve_weights(spec: ModelSpec, pretrained: str, seed: int) -> WeightsSpec:
             f = ocp.download_pretrained(pcfg)
         except Exception:  # noqa: BLE001 - reported below as the one-line error
             f = None
+    quick_gelu = bool(pcfg.get("quick_gelu", False))
     if not f:
+        how = "--pretrained PATH"
+        if quick_gelu and not spec.config.get("quick_gelu"):   # a state dict says nothing of it
+            qg = f"{spec.name}-quickgelu"
+            how = (f"--clip-model {qg} --pretrained PATH (these weights run with QuickGELU)"
+                   if open_clip.get_model_config(qg) is not None else
+                   "--pretrained local-dir:FOLDER whose open_clip_config.json has model_cfg "
+                   "quick_gelu true (these weights run with QuickGELU)")
         raise UsageError(f"--pretrained {p}: the {spec.name} weights of tag '{p}' are not on this "
                          "machine and need a download, which failed (no network?); download them where "
                          f"there is one (open_clip.create_model('{spec.name}', pretrained='{p}')) "
-                         "and pass the checkpoint file with --pretrained PATH")
+                         f"and pass the checkpoint file with {how}")
     del open_clip
     return WeightsSpec("tag", f, f"tag:{p}:" + _file_identity(f), tag=p,
-                       quick_gelu=bool(pcfg.get("quick_gelu", False)),
+                       quick_gelu=quick_gelu or _is_torchscript(f),
                        mean=tuple(pcfg.get("mean", OPENAI_MEAN)), std=tuple(pcfg.get("std", OPENAI_STD)))
+
+
+_CHECKED: set = set()                # (file identity, config, QuickGELU) that fit (this process)
+
+
+def _file_weights(spec: ModelSpec, f: str, quick_gelu: bool = False, mean=OPENAI_MEAN,
+                  std=OPENAI_STD) -> WeightsSpec:
+    """A checkpoint file given by the user, read once and checked against `spec` on the meta
+    device, so a junk file or another architecture stops the run before any image."""
+    quick_gelu = quick_gelu or _is_torchscript(f) or bool(spec.config.get("quick_gelu", False))
+    w = WeightsSpec("file", f, "file:" + _file_identity(f), quick_gelu=quick_gelu,
+                    mean=tuple(mean), std=tuple(std))
+    key = (w.identity, json.dumps(spec.config, sort_keys=True), quick_gelu)
+    if key not in _CHECKED:
+        import logging
+        open_clip = _register(spec)
+        logging.disable(logging.WARNING)
+        try:
+            with torch.device("meta"):
+                shell = open_clip.create_model(spec.name, pretrained=None, device="meta",
+                                               force_quick_gelu=quick_gelu)
+        finally:
+            logging.disable(logging.NOTSET)
+        load_weights(shell, f, spec)
+        _CHECKED.add(key)
+    return w
 
 
 def _one_line(e: Exception) -> str:
     return " ".join(str(e).split())[:200] or type(e).__name__
 
 
+def _torchscript_state_dict(path: str, model: nn.Module) -> dict:
+    """The tensors of a TorchScript CLIP (OpenAI's `clip.load` format: open_clip's key
+    names), read with torch.jit.load, which runs no pickled Python. Its three size
+    attributes and the model's non-persistent buffers (e.g. attn_mask) are not weights."""
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)         # "torch.jit.load is deprecated"
+        sd = dict(torch.jit.load(path, map_location="cpu").state_dict())
+    own = model.state_dict()
+    buffers = {n for n, _ in model.named_buffers()}
+    for k in list(sd):
+        if k in ("input_resolution", "context_length", "vocab_size") or (
+                k not in own and k in buffers):
+            del sd[k]
+    return sd
+
+
 def load_weights(model: nn.Module, path: str, spec: ModelSpec, flag: str = "--pretrained") -> None:
     """Load a whole-CLIP checkpoint into `model`; a file of another architecture is a
     one-line UsageError that names the first mismatch."""
     from open_clip.factory import load_checkpoint, load_state_dict
+    script = _is_torchscript(path)
     try:
-        sd = load_state_dict(path)
+        if script:                                   # torch.load(weights_only=True) refuses it
+            sd = _torchscript_state_dict(path, model)
+        else:
+            sd = load_state_dict(path)               # torch.load(weights_only=True) or safetensors
     except Exception as e:  # noqa: BLE001 - any unreadable file is the user's to fix
-        raise UsageError(f"{flag} {path}: cannot be read as a checkpoint ({_one_line(e)}); pass "
+        why = ("an empty state dict" if isinstance(e, StopIteration)   # open_clip's reader on {}
+               else _one_line(e))
+        raise UsageError(f"{flag} {path}: cannot be read as a checkpoint ({why}); pass "
                          "a state dict saved with torch.save or safetensors")
-    if not isinstance(sd, dict) or not sd:
-        raise UsageError(f"{flag} {path}: not a state dict of tensors")
     try:
-        load_checkpoint(model, path, strict=True)
+        if script:
+            with torch.no_grad():
+                model.load_state_dict(sd, strict=True)
+        else:
+            load_checkpoint(model, path, strict=True)
     except Exception as e:  # noqa: BLE001
         own = model.state_dict()
         missing = sorted(set(own) - set(sd))
@@ -882,7 +1011,7 @@ def pack_fp16_zlib(state: dict, level: int = -1, strategy: str = "huffman") -> t
         header.append([k, a.dtype.str, list(a.shape)])
         arrays.append(a.reshape(-1).view(np.uint8))
     h = json.dumps(header).encode()
-    z = zlib.compressobj(level, zlib.DEFLATED, zlib.MAX_WBITS, 8, ZLIB_STRATEGIES[strategy])
+    z = zlib.compressobj(level, strategy=ZLIB_STRATEGIES[strategy])   # zlib's own method, window, memLevel
     parts = [z.compress(len(h).to_bytes(4, "little") + h)]
     parts += [z.compress(a) for a in arrays]           # no joined copy of the raw bytes
     parts.append(z.flush())
@@ -933,7 +1062,8 @@ def image_classifier(model_name: str, num_classes: int, weights: str | None = No
     open_clip = _register(spec)
     logging.disable(logging.WARNING)
     try:
-        model = open_clip.create_model(spec.name, pretrained=None)
+        model = open_clip.create_model(spec.name, pretrained=None, force_quick_gelu=bool(
+            weights and _is_torchscript(weights)))           # OpenAI's clip.load format
     finally:
         logging.disable(logging.NOTSET)
     if weights:

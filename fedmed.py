@@ -595,7 +595,12 @@ class Algorithm:
                 return
 
     def train(self, client: ClientState, payload: dict, steps_scale: int = 1) -> int:
-        """Local SGD on the client's labelled images; returns the number of steps."""
+        """Local SGD on the client's labelled images; returns the number of steps.
+        With --keep-optimizer the optimiser state is read from and left in
+        client.state["optimizer"]; in a run, the loop keeps it there only while the client
+        trains and otherwise in a file of the run folder (`page_in`/`page_out`), so that
+        memory and checkpoint do not grow with the number of clients. Hooks driven
+        outside the loop (tests) keep it in memory."""
         model, cfg = self.model, self.cfg
         model.train()
         opt = self.make_optimizer(client)
@@ -612,7 +617,7 @@ class Algorithm:
         if not bool(finite):
             raise Diverged(f"round {self.round + 1}, client {client.name}: the training loss "
                            "became NaN or infinite")
-        if cfg.keep_optimizer:
+        if cfg.keep_optimizer:           # the loop moves it to OUT/optimizer/ (see page_out)
             client.state["optimizer"] = opt.state_dict()
         return steps
 
@@ -662,6 +667,11 @@ def atomic_torch_save(obj, path: str) -> None:
     already suffices for that, and fsync each round cost ~2% of a small round), and
     without torch.save's zip CRC32 where torch lets it be skipped (the checksum was 19 of
     the 26 ms of serialising a 28 MB FedMedCLIP checkpoint; torch.load reads it alike)."""
+    atomic_write(path, torch_bytes(obj), fsync=False)
+
+
+def torch_bytes(obj) -> bytes:
+    """torch.save of `obj` into bytes, without the zip CRC32 (see atomic_torch_save)."""
     try:
         from torch.utils.serialization import config
         crc, config.save.compute_crc32 = config.save.compute_crc32, False
@@ -673,7 +683,7 @@ def atomic_torch_save(obj, path: str) -> None:
     finally:
         if config is not None:
             config.save.compute_crc32 = crc
-    atomic_write(path, buf.getvalue(), fsync=False)
+    return buf.getvalue()
 
 
 def _numpy_safe_globals() -> list:
@@ -739,6 +749,83 @@ def load_checkpoint(path: str, what: str = "--resume") -> dict:
         raise UsageError(f"{what}: {path} fails its checksum (damaged or edited since it was "
                          "written); start a new run with another --out")
     return ck
+
+
+# --keep-optimizer in a run: each client's optimiser state lives in its own file,
+#   OUT/optimizer/<client id>-<name>.r<round>.pt   (the state after that round's update)
+# and client.state[OPT_REF] = {"file", "sha256", "bytes"} names the one that belongs to
+# the state checkpointed with it. A round writes new files (never over a file a
+# checkpoint names); the files no checkpoint names any more are deleted only after the
+# next checkpoint is written. So a kill at any point leaves checkpoint.pt with every file
+# it names, and --resume rewrites the killed round's files with the same content.
+OPT_DIR = "optimizer"
+OPT_REF = "optimizer_file"
+
+
+def page_in(out: str, client: ClientState):
+    """Before `client` trains: read its optimiser state file (verifying its sha256) into
+    client.state["optimizer"], where make_optimizer looks; returns what was read (None
+    when the client has none on disk)."""
+    ref = client.state.get(OPT_REF)
+    if ref is None or "optimizer" in client.state:
+        return None
+    path = os.path.join(out, OPT_DIR, ref["file"])
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError:
+        raise UsageError(f"{path} (client {client.name}'s optimiser state) is missing; the "
+                         "run cannot continue as it was; start a new run with another --out"
+                         ) from None
+    if hashlib.sha256(data).hexdigest() != ref["sha256"]:
+        raise UsageError(f"{path} (client {client.name}'s optimiser state) fails its checksum "
+                         "(damaged or edited since it was written); start a new run with "
+                         "another --out")
+    client.state["optimizer"] = state = safe_torch_load(io.BytesIO(data))
+    return state
+
+
+def page_out(out: str, client: ClientState, rnd: int, read=None) -> None:
+    """After `client` trained in round `rnd` (1-based): move client.state["optimizer"]
+    to a new file of round `rnd` (atomically) and keep only its name and checksum in
+    client.state; a state the update left as `page_in` read it is dropped, not rewritten."""
+    state = client.state.pop("optimizer", None)
+    if state is None or state is read:
+        return
+    name = f"{client.id}-{_file_stem(client.name)}.r{rnd}.pt"
+    data = torch_bytes(state)
+    os.makedirs(os.path.join(out, OPT_DIR), exist_ok=True)
+    atomic_write(os.path.join(out, OPT_DIR, name), data, fsync=False)
+    client.state[OPT_REF] = {"file": name, "sha256": hashlib.sha256(data).hexdigest(),
+                             "bytes": len(data)}
+
+
+def prune_optimizer_files(out: str, clients: list) -> None:
+    """After a checkpoint is written: delete the optimiser files it does not name
+    (superseded rounds, a killed round's leftovers, temporaries)."""
+    folder = os.path.join(out, OPT_DIR)
+    if not os.path.isdir(folder):
+        return
+    keep = {c.state[OPT_REF]["file"] for c in clients if OPT_REF in c.state}
+    for n in os.listdir(folder):
+        if n not in keep:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(folder, n))
+
+
+def check_optimizer_files(out: str, clients: list) -> None:
+    """--resume: every optimiser file the checkpoint names exists with its recorded size
+    (its checksum is verified when it is read); else one line naming the first."""
+    for c in clients:
+        ref = c.state.get(OPT_REF)
+        if ref is None:
+            continue
+        path = os.path.join(out, OPT_DIR, ref["file"])
+        size = os.path.getsize(path) if os.path.isfile(path) else None
+        if size != ref["bytes"]:
+            what = "is missing" if size is None else f"has {size} bytes, not {ref['bytes']}"
+            raise UsageError(f"--resume: {path} (client {c.name}'s optimiser state) {what}; "
+                             "start a new run with another --out")
 
 
 RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "checkpoint.pt")
@@ -1046,7 +1133,10 @@ def _rounds(cfg, algo, server, clients, holdout, record, out, stop_after, log, s
             bar.status(f"round {t + 1}/{cfg.rounds}: training {client.name}")
             try:
                 payload, down = transmit(algo.broadcast(server, client))
+                read = page_in(out, client)
                 upload, up = transmit(algo.local_update(client, payload))
+                page_out(out, client, t + 1, read)
+                del read
                 bad = first_nonfinite(upload) or first_nonfinite(client.state.get("private"))
                 if bad:
                     raise Diverged(f"round {t + 1}, client {client.name}: weight {bad} is NaN "
@@ -1086,6 +1176,7 @@ def _rounds(cfg, algo, server, clients, holdout, record, out, stop_after, log, s
                            "server": dataclasses.asdict(server),
                            "clients": [{"state": c.state, "train": c.train,
                                         "unlabeled": c.unlabeled} for c in clients]}, ckpt_path)
+        prune_optimizer_files(out, clients)               # only now: the checkpoint moved on
         _RoundsDone[out] = t + 1
         pooled = [m for m in _primary(last) if m["client"] == "pooled"][0]
         bar.step(f"round {t + 1}: mean BA {_mean_ba(last):.3f}  pooled BA "
@@ -1278,6 +1369,7 @@ def _restore(ckpt_path, record, out, server, clients, algo) -> tuple[int, dict]:
     server.weights, server.state = ck["server"]["weights"], ck["server"]["state"]
     for c, saved in zip(clients, ck["clients"]):
         c.state, c.train, c.unlabeled = saved["state"], saved["train"], saved["unlabeled"]
+    check_optimizer_files(out, clients)
     return int(ck["round"]), dict(ck["totals"])
 
 

@@ -42,15 +42,21 @@ def folder(root: Path, layout: dict) -> str:
     return str(root)
 
 
-def isic_copy(src: Path, dst: Path, rows: int, damage) -> str:
+def isic_copy(src: Path, dst: Path, rows: int, damage, ham: bool = False) -> str:
     """The first `rows` images of the ISIC 2019 folder `src` as a copy in `dst` (CSV rows
-    copied, images linked), then `damage(dst, gt_rows)` applied."""
+    copied, images linked), then `damage(dst, gt_rows, metadata_rows)` applied. The
+    folder's first ~1,300 images have no lesion_id, hence no Fed-ISIC2019 centre (the
+    default natural partition refuses them, and HAM10000_metadata.csv is never read):
+    `ham` takes the first `rows` images of a HAM lesion instead, which have both."""
     dst.mkdir(parents=True)
-    with open(src / "ISIC_2019_Training_GroundTruth.csv", newline="") as f:
-        gt = list(csv.reader(f))[:rows + 1]
-    names = {r[0] for r in gt[1:]}
     with open(src / "ISIC_2019_Training_Metadata.csv", newline="") as f:
-        md = [r for i, r in enumerate(csv.reader(f)) if i == 0 or r[0] in names]
+        md_all = list(csv.reader(f))
+    col = md_all[0].index("lesion_id")
+    keep = {r[0] for r in md_all[1:] if not ham or r[col].startswith("HAM_")}
+    with open(src / "ISIC_2019_Training_GroundTruth.csv", newline="") as f:
+        gt = [r for i, r in enumerate(csv.reader(f)) if i == 0 or r[0] in keep][:rows + 1]
+    names = {r[0] for r in gt[1:]}
+    md = [r for i, r in enumerate(md_all) if i == 0 or r[0] in names]
     img = dst / "ISIC_2019_Training_Input"
     img.mkdir()
     for n in names:
@@ -134,6 +140,13 @@ def cases(tmp: Path, data: Path | None) -> list:
             del md[3]
         def no_ham(d, gt, md):
             os.remove(d / "HAM10000_metadata.csv")
+        def no_ham_row(d, gt, md):
+            p = d / "HAM10000_metadata.csv"
+            with open(p, newline="") as f:
+                ham = [r for r in csv.reader(f) if r[1] != gt[3][0]]
+            p.unlink()
+            with open(p, "w", newline="") as f:
+                csv.writer(f).writerows(ham)
         def bad_jpeg(d, gt, md):
             p = d / "ISIC_2019_Training_Input" / f"{gt[9][0]}.jpg"
             raw = p.read_bytes()
@@ -141,14 +154,21 @@ def cases(tmp: Path, data: Path | None) -> list:
             p.write_bytes(raw[:len(raw) // 3])
         def text_label(d, gt, md):
             gt[4][3] = "yes"
-        for label, damage in [("GT CSV lacks the MEL column", drop_col),
-                              ("GT row with two classes", two_classes),
-                              ("GT names a missing image", missing_image),
-                              ("metadata lacks an image's row", no_md_row),
-                              ("HAM10000_metadata.csv missing", no_ham),
-                              ("truncated JPEG", bad_jpeg), ("GT cell not a number", text_label)]:
-            root = isic_copy(data, tmp / f"isic-{damage.__name__}", 200, damage)
+        # (label, damage, HAM rows: the fault lies past the Fed-ISIC2019 centre rule)
+        for label, damage, ham in [("GT CSV lacks the MEL column", drop_col, False),
+                                   ("GT row with two classes", two_classes, False),
+                                   ("GT names a missing image", missing_image, False),
+                                   ("metadata lacks an image's row", no_md_row, False),
+                                   ("HAM rows, HAM10000_metadata.csv missing", no_ham, True),
+                                   ("HAM rows, HAM10000 metadata lacks an image's row",
+                                    no_ham_row, True),
+                                   ("HAM rows, truncated JPEG", bad_jpeg, True),
+                                   ("GT cell not a number", text_label, False)]:
+            root = isic_copy(data, tmp / f"isic-{damage.__name__}", 200, damage, ham)
             out.append((f"isic2019-mini copy: {label}", ["--dataset", "isic2019", "--data-dir", root]))
+        root = isic_copy(data, tmp / "isic-iid-bad_jpeg", 200, bad_jpeg)
+        out.append(("isic2019-mini copy: truncated JPEG, --partition iid",
+                    ["--dataset", "isic2019", "--data-dir", root, "--partition", "iid"]))
         root = isic_copy(data, tmp / "isic-ok", 200, lambda d, gt, md: None)
         out.append(("isic2019-mini copy: --clients with natural",
                     ["--dataset", "isic2019", "--data-dir", root, "--partition", "natural",

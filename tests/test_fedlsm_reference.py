@@ -342,17 +342,23 @@ def thresholds(fed, theta_g, multilabel):
 
 # ---------------------------------------------------------------- the test
 
-@pytest.mark.parametrize("multilabel,ce_weights", [(False, False), (False, True), (True, False)],
-                         ids=["single-label", "single-label-ce-weights", "multi-label"])
-def test_one_round_equals_the_sheet_recomputed_in_plain_torch(tmp_path, multilabel, ce_weights):
+@pytest.mark.parametrize("multilabel,ce_weights,class_weights",
+                         [(False, False, "inverse"), (False, True, "inverse"), (True, False, "inverse"),
+                          (True, False, "none")],
+                         ids=["single-label", "single-label-ce-weights", "multi-label",
+                              "multi-label-no-pos-weight"])
+def test_one_round_equals_the_sheet_recomputed_in_plain_torch(tmp_path, multilabel, ce_weights,
+                                                               class_weights):
     """Steps (1)-(4), (UE), (PL), (UDE), (L), (EMA), (EDD), AWPA (AGG-f, AGG-c) and the
     prediction, recomputed here, against the hooks and against fedmed.run. With
-    --ce-weights, CE_soft of (L-s) carries a_c = N / N_c of the pooled labelled images."""
+    --ce-weights, CE_soft of (L-s) carries a_c = N / N_c of the pooled labelled images;
+    multi-label with --class-weights none: pos_weight_c = 1 (W_c = m_c)."""
     fed = multi_label_fed() if multilabel else single_label_fed()
     path = theta_g_file(tmp_path, multilabel)
     theta_g = torch.load(path, weights_only=True)
     cfg = Config(algo="fedlsm", model="cnn", weights=path, rounds=1, batch_size=8,
-                 local_steps=3, lr=0.05, momentum=0.9, weight_decay=1e-3, seed=SEED)
+                 local_steps=3, lr=0.05, momentum=0.9, weight_decay=1e-3, seed=SEED,
+                 class_weights=class_weights)
     Lsm = fedmed.ALGORITHMS["fedlsm"]
     a = Lsm.Args(n_u=4, n_c=6, batch_u=2, ema_decay=0.5, ce_weights=ce_weights,
                  **thresholds(fed, theta_g, multilabel))
@@ -367,6 +373,8 @@ def test_one_round_equals_the_sheet_recomputed_in_plain_torch(tmp_path, multilab
         pos, neg = (Ytr == 1).sum(0).float(), (Ytr == 0).sum(0).float()
         pos_weight = torch.where(pos > 0, neg / pos.clamp(min=1), torch.ones(C))
         assert pos_weight[4] == 1 and pos_weight[3] == (Ytr[:, 3] == 0).sum()   # 0 / 1 positive
+        if class_weights == "none":
+            pos_weight = torch.ones(C)
 
     th = Thresholds()
     ref = [reference_client(fed, cfg, a, theta_g, k, pos_weight, ce_alpha, multilabel, th)
@@ -383,8 +391,9 @@ def test_one_round_equals_the_sheet_recomputed_in_plain_torch(tmp_path, multilab
     algo.setup(server, clients)
     algo.round = ROUND
     algo.begin_round(server, clients)
-    if multilabel:
+    if multilabel and class_weights == "inverse":
         assert torch.allclose(server.state["pos_weight"], pos_weight)
+    assert "pos_weight" not in server.state or class_weights == "inverse"
     uploads = {}
     for c, (want, teacher, _) in zip(clients, ref):
         payload, _ = transmit(algo.broadcast(server, c))
@@ -417,3 +426,61 @@ def test_one_round_equals_the_sheet_recomputed_in_plain_torch(tmp_path, multilab
         assert torch.allclose(ck["server"]["weights"][key].double(), v.double(), **TOL), key
     for saved, (want, _, _) in zip(ck["clients"], ref):
         assert torch.equal(saved["state"]["q"], want["q"])
+
+
+@pytest.mark.parametrize("side", [8, 12, 32])
+def test_strong_view_equals_the_reference_at_small_sides(side):
+    """The strong view's shift bound max(1, S // 8) at sides where it is 1 (8, 12) and 4."""
+    lsm = __import__("algorithms.fedlsm", fromlist=["strong_view"])
+    x = torch.rand(6, 3, side, side, generator=torch.Generator().manual_seed(side))
+    got = lsm.strong_view(x.clone(), torch.Generator().manual_seed(3))
+    want = strong(x.clone(), torch.Generator().manual_seed(3))
+    assert torch.allclose(got, want, atol=1e-6)
+
+
+def test_mixing_runs_with_one_image_in_each_pool(tmp_path, monkeypatch):
+    """(UDE) needs only one image in U and one in Cf, and a batch_u of 1."""
+    lsm = __import__("algorithms.fedlsm", fromlist=["mixup"])
+    fed = single_label_fed()
+    path = theta_g_file(tmp_path, False)
+    cfg = Config(algo="fedlsm", model="cnn", weights=path, rounds=1, batch_size=8,
+                 local_steps=3, lr=0.05, seed=SEED)
+    Lsm = fedmed.ALGORITHMS["fedlsm"]
+    algo = Lsm(cfg, Lsm.Args(n_u=1, n_c=1, batch_u=1), fed)
+    calls = []
+    real = lsm.mixup
+    monkeypatch.setattr(lsm, "mixup", lambda *a: calls.append(len(a[0])) or real(*a))
+    clients = fedmed.make_clients(fed)
+    server = ServerState()
+    algo.setup(server, clients)
+    algo.begin_round(server, clients)
+    payload, _ = transmit(algo.broadcast(server, clients[0]))
+    algo.local_update(clients[0], payload)
+    assert calls == [1, 1, 1]
+
+
+def test_awpa_with_one_upload_and_a_class_counted_once(tmp_path):
+    """AGG-c when one client uploads (its rows are the new rows where it counted the
+    class) and when a class total sum_j q_{j,c} is 1 (share 1 for that client)."""
+    fed = single_label_fed()
+    path = theta_g_file(tmp_path, False)
+    theta_g = torch.load(path, weights_only=True)
+    cfg = Config(algo="fedlsm", model="cnn", weights=path, rounds=1, seed=SEED)
+    Lsm = fedmed.ALGORITHMS["fedlsm"]
+    algo = Lsm(cfg, Lsm.Args(), fed)
+    clients = fedmed.make_clients(fed)
+    g = torch.Generator().manual_seed(5)
+
+    def upload(n, q):
+        w = {k: (v + torch.randn(v.shape, generator=g) if v.is_floating_point() else v.clone())
+             for k, v in theta_g.items()}
+        return {"w": w, "n": n, "q": torch.tensor(q)}
+
+    for ups in ([upload(30, [1, 0, 2, 0, 0])],
+                [upload(30, [1, 0, 2, 0, 0]), upload(10, [0, 0, 1, 3, 0])]):
+        server = ServerState()
+        algo.setup(server, clients)
+        algo.aggregate(server, {k: u for k, u in enumerate(ups)})
+        want = reference_awpa(theta_g, ups)
+        for key, v in want.items():
+            assert torch.allclose(server.weights[key].double(), v.double(), **TOL), key
