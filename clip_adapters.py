@@ -390,7 +390,10 @@ def _file_weights(spec: ModelSpec, f: str, quick_gelu: bool = False, mean=OPENAI
                                                force_quick_gelu=quick_gelu)
         finally:
             logging.disable(logging.NOTSET)
-        load_weights(shell, f, spec)
+        import warnings
+        with warnings.catch_warnings():                  # torch: copying into a meta tensor is a
+            warnings.filterwarnings("ignore", message=".*non-meta parameter.*")   # no-op (one line a tensor)
+            load_weights(shell, f, spec)
         _CHECKED.add(key)
     return w
 

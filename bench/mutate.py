@@ -59,10 +59,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # FILE -> its tests (globs, in run order: reference tests first). A file not listed here
 # needs --tests.
 TESTS = {
-    "algorithms/fedavg.py": ["tests/test_baselines_reference.py", "tests/test_core.py"],
-    "algorithms/fedprox.py": ["tests/test_baselines_reference.py", "tests/test_core.py"],
-    "algorithms/local.py": ["tests/test_baselines_reference.py", "tests/test_core.py"],
-    "algorithms/pooled.py": ["tests/test_baselines_reference.py", "tests/test_core.py"],
+    "algorithms/fedavg.py": ["tests/test_baselines_reference.py", "tests/test_core.py",
+                             "tests/test_export.py"],
+    "algorithms/fedprox.py": ["tests/test_baselines_reference.py", "tests/test_core.py",
+                              "tests/test_export.py"],
+    "algorithms/local.py": ["tests/test_baselines_reference.py", "tests/test_core.py",
+                            "tests/test_export.py"],
+    "algorithms/pooled.py": ["tests/test_baselines_reference.py", "tests/test_core.py",
+                             "tests/test_export.py"],
     "algorithms/clip_zeroshot.py": ["tests/test_clip_reference*.py", "tests/test_clip.py",
                                     "tests/test_clip_isic.py"],
     "algorithms/clip_linear.py": ["tests/test_clip_reference*.py", "tests/test_clip.py",

@@ -204,3 +204,42 @@ def test_an_exported_folder_is_its_own_model_config(specs, saved, images, tmp_pa
     bb = backbone(str(d / "open_clip_config.json"), f"local-dir:{d}")
     assert bb.spec.name == "exported-tiny" and bb.weights.quick_gelu
     assert torch.equal(bb.encode_images(images), saved["ref"])
+
+
+def test_a_torchscript_file_must_fit_exactly(specs, saved, tmp_path, recwarn):
+    """A TorchScript file is held to the same strict fit as a state dict: an extra tensor
+    or a missing one is named in one line; reading it shows no deprecation warning."""
+    extra = copy.deepcopy(saved["model"])
+    extra.register_buffer("extra_table", torch.zeros(3))
+    with pytest.raises(fedmed.UsageError, match=r"unexpected \['extra_table'\]"):
+        ca.resolve_weights(specs[0], torchscript(extra, tmp_path / "extra.pt"), 0)
+    lacking = copy.deepcopy(saved["model"])
+    del lacking.logit_scale                               # not used by either tower
+    with pytest.raises(fedmed.UsageError, match=r"missing \['logit_scale'\]"):
+        ca.resolve_weights(specs[0], torchscript(lacking, tmp_path / "lacking.pt"), 0)
+    ok = torchscript(saved["model"], tmp_path / "ok.pt")
+    recwarn.clear()
+    ca.resolve_weights(specs[0], ok, 0)
+    assert not [w for w in recwarn if issubclass(w.category, FutureWarning)]
+
+
+def test_a_weights_file_is_checked_once_quietly(specs, saved, tmp_path, monkeypatch, caplog):
+    """resolve_weights reads a file once per process (run.py's check before the data, then
+    the build): the second call does not read it again; no open_clip warning is shown and
+    logging is left as it was; no warning is printed (the check runs on the meta device)."""
+    import logging
+    import warnings
+    f = tmp_path / "once.pt"
+    torch.save(saved["model"].state_dict(), f)
+    reads = []
+    real = ca.load_weights
+    monkeypatch.setattr(ca, "load_weights", lambda *a, **k: reads.append(a[1]) or real(*a, **k))
+    caplog.set_level(logging.INFO)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        ca.resolve_weights(specs[1], str(f), 0)
+    assert not seen, [str(w.message)[:80] for w in seen[:3]]   # e.g. torch's meta-copy notes
+    assert logging.root.manager.disable == logging.NOTSET
+    ca.resolve_weights(specs[1], str(f), 0)
+    assert reads == [str(f)]
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
