@@ -161,17 +161,19 @@ def find_runs(paths: list) -> tuple[list, list]:
 
 def group_key(config: dict) -> str:
     """What must be equal for two runs to be seeds of one configuration: every setting
-    (config, algorithm_args, data) but the seed."""
-    cfg = {k: v for k, v in config.get("config", {}).items() if k != "seed"}
-    return json.dumps({"config": cfg, "algorithm_args": config.get("algorithm_args", {}),
-                       "data": config.get("data", {})}, sort_keys=True, default=str)
+    (config, algorithm_args, data) but the seed. A setting recorded as null (unset) counts
+    as absent, so a run made before a new flag existed groups with one made after."""
+    def given(sec):
+        return {k: v for k, v in config.get(sec, {}).items() if k != "seed" and v is not None}
+    return json.dumps({sec: given(sec) for sec in ("config", "algorithm_args", "data")},
+                      sort_keys=True, default=str)
 
 
 def _settings(config: dict) -> dict:
     flat = {}
     for sec in ("config", "data", "algorithm_args"):
         for k, v in config.get(sec, {}).items():
-            if k != "seed":
+            if k != "seed" and v is not None:
                 flat[(sec, k)] = v
     return flat
 

@@ -136,3 +136,14 @@ def test_bad_folders_are_one_line(folders, tmp_path, capsys):
     rc = report.main([str(folders / "local"), "--out", str(folders / "lr"), "--overwrite"])
     assert rc == 2 and "not a report" in capsys.readouterr().err      # a run is never replaced
     assert os.path.isfile(folders / "lr" / "summary.json")
+
+
+def test_a_setting_recorded_as_null_groups_with_a_run_that_lacks_it():
+    """Runs made before a flag existed (no key) and after (the key, null) are seeds of one
+    configuration; a set value still separates them."""
+    old = {"config": {"algo": "fedavg", "seed": 0, "lr": 0.1}, "data": {"dataset": "x"}}
+    new = {"config": {"algo": "fedavg", "seed": 1, "lr": 0.1},
+           "data": {"dataset": "x", "only_clients": None}}
+    assert results.group_key(old) == results.group_key(new)
+    new["data"]["only_clients"] = "site0"
+    assert results.group_key(old) != results.group_key(new)
