@@ -381,15 +381,8 @@ def _file_weights(spec: ModelSpec, f: str, quick_gelu: bool = False, mean=OPENAI
                     mean=tuple(mean), std=tuple(std))
     key = (w.identity, json.dumps(spec.config, sort_keys=True), quick_gelu)
     if key not in _CHECKED:
-        import logging
-        open_clip = _register(spec)
-        logging.disable(logging.WARNING)
-        try:
-            with torch.device("meta"):
-                shell = open_clip.create_model(spec.name, pretrained=None, device="meta",
-                                               force_quick_gelu=quick_gelu)
-        finally:
-            logging.disable(logging.NOTSET)
+        with torch.device("meta"):
+            shell = _create(spec, quick_gelu, device="meta")
         import warnings
         with warnings.catch_warnings():                  # torch: copying into a meta tensor is a
             warnings.filterwarnings("ignore", message=".*non-meta parameter.*")   # no-op (one line a tensor)
@@ -454,18 +447,23 @@ def load_weights(model: nn.Module, path: str, spec: ModelSpec, flag: str = "--pr
                          "checkpoint of this architecture or the matching --clip-model")
 
 
+def _create(spec: ModelSpec, quick_gelu: bool, **kw) -> nn.Module:
+    """open_clip.create_model(spec) without weights, its 'initialized randomly' warning
+    hidden (the caller loads weights next, or wants random ones) and logging restored."""
+    import logging
+    open_clip = _register(spec)
+    logging.disable(logging.WARNING)
+    try:
+        return open_clip.create_model(spec.name, pretrained=None, force_quick_gelu=quick_gelu, **kw)
+    finally:
+        logging.disable(logging.NOTSET)
+
+
 def build_clip(spec: ModelSpec, weights: WeightsSpec, seed: int) -> nn.Module:
     """The open_clip model, frozen, in eval mode, on the CPU. Random initialisation is
     drawn from the (seed, "clip-init") stream, so `none` means the same weights for a seed."""
-    import logging
-    open_clip = _register(spec)
-    logging.disable(logging.WARNING)                 # "initialized randomly": we load next
-    try:
-        with fedmed.seeded(seed, "clip-init"):
-            model = open_clip.create_model(spec.name, pretrained=None,
-                                           force_quick_gelu=weights.quick_gelu)
-    finally:
-        logging.disable(logging.NOTSET)
+    with fedmed.seeded(seed, "clip-init"):
+        model = _create(spec, weights.quick_gelu)
     if weights.path is not None:
         load_weights(model, weights.path, spec)
     model.eval().requires_grad_(False)
@@ -1060,15 +1058,8 @@ class ClipImageClassifier(nn.Module):
 def image_classifier(model_name: str, num_classes: int, weights: str | None = None) -> nn.Module:
     """`--model clip:NAME`: the trainable CLIP image encoder of NAME (random weights, or a
     whole-CLIP checkpoint given with --weights) with a linear head."""
-    import logging
     spec = resolve_model(model_name)
-    open_clip = _register(spec)
-    logging.disable(logging.WARNING)
-    try:
-        model = open_clip.create_model(spec.name, pretrained=None, force_quick_gelu=bool(
-            weights and _is_torchscript(weights)))           # OpenAI's clip.load format
-    finally:
-        logging.disable(logging.NOTSET)
+    model = _create(spec, bool(weights and _is_torchscript(weights)))   # OpenAI's clip.load format
     if weights:
         if not os.path.isfile(weights):
             raise UsageError(f"--weights {weights}: no such file; pass a whole-CLIP checkpoint "

@@ -1435,17 +1435,23 @@ def post_process(clients: list, labels: np.ndarray, ns, stream) -> None:
         c.train, c.unlabeled = keep, np.sort(np.concatenate([c.unlabeled, move])).astype(np.int64)
 
 
+def client_names(clients: list, spec: str, flag: str) -> list:
+    """The names of a comma-separated client list; one that is not a client is a one-line
+    error naming the flag and the clients there are."""
+    names = [n.strip() for n in spec.split(",") if n.strip()]
+    known = [c.name for c in clients]
+    for n in names:
+        if n not in known:
+            raise UsageError(f"{flag} {n!r} is not a client; the clients are " + ", ".join(known))
+    return names
+
+
 def keep_clients(clients: list, spec: str | None, notes: list) -> list:
     """--only-clients NAME[,NAME]: only those clients stay (in their order); the others'
     images are never decoded. E.g. one centre as the new site of `run.py --evaluate`."""
     if not spec:
         return clients
-    names = [n.strip() for n in spec.split(",") if n.strip()]
-    known = [c.name for c in clients]
-    for n in names:
-        if n not in known:
-            raise UsageError(f"--only-clients {n!r} is not a client; the clients are "
-                             + ", ".join(known))
+    names = client_names(clients, spec, "--only-clients")
     if not names:
         raise UsageError("--only-clients names no client; give NAME[,NAME]")
     dropped = [c.name for c in clients if c.name not in names]
@@ -1459,12 +1465,7 @@ def take_holdout(clients: list, spec: str | None, notes: list) -> list:
     images (train, test and unlabelled) as its test set, for unseen-domain evaluation."""
     if not spec:
         return []
-    names = [n.strip() for n in spec.split(",") if n.strip()]
-    known = [c.name for c in clients]
-    for n in names:
-        if n not in known:
-            raise UsageError(f"--holdout-client {n!r} is not a client; the clients are "
-                             + ", ".join(known))
+    names = client_names(clients, spec, "--holdout-client")
     if len(set(names)) >= len(clients):
         raise UsageError("--holdout-client would hold out every client; keep at least one")
     holdout = []

@@ -4,6 +4,11 @@ import json
 import os
 
 
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
 def read_jsonl(path):
     with open(path) as f:
         return [json.loads(s) for s in f]

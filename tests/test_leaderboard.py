@@ -2,7 +2,6 @@
 seeds, into one table; each row is a `run.py --seeds` folder that gets only the flags its
 algorithm reads; algorithms that do not apply are left out with the reason; bad flags are
 one line before anything runs; --resume continues. Tiny budgets (seconds)."""
-import json
 import os
 import shutil
 import sys
@@ -10,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from helpers import drop_seconds
+from helpers import drop_seconds, read_json
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                 "bench"))
@@ -21,11 +20,6 @@ TINY = ["--seeds", "0", "1", "--image-size", "16", "--clients", "3", "--rounds",
 CLIP = ("clip_linear", "clip_zeroshot", "fedclip", "fedmedclip")
 
 
-def read(path):
-    with open(path) as f:
-        return json.load(f)
-
-
 @pytest.fixture(scope="module")
 def board(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("lb") / "out")
@@ -34,7 +28,7 @@ def board(tmp_path_factory):
 
 
 def test_every_applicable_algorithm_is_a_row_and_the_others_say_why(board):
-    rec = read(os.path.join(board, "leaderboard.json"))
+    rec = read_json(os.path.join(board, "leaderboard.json"))
     rows = [g["label"] for g in rec["groups"]]
     assert rows[:5] == ["fedavg", "fedprox", "fedbn", "local", "pooled"]
     for name in ("fcu", "fedal", "fedlsm", "facmic"):
@@ -48,14 +42,14 @@ def test_every_applicable_algorithm_is_a_row_and_the_others_say_why(board):
     assert ("* pooled: 2 rounds x 2 local steps, batch 16, sgd lr 0.01, --model cnn; synthetic "
             "(3 clients, 16 px)") in md                 # what each row ran
     g = rec["groups"][0]
-    s = [read(os.path.join(board, "fedavg", f"seed-{k}", "summary.json")) for k in (0, 1)]
+    s = [read_json(os.path.join(board, "fedavg", f"seed-{k}", "summary.json")) for k in (0, 1)]
     assert np.isclose(g["figures"]["balanced_accuracy"]["mean"],
                       np.mean([x["balanced_accuracy"] for x in s]))
 
 
 def test_each_row_gets_the_flags_its_algorithm_reads(board):
     def config(row):
-        return read(os.path.join(board, row, "seed-1", "config.json"))
+        return read_json(os.path.join(board, row, "seed-1", "config.json"))
     for row in ("fedavg", "fedprox", "fedbn", "local", "pooled"):
         c = config(row)
         assert c["config"]["seed"] == 1 and c["config"]["rounds"] == 2
@@ -69,7 +63,7 @@ def test_each_row_gets_the_flags_its_algorithm_reads(board):
 def test_a_row_run_py_refuses_is_left_out_with_its_error(tmp_path):
     out = str(tmp_path / "o")
     assert leaderboard.main(["--out", out, "--algos", "fedavg,fedprox", "--mu", "abc"] + TINY) == 0
-    rec = read(os.path.join(out, "leaderboard.json"))
+    rec = read_json(os.path.join(out, "leaderboard.json"))
     assert [g["label"] for g in rec["groups"]] == ["fedavg"]
     assert "argument --mu: invalid float value" in rec["left_out"]["fedprox"]
 
@@ -93,11 +87,11 @@ def test_resume_reruns_only_what_is_missing_and_a_full_out_is_refused(tmp_path, 
     out = str(tmp_path / "o")
     argv = ["--out", out, "--algos", "fedavg,local"] + TINY
     assert leaderboard.main(argv) == 0
-    before = read(os.path.join(out, "leaderboard.json"))
+    before = read_json(os.path.join(out, "leaderboard.json"))
     capsys.readouterr()
     assert leaderboard.main(argv) == 2
     assert "pass --resume to continue" in capsys.readouterr().err
     shutil.rmtree(os.path.join(out, "local"))               # as if stopped before that row
     assert leaderboard.main(argv + ["--resume"]) == 0
-    after = read(os.path.join(out, "leaderboard.json"))
+    after = read_json(os.path.join(out, "leaderboard.json"))
     assert drop_seconds(after["groups"]) == drop_seconds(before["groups"])

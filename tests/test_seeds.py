@@ -2,14 +2,13 @@
 makes), and the mean +- sd table over the seeds (OUT/seeds.json, OUT/seeds.md), recomputed
 here by hand from the seeds' summary.json; bad combinations are one line before any data
 is read; a second invocation never mixes two sets of seeds."""
-import json
 import os
 
 import numpy as np
 import pytest
 
 import run
-from helpers import drop_seconds, one_line_error
+from helpers import drop_seconds, one_line_error, read_json
 
 TINY = ["--image-size", "16", "--clients", "3", "--rounds", "2", "--local-steps", "2",
         "--batch-size", "16", "--quiet"]
@@ -17,11 +16,6 @@ TINY = ["--image-size", "16", "--clients", "3", "--rounds", "2", "--local-steps"
 
 def cli(*flags):
     return run.main(TINY + list(flags))
-
-
-def read(path):
-    with open(path) as f:
-        return json.load(f)
 
 
 @pytest.fixture(scope="module")
@@ -35,13 +29,13 @@ def test_each_seed_is_the_run_of_that_seed_and_the_table_is_their_mean_and_sd(tw
     out = two_seeds
     assert sorted(n for n in os.listdir(out) if not n.startswith(".")) == \
         ["seed-0", "seed-1", "seeds.json", "seeds.md"]
-    s = [read(os.path.join(out, f"seed-{k}", "summary.json")) for k in (0, 1)]
+    s = [read_json(os.path.join(out, f"seed-{k}", "summary.json")) for k in (0, 1)]
     for k in (0, 1):
-        assert read(os.path.join(out, f"seed-{k}", "config.json"))["config"]["seed"] == k
+        assert read_json(os.path.join(out, f"seed-{k}", "config.json"))["config"]["seed"] == k
     alone = str(tmp_path / "alone")                    # --seed 1 by itself: the same run
     assert cli("--seed", "1", "--out", alone) == 0
-    assert drop_seconds(read(os.path.join(alone, "summary.json"))) == drop_seconds(s[1])
-    rec = read(os.path.join(out, "seeds.json"))
+    assert drop_seconds(read_json(os.path.join(alone, "summary.json"))) == drop_seconds(s[1])
+    rec = read_json(os.path.join(out, "seeds.json"))
     assert rec["seeds"] == [0, 1] and rec["status"] == "done"
     for key, mine in (("balanced_accuracy", [x["balanced_accuracy"] for x in s]),
                       ("pooled_balanced_accuracy", [x["pooled_balanced_accuracy"] for x in s]),
@@ -81,17 +75,17 @@ def test_a_second_invocation_never_mixes_seeds(two_seeds, capsys):
     one_line_error(capsys, cli("--resume", "--out", out), "add those --seeds")
     one_line_error(capsys, cli("--seeds", "0", "--resume", "--out", os.path.join(out, "seed-0")),
                    "not the folder of a --seeds run")
-    assert read(os.path.join(out, "seeds.json"))["seeds"] == [0, 1]
+    assert read_json(os.path.join(out, "seeds.json"))["seeds"] == [0, 1]
 
 
 def test_resume_starts_a_missing_seed_and_rereads_finished_ones(tmp_path):
     out = str(tmp_path / "o")
     assert cli("--seeds", "0", "1", "--out", out) == 0
-    before = read(os.path.join(out, "seeds.json"))
+    before = read_json(os.path.join(out, "seeds.json"))
     import shutil
     shutil.rmtree(os.path.join(out, "seed-1"))          # as if killed before seed 1 began
     assert cli("--seeds", "0", "1", "--resume", "--out", out) == 0
-    after = read(os.path.join(out, "seeds.json"))
+    after = read_json(os.path.join(out, "seeds.json"))
     assert drop_seconds(after["figures"]) == drop_seconds(before["figures"])
     assert cli("--seeds", "3", "--overwrite", "--out", out) == 0      # replaces all of it
     assert sorted(n for n in os.listdir(out) if not n.startswith(".")) == \
