@@ -27,10 +27,22 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from clip_adapters import (AttentionAdapter, ClipArgs, ClipMethod, adapt, contrastive_loss,
-                           on_one_thread)
+from clip_adapters import ClipArgs, ClipMethod, adapt, contrastive_loss, on_one_thread
 from fedmed import register
+
+
+class AttentionAdapter(nn.Module):
+    """FedCLIP's attention adapter (AttAI; Lu et al. 2023): a = softmax(W2 tanh(W1 I + b1)
+    + b2); the adapted feature is a * I. Linear(d,d) -> Tanh -> Linear(d,d) -> Softmax."""
+
+    def __init__(self, d: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(d, d), nn.Tanh(), nn.Linear(d, d), nn.Softmax(dim=1))
+
+    def forward(self, I):
+        return self.net(I)
 
 
 @dataclass

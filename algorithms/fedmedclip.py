@@ -55,6 +55,8 @@ almost no repeated strings, so it is no larger (946,723 against 948,787 bytes fo
 512-d FAM after 50 rounds) and 3.5x faster to make (9 ms against 33 ms). Lossless either
 way: the decoded weights, hence every result but the byte counts, are the same.
 """
+import json
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -63,10 +65,142 @@ import torch.nn.functional as F
 from torch import nn
 
 import fedmed
-from clip_adapters import (ClipArgs, ClipMethod, MaskedFAM, MaskedMLP, adapt,
-                           contrastive_loss, flag, on_one_thread, one_thread, pack_fp16_zlib,
-                           unpack_fp16_zlib)
+from clip_adapters import (ClipArgs, ClipMethod, adapt, contrastive_loss, flag,
+                           on_one_thread, one_thread)
 from fedmed import UsageError, register, weighted_average
+
+
+# -- the masked layers (2), sheet §5 ---------------------------------------------------
+
+class _MaskStep(torch.autograd.Function):
+    """m = 1[x > offset] with x = u - kappa. Backward: paper mode, a straight-through
+    estimator passing the gradient where |x| <= 1 (sheet §10.1, recommended); code mode,
+    the public code's custom step, which passes it only where |x| > 1."""
+
+    @staticmethod
+    def forward(ctx, x, offset: float, paper: bool):
+        ctx.save_for_backward(x)
+        ctx.paper = paper
+        return (x > offset).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        window = x.abs() <= 1 if ctx.paper else x.abs() > 1
+        return g * window.to(g.dtype), None, None
+
+
+class MaskedLinear(nn.Module):
+    """FedMedCLIP's masked linear layer (sheet §5):
+        u_r = mean_j |W_rj|,  m_r = step(u_r - kappa_r) = 1[u_r - kappa_r > 0.01],
+        y = x (W * m 1^T)^T + b * m   (paper mode: the bias is masked too [unverified]),
+        y = x (W * m 1^T)^T + b       (code mode: the bias is not masked).
+    W is Kaiming-uniform (a = sqrt 5, nn.Linear's), kappa starts at 0. In code mode kappa
+    gets no gradient in practice (|u - kappa| < 1): the mask is a fixed cut. In training
+    mode, [code] kappa is reset to 0 when <= 1% of the rows are kept."""
+
+    def __init__(self, d_in: int, d_out: int, mode: str = "paper", offset: float = 0.01):
+        super().__init__()
+        lin = nn.Linear(d_in, d_out)
+        self.weight = nn.Parameter(lin.weight.detach().clone())
+        self.bias = nn.Parameter(lin.bias.detach().clone())
+        self.threshold = nn.Parameter(torch.zeros(d_out))
+        self.mode, self.offset = mode, offset
+
+    def mask(self) -> torch.Tensor:
+        u = self.weight.abs().mean(dim=1)                       # u_r = mean_j |W_rj|
+        return _MaskStep.apply(u - self.threshold, self.offset, self.mode == "paper")  # m_r
+
+    def forward(self, x):
+        m = self.mask()
+        if self.training and m.detach().mean() <= 0.01:   # [code] kappa <- 0 when <= 1% kept
+            with torch.no_grad():
+                self.threshold.zero_()
+            m = self.mask()
+        # y = x (W * m 1^T)^T + b * m = (x W^T + b) * m: the row mask scales output features,
+        # so W * m is never formed (same values and gradients, a third of the work)
+        if self.mode == "paper":
+            return F.linear(x, self.weight, self.bias) * m
+        return F.linear(x, self.weight) * m + self.bias         # code: bias unmasked
+
+
+class MaskedFAM(nn.Module):
+    """FedMedCLIP's FAM: MaskedLinear(d,d) -> norm -> ReLU -> MaskedLinear(d,d) -> Softmax.
+    norm: instance (default: per-sample standardisation over the d features, no affine,
+    eps 1e-5, which is what the public code's InstanceNorm1d(d) does to a [B, d] tensor,
+    sheet §10.5, and is a LayerNorm without affine) | batch (BatchNorm1d, the first public
+    version) | none."""
+
+    def __init__(self, d: int, mode: str = "paper", norm: str = "instance", offset: float = 0.01):
+        super().__init__()
+        self.fc1 = MaskedLinear(d, d, mode, offset)
+        self.norm = {"instance": lambda: nn.LayerNorm(d, eps=1e-5, elementwise_affine=False),
+                     "batch": lambda: nn.BatchNorm1d(d), "none": nn.Identity}[norm]()
+        self.fc2 = MaskedLinear(d, d, mode, offset)
+
+    def forward(self, I):
+        return F.softmax(self.fc2(F.relu(self.norm(self.fc1(I)))), dim=1)
+
+
+class MaskedMLP(nn.Module):
+    """FedMedCLIP's private classifier: 3 x [MaskedLinear(d,d) -> BatchNorm1d -> ReLU] ->
+    MaskedLinear(d, C)."""
+
+    def __init__(self, d: int, num_classes: int, mode: str = "paper", offset: float = 0.01,
+                 hidden_layers: int = 3):
+        super().__init__()
+        layers = []
+        for _ in range(hidden_layers):
+            layers += [MaskedLinear(d, d, mode, offset), nn.BatchNorm1d(d), nn.ReLU()]
+        layers.append(MaskedLinear(d, num_classes, mode, offset))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return self.net(x)
+
+
+# -- fp16 + zlib: the FAM on the wire (sheet §6) --------------------------------------
+
+ZLIB_STRATEGIES = {"huffman": zlib.Z_HUFFMAN_ONLY, "default": zlib.Z_DEFAULT_STRATEGY}
+
+
+def pack_fp16_zlib(state: dict, level: int = -1, strategy: str = "huffman") -> torch.Tensor:
+    """A state dict as one zlib stream (RFC 1950, read back by any zlib.decompress) of a
+    JSON header (names, dtypes, shapes) and the raw bytes, floating tensors as float16,
+    integer tensors as they are. Strategy "huffman" (Z_HUFFMAN_ONLY) entropy-codes the
+    bytes without LZ77 string matching: trained fp16 weights hold almost no repeated
+    strings, so matching only costs time (a 512x512 FAM: 946,723 bytes in ~9 ms against
+    948,787 bytes in ~33 ms with zlib's default strategy and level); "default" is zlib's
+    own. The blob travels as a uint8 tensor: torch.save stores a tensor's bytes as they
+    are, while a Python `bytes` object is pickled as latin-1 text (about 1.5x larger)."""
+    header, arrays = [], []
+    for k, v in state.items():
+        v = v.detach().cpu()
+        a = (v.to(torch.float16) if v.is_floating_point() else v).contiguous().numpy()
+        header.append([k, a.dtype.str, list(a.shape)])
+        arrays.append(a.reshape(-1).view(np.uint8))
+    h = json.dumps(header).encode()
+    z = zlib.compressobj(level, strategy=ZLIB_STRATEGIES[strategy])   # zlib's own method, window, memLevel
+    parts = [z.compress(len(h).to_bytes(4, "little") + h)]
+    parts += [z.compress(a) for a in arrays]           # no joined copy of the raw bytes
+    parts.append(z.flush())
+    return torch.frombuffer(bytearray(b"".join(parts)), dtype=torch.uint8)
+
+
+def unpack_fp16_zlib(blob) -> dict:
+    """Inverse of pack_fp16_zlib; floating tensors come back as float32 (exactly the fp16
+    values: the conversion is exact)."""
+    raw = zlib.decompress(blob.numpy() if torch.is_tensor(blob) else blob)
+    n = int.from_bytes(raw[:4], "little")
+    header = json.loads(raw[4:4 + n])
+    out, pos = {}, 4 + n
+    for k, dt, shape in header:
+        dtype = np.dtype(dt)
+        count = int(np.prod(shape))
+        a = np.frombuffer(raw, dtype, count=count, offset=pos).reshape(shape)
+        pos += count * dtype.itemsize
+        out[k] = torch.from_numpy(a.astype(np.float32) if dtype.kind == "f" else a.copy())
+    return out
 
 
 @dataclass
