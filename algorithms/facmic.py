@@ -17,14 +17,16 @@ never its labels, are used in training). Target = the `--holdout-client`.
 Each source batch is paired with a batch of the same size drawn from the target's images
 (a fresh seeded permutation per local update). Views as FedCLIP ("global", "personal").
 
-Public-code defaults (sheet §7): ViT-B/16 in the paper (ViT-B/32 is this project's common
-default: pass --clip-model ViT-B-16); Adam lr 5e-5, betas (0.9, 0.98), eps 1e-6, weight
-decay 0.02, created once (state kept across rounds); 50 rounds; n_k weights; B = 32.
-Deviations: FedMedCLIP's re-implementation of FACMIC (LMMD weight 0.5, target features
-from the source batch) is not followed; FACMIC's own code is (weight 1, raw target
-features); the code zips the source and target loaders (an epoch stops at the shorter)
-while here every source batch is used and target batches are drawn at random; the
-train/test split is the project's, not the code's 80/10/10; the last round is reported.
+Public-code defaults (sheet §7): Adam lr 5e-5, betas (0.9, 0.98), eps 1e-6, weight decay
+0.02 (L2, torch.optim.Adam), created once (state kept across rounds); 50 rounds; n_k
+weights; B = 32.
+Deviations: the backbone is ViT-B/32, the CLIP methods' common default, while FACMIC's
+paper uses ViT-B/16 (sheet §5: pass --clip-model ViT-B-16); FedMedCLIP's
+re-implementation of FACMIC (LMMD weight 0.5, target features from the source batch) is
+not followed; FACMIC's own code is (weight 1, raw target features); the code zips the
+source and target loaders (an epoch stops at the shorter) while here every source batch
+is used and target batches are drawn at random; the train/test split is the project's,
+not the code's 80/10/10; the last round is reported.
 """
 from dataclasses import dataclass
 

@@ -8,8 +8,9 @@ Both CLIP towers are frozen (their features come from clip_adapters' cache). Cli
 trains the shared feature-adaptation module theta_F and its private MLP phi_k:
   (1) I~ = normalise(FAM(I) * I),   FAM = MaskedLinear -> standardise -> ReLU ->
       MaskedLinear -> softmax (sheet §5); MLP = 3 x [MaskedLinear -> BN -> ReLU] -> MaskedLinear
-  (2) MaskedLinear: u_r = mean_j |W_rj|, m_r = 1[u_r - kappa_r > 0.01], y = x (W * m)^T + b * m,
-      kappa_r learnable (straight-through gradient where |u_r - kappa_r| <= 1)
+  (2) MaskedLinear: u_r = mean_j |W_rj|, m_r = 1[u_r - kappa_r > 0.01], y = x (W * m)^T + b * m
+      (the masked bias [unverified], Deviations (b)), kappa_r learnable (straight-through
+      gradient where |u_r - kappa_r| <= 1)
   (3) L_contr = 1/2 [CE(s I~ T_y^T, [1..B]) + CE(s T_y I~^T, [1..B])],  s = 100
   (4) L_MLP = CE(O, y),  O = MLP(I~)
   (5) q^(c) = softmax_batch(O[:, c] / tau),  p^(c) = softmax_batch(S[:, c] / tau),  S = I~ T^T
@@ -17,43 +18,53 @@ trains the shared feature-adaptation module theta_F and its private MLP phi_k:
   (6) varpi = mean_i H(p_FAM,i) / (H(p_FAM,i) + H(p_MLP,i)),  p_FAM = softmax(s S),
       p_MLP = softmax(O), no gradient
   (7) L = L_contr + L_MLP + lambda L_sim
-  (8) server: theta_F <- sum_k w_k theta_F^k over the fp16 + zlib uploads; eta <- gamma eta
+  (8) server: theta_F <- sum_k w_k theta_F^k over the fp16 + zlib uploads, w_k = 1/K (the
+      public code, sheet §3/§7); eta <- gamma eta
   (9) inference, client k: varpi_i = H(p_FAM,i) / (H(p_FAM,i) + H(p_MLP,i)),
       p = varpi_i p_MLP + (1 - varpi_i) p_FAM;  held-out client: p_FAM with the server FAM.
 Only theta_F travels, as fp16 + zlib (both directions); phi_k never leaves client k.
-Evaluation views in metrics.jsonl: "personal" (9), the client's FAM and its MLP (the
-held-out client: the server FAM's zero-shot head, as the paper), and "global" (the server
-FAM's zero-shot head on every client).
+Evaluation views in metrics.jsonl: "personal" (9), the aggregated (server) FAM and the
+client's MLP, as the public code evaluates after communication (the held-out client: the
+server FAM's zero-shot head, as the paper), and "global" (the server FAM's zero-shot head
+on every client).
 
-Paper defaults (sheet §7): ViT-B/32 OpenAI weights; prompt "a picture of a {class}";
-R = 50 (100 for ISIC2019 [unverified]), E = 1, B = 32 (drop_last); AdamW betas (0.9,
-0.98), eps 1e-6, weight decay 0.02, rebuilt each round; eta_F = 5e-5, eta_M = 1e-3
-(README values); gamma = 0.97; lambda = 0.04; tau = 2; s = 100; step offset 0.01;
-kappa_0 = 0. These are the defaults here (run.py applies `recipe` to unset flags).
+Defaults (sheet §7; [paper] where the sheet says so, else the public code): ViT-B/32
+OpenAI weights; prompt "a picture of a {class}"; R = 50 (100 for ISIC2019 [unverified]),
+E = 1, B = 32 (drop_last); AdamW betas (0.9, 0.98), eps 1e-6, weight decay 0.02, rebuilt
+each round; eta_F = 5e-5, eta_M = 1e-3 (the README's; the script's defaults are 5e-4 /
+1e-4, sheet §10.7: both sets are written to config.json, algorithm_info.learning_rates);
+gamma = 0.97; lambda = 0.04; tau = 2; s = 100; step offset 0.01; kappa_0 = 0; aggregation
+weights 1/K; the personal view with the server FAM. run.py applies `recipe` (which sets
+--weighting uniform) to the flags the user leaves unset.
 
-Deviations: (a) the paper's mechanisms where the public code differs, each with a flag
-giving the code's behaviour: the threshold trains with a straight-through estimator and
-is communicated (code: a step whose backward passes only |x| > 1, so kappa never trains,
-and kappa is not sent: `--mask-compat code`, which also leaves the bias unmasked);
-adaptive varpi in L_sim (code: 1/2, `--sim-weight half`); true entropy -sum p log p
-(code: -sum p log_softmax(p), `--entropy code`); n_k/n aggregation weights (code: 1/K,
-`--weighting uniform`); CLIP's normalisation (code: ImageNet's, `--clip-preprocess
-imagenet`); explicit per-sample standardisation in the FAM (what the code's
-InstanceNorm1d does; first public version: BatchNorm, `--fam-norm batch`); the personal
-view uses the client's FAM after its local training (code: after communication, i.e.
-the server FAM, `--personal-fam server`). (b) No validation split, hence no best-round
-model selection and no fp32 re-averaging of the best FAMs: the last round is reported
-(project rule). (c) Raw cosines / tau in L_sim as the code (`--sim-logit-scale`
-rescales them). (d) [code] kappa is reset to 0 when <= 1% of a layer's rows are kept,
-in both modes. (e) s is fixed at 100 instead of exp(CLIP logit_scale) (equal for the
-OpenAI weights). (f) Images are the dataset's centred squares resized to the CLIP input
-size (no resize-shortest-side + centre crop). (g) The held-out client is evaluated on
-all its images (the code's drop_last dropped up to B-1). (h) The fp16 blob is a standard
-zlib stream made with the Huffman-only strategy (the paper says fp16 + zlib; zlib's
-default strategy, as the public code: `--zlib-strategy default`): fp16 weights hold
-almost no repeated strings, so it is no larger (946,723 against 948,787 bytes for the
-512-d FAM after 50 rounds) and 3.5x faster to make (9 ms against 33 ms). Lossless either
-way: the decoded weights, hence every result but the byte counts, are the same.
+Deviations: (a) where the sheet (§10) recommends fixing a defect of the public code, the
+fix is the default and a flag gives the code's behaviour: the threshold trains with a
+straight-through estimator and is communicated (code: a step whose backward passes only
+|x| > 1, so kappa never trains, and kappa is not sent: `--mask-compat code`); adaptive
+varpi in L_sim, the paper's form (code: 1/2, `--sim-weight half`); true entropy -sum p
+log p (code: -sum p log_softmax(p), `--entropy code`); CLIP's normalisation (code:
+ImageNet's, `--clip-preprocess imagenet`); explicit per-sample standardisation in the FAM
+(what the code's InstanceNorm1d does; first public version: BatchNorm, `--fam-norm
+batch`). (b) [unverified] `--mask-compat paper` also masks the bias, y = (x W^T + b) * m:
+the sheet attributes this to the paper without having checked its full text; the public
+code leaves the bias unmasked (`--mask-compat code`). (c) Project choices, off by default,
+each a flag: `--weighting samples` averages with n_k/n instead of 1/K (sheet §3 [ours]);
+`--personal-fam client` evaluates the personal view with the client's own FAM after its
+local training instead of the aggregated one. (d) No validation split, hence no
+best-round model selection and no fp32 re-averaging of the best FAMs: the last round is
+reported (project rule). (e) Raw cosines / tau in L_sim as the code (`--sim-logit-scale`
+rescales them). (f) [code] kappa is reset to 0 when <= 1% of a layer's rows are kept, in
+both modes. (g) s is fixed at 100 instead of exp(CLIP logit_scale) (equal for the OpenAI
+weights). (h) Images are the dataset's centred squares resized to the CLIP input size (no
+resize-shortest-side + centre crop). (i) The held-out client is evaluated on all its
+images (the code's drop_last dropped up to B-1). (j) The fp16 blob is a standard zlib
+stream made with the Huffman-only strategy (the paper says fp16 + zlib; zlib's default
+strategy, as the public code: `--zlib-strategy default`): fp16 weights hold almost no
+repeated strings, so it is no larger (946,723 against 948,787 bytes for the 512-d FAM
+after 50 rounds) and 3.5x faster to make (9 ms against 33 ms). Lossless either way: the
+decoded weights, hence every result but the byte counts, are the same. (k) Prompts take
+the article their class name needs ("a picture of an actinic keratosis"); the code
+writes "a" before every name.
 """
 import json
 import zlib
@@ -205,7 +216,8 @@ def unpack_fp16_zlib(blob) -> dict:
 
 @dataclass
 class Args(ClipArgs):
-    lr_mlp: float = flag(1e-3, "eta_M: learning rate of the private MLP (eta_F is --lr)")
+    lr_mlp: float = flag(1e-3, "eta_M: learning rate of the private MLP (eta_F is --lr); "
+                         "the README's 1e-3 (the script's: 1e-4)")
     lr_decay: float = flag(0.97, "gamma: both learning rates are multiplied by it each round")
     lambda_sim: float = flag(0.04, "lambda: weight of the class-level KL L_sim")
     sim_tau: float = flag(2.0, "tau: temperature of the class-level KL")
@@ -213,13 +225,16 @@ class Args(ClipArgs):
                            "half (public code)")
     sim_logit_scale: float = flag(1.0, "scale of the FAM's raw cosines S inside L_sim")
     mask_compat: str = flag("paper", "masked linear: paper (trained threshold, straight-through, "
-                            "sent) | code (public code: inert threshold, not sent, bias unmasked)")
+                            "sent; the bias masked too, an [unverified] attribution to the "
+                            "paper) | code (public code: inert threshold, not sent, bias "
+                            "unmasked)")
     mask_offset: float = flag(0.01, "offset of the mask's step, m = 1[u - kappa > offset]")
     fam_norm: str = flag("instance", "FAM normalisation: instance (per-sample standardisation) | "
                          "batch (first public version) | none")
     entropy: str = flag("true", "entropy in the ensemble weight: true | code (-sum p log_softmax p)")
-    personal_fam: str = flag("client", "FAM of the personal view: client (after its local "
-                             "training) | server (public code)")
+    personal_fam: str = flag("server", "FAM of the personal view: server (the aggregated FAM, "
+                             "as the public code evaluates) | client (project choice: the "
+                             "client's FAM after its local training)")
     zlib_level: int = flag(-1, "zlib level of the fp16 FAM blob (-1: zlib's default, 6)")
     zlib_strategy: str = flag("huffman", "zlib strategy of the fp16 FAM blob: huffman "
                               "(Z_HUFFMAN_ONLY: entropy coding only, 3x faster, no larger) | "
@@ -277,7 +292,10 @@ class FedMedCLIP(ClipMethod):
     primary_view = "personal"
     decoupled_weight_decay = True                     # AdamW
     recipe = {"rounds": 50, "local_epochs": 1, "batch_size": 32, "lr": 5e-5,
-              "optimizer": "adam", "weight_decay": 0.02}
+              "optimizer": "adam", "weight_decay": 0.02, "weighting": "uniform"}
+    # sheet §10.7: the README's learning rates (the defaults) and the script's
+    LEARNING_RATES = {"readme": {"eta_F": 5e-5, "eta_M": 1e-3},
+                      "script": {"eta_F": 5e-4, "eta_M": 1e-4}}
 
     def __init__(self, cfg, args, fed):
         args = args if args is not None else Args()
@@ -292,6 +310,8 @@ class FedMedCLIP(ClipMethod):
         self.fam_keys = [k for k in self.init_weights if k.startswith("fam.")
                          and not (args.mask_compat == "code" and k.endswith(".threshold"))]
         self._bcast = self._decoded = None
+        self.info["learning_rates"] = {"used": {"eta_F": cfg.lr, "eta_M": args.lr_mlp},
+                                       **self.LEARNING_RATES}
 
     def build_model(self):
         return FedMedCLIPNet(self.d, self.fed.num_classes, self.args)
@@ -341,7 +361,8 @@ class FedMedCLIP(ClipMethod):
 
     @on_one_thread
     def aggregate(self, server, uploads):
-        """(8): theta_F <- sum_k w_k theta_F^k, w_k = n_k / n (or 1/K, --weighting uniform)."""
+        """(8): theta_F <- sum_k w_k theta_F^k, w_k = 1/K (the recipe's --weighting uniform,
+        the public code) or n_k / n (--weighting samples)."""
         ups = [uploads[k] for k in sorted(uploads)]
         states = [unpack_fp16_zlib(u["fam"]) for u in ups]
         w = [u["n"] for u in ups] if self.cfg.weighting == "samples" else [1] * len(ups)
