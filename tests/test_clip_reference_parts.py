@@ -256,6 +256,12 @@ def test_text_features_by_hand_and_cached(tiny, tmp_path):
     assert torch.equal(fresh.text_features(names, templates), T) and fresh._model is None
     other = fresh.text_features(names[:2], templates)                 # another key: computed
     assert other.shape == (2, 32) and fresh._model is not None
+    key = json.dumps({"prompts": [[ca.fill_prompt(t, n) for t in templates] for n in names]})
+    path = fresh.store.text_path(key)
+    np.save(path, np.array([[object()] * 32] * 3, dtype=object), allow_pickle=True)
+    again = ca.ClipBackbone(args, 0, torch.device("cpu"), str(tmp_path))
+    assert torch.equal(again.text_features(names, templates), T)     # a pickle is never read:
+    assert again._model is not None                                  # computed again instead
 
 
 def test_model_and_weights_resolution(tiny, tmp_path):
