@@ -15,9 +15,11 @@ clip_linear.py, fedclip.py, facmic.py, fedmedclip.py, and models.py's `--model c
    a local folder's preprocess mean/std are used; `hf-hub:` names are refused in one line.
 2. Class prompts (`prompt_class_names`, `ClipBackbone.text_features`): T_c =
    normalise(mean_t normalise(CLIP_text(template_t.format(name_c)))), default template
-   "a picture of a {}" (FedMedCLIP's public code), with readable clinical names for the
-   ISIC/HAM classes and readable folder names for imagefolder; class names that are mere
-   numbers (medmnist) are refused unless `--class-names` gives them.
+   "a picture of a {}" (the public codes' of FedCLIP and FedMedCLIP; the article agrees
+   with the name, `fill_prompt`: "a picture of an actinic keratosis"), with readable
+   clinical names for the ISIC/HAM classes and readable folder names for imagefolder;
+   class names that are mere numbers (medmnist) are refused unless `--class-names` gives
+   them.
 3. The frozen-feature cache (`FeatureStore`, `ClipBackbone.image_features`): image
    features I = CLIP_img(preprocess(x)) are computed once per (image content, model
    config, weights, preprocessing, torch/open_clip versions, device type), with a progress
@@ -26,10 +28,11 @@ clip_linear.py, fedclip.py, facmic.py, fedmedclip.py, and models.py's `--model c
    atomically (tmp file + os.replace). Every round, every CLIP algorithm and every later
    run reads them back; the CLIP towers are then never run again (with text features also
    cached, a warm run does not even build the CLIP model).
-4. Modules: FedCLIP's attention adapter, FACMIC's feature-attention module (FAM) and
-   LMMD loss, FedMedCLIP's masked linear layer (per-row learnable threshold), masked FAM
-   and private masked MLP; the symmetric image-text contrastive loss; the fp16 + zlib
-   packing of a state dict.
+4. What every adapter method computes: I~ = normalise(a * I) (`adapt`) and the symmetric
+   image-text contrastive loss. Each method's own modules live in its file (FedCLIP's
+   attention adapter in algorithms/fedclip.py, FACMIC's feature-attention module and LMMD
+   in algorithms/facmic.py, FedMedCLIP's masked layers and fp16 + zlib packing in
+   algorithms/fedmedclip.py), so one file can be copied with its method.
 5. `ClipMethod`: the Algorithm base of the CLIP methods (features in `setup`, `batch`
    returns cached features, zero-shot head, paper optimiser with per-round LR decay).
 
@@ -49,7 +52,6 @@ import sys
 import time
 import uuid
 import zipfile
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -254,8 +256,8 @@ def _find_in_dir(d: Path) -> str | None:
     return str(files[0]) if files else None
 
 
-def _tag_local_file(model: str, tag: str, pcfg: dict) -> str | None:
-    """The tag's checkpoint if it is already on this machine (no network access)."""
+def _tag_local_file(pcfg: dict) -> str | None:
+    """The checkpoint of a tag (its open_clip pretrained config `pcfg`) if it is already on this machine (no network access)."""
     if pcfg.get("file") and os.path.isfile(pcfg["file"]):
         return pcfg["file"]
     hub = pcfg.get("hf_hub", "")
@@ -344,7 +346,7 @@ def resolve_weights(spec: ModelSpec, pretrained: str, seed: int) -> WeightsSpec:
         raise UsageError(f"--pretrained {p!r} is neither a file nor an open_clip tag of "
                          f"{spec.name} (its tags: {shown}); pass a local "
                          "checkpoint file, local-dir:FOLDER, or none for random weights")
-    f = _tag_local_file(spec.name, p, pcfg)
+    f = _tag_local_file(pcfg)
     if f is None and _online():
         try:
             f = ocp.download_pretrained(pcfg)
@@ -513,6 +515,16 @@ def prompt_templates(prompts: str) -> list:
     return t
 
 
+def fill_prompt(template: str, name: str) -> str:
+    """template.format(name) with an English indefinite article that agrees with the name:
+    "a picture of a {}" gives "a picture of an actinic keratosis" and "a picture of a
+    melanoma" (by the name's first letter: a, e, i, o, u take "an"). The public codes
+    write "a" before every class name; CLIP reads the text, so the grammar is fixed here."""
+    an = name[:1].lower() in ("a", "e", "i", "o", "u")
+    fixed = re.sub(r"\b([Aa])n? \{\}", lambda m: m.group(1) + ("n {}" if an else " {}"), template)
+    return fixed.format(name)
+
+
 # ---------------------------------------------------------------- 3. the feature cache
 
 def default_cache_root(fed) -> str:
@@ -549,7 +561,6 @@ class FeatureStore:
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
         self.dir = (os.path.join(root, "clip-features", f"{label}-{digest[:20]}")
                     if root else None)
-        self.mem_h: dict = {}
 
     def _shards(self) -> list:
         if self.dir is None or not os.path.isdir(self.dir):
@@ -764,7 +775,8 @@ class ClipBackbone:
     def text_features(self, names: list, templates: list) -> torch.Tensor:
         """T [C, d]: the L2-normalised mean over templates of the L2-normalised text
         embeddings of each class's prompts (cached beside the image features)."""
-        key = json.dumps({"names": names, "templates": templates})
+        prompts = [[fill_prompt(t, n) for t in templates] for n in names]
+        key = json.dumps({"prompts": prompts})
         path = self.store.text_path(key)
         if path and os.path.isfile(path):
             try:
@@ -777,8 +789,8 @@ class ClipBackbone:
         tok = open_clip.get_tokenizer(self.spec.name)
         with torch.no_grad():
             rows = []
-            for n in names:
-                e = self.model.encode_text(tok([t.format(n) for t in templates]).to(self.device)).float()
+            for texts in prompts:
+                e = self.model.encode_text(tok(texts).to(self.device)).float()
                 e = F.normalize(e, dim=-1).mean(0)
                 rows.append(F.normalize(e, dim=0).cpu())
             T = torch.stack(rows)
@@ -793,32 +805,7 @@ class ClipBackbone:
         return T
 
 
-# ---------------------------------------------------------------- 4. modules and losses
-
-class AttentionAdapter(nn.Module):
-    """FedCLIP's attention adapter (AttAI; Lu et al. 2023): a = softmax(W2 tanh(W1 I + b1)
-    + b2); the adapted feature is a * I. Linear(d,d) -> Tanh -> Linear(d,d) -> Softmax."""
-
-    def __init__(self, d: int):
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(d, d), nn.Tanh(), nn.Linear(d, d), nn.Softmax(dim=1))
-
-    def forward(self, I):
-        return self.net(I)
-
-
-class FeatureAttention(nn.Module):
-    """FACMIC's feature-attention module (Wu et al. 2024): Linear(d,d) -> BatchNorm1d ->
-    LeakyReLU -> Linear(d,d) -> Softmax over the d features."""
-
-    def __init__(self, d: int):
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(d, d), nn.BatchNorm1d(d), nn.LeakyReLU(),
-                                 nn.Linear(d, d), nn.Softmax(dim=1))
-
-    def forward(self, I):
-        return self.net(I)
-
+# ---------------------------------------------------------------- 4. shared pieces of the losses
 
 def adapt(attention: torch.Tensor, I: torch.Tensor) -> torch.Tensor:
     """I~ = normalise(a * I) (sheet §3: the FAM reweights the image embedding)."""
@@ -831,208 +818,6 @@ def contrastive_loss(img: torch.Tensor, txt: torch.Tensor, s: float) -> torch.Te
     logits = s * img @ txt.t()
     gt = torch.arange(len(img), device=img.device)
     return (F.cross_entropy(logits, gt) + F.cross_entropy(logits.t(), gt)) / 2
-
-
-def gaussian_kernel(a: torch.Tensor, b: torch.Tensor, mul: float = 2.0, num: int = 5) -> torch.Tensor:
-    """Sum of `num` RBF kernels on [a; b] with bandwidths bw * mul^i, i = 0..num-1, where
-    bw = mean pairwise squared distance / mul^(num // 2) (DSAN's guassian_kernel: the
-    bandwidths are multiples of 2 around the mean, the smallest mean/4; no gradient
-    through the bandwidth)."""
-    total = torch.cat([a, b])
-    L2 = torch.cdist(total, total).pow(2)
-    n = len(total)
-    bw = L2.detach().sum() / max(n * n - n, 1) / (mul ** (num // 2))
-    bw = bw.clamp_min(1e-12)
-    return sum(torch.exp(-L2 / (bw * mul ** i)) for i in range(num))
-
-
-def lmmd(source: torch.Tensor, target: torch.Tensor, y_source: torch.Tensor,
-         p_target: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Local (class-conditional) MMD of Deep Subdomain Adaptation (Zhu et al., TNNLS 2021),
-    as FACMIC uses it (sheet §4):
-        LMMD = 1/|C'| sum_{c in C'} [w_s^cT K_ss w_s^c + w_t^cT K_tt w_t^c - 2 w_s^cT K_st w_t^c]
-    w_s^c = one-hot labels / class count, w_t^c = target probabilities / their class sum
-    (no gradient through the weights); C' = classes in both the source labels and the
-    target argmax."""
-    ns = len(source)
-    with torch.no_grad():
-        s_onehot = F.one_hot(y_source, num_classes).float()
-        s_sum = s_onehot.sum(0, keepdim=True)
-        s_vec = s_onehot / torch.where(s_sum == 0, torch.full_like(s_sum, 100.0), s_sum)
-        p = p_target.float()
-        t_sum = p.sum(0, keepdim=True)
-        t_vec = p / torch.where(t_sum == 0, torch.full_like(t_sum, 100.0), t_sum)
-        common = torch.zeros(num_classes, dtype=torch.bool, device=source.device)
-        common[y_source.unique()] = True
-        in_target = torch.zeros_like(common)
-        in_target[p.argmax(1).unique()] = True
-        common &= in_target
-        length = int(common.sum())
-        if length == 0:
-            return source.sum() * 0.0
-        s_vec = s_vec * common
-        t_vec = t_vec * common
-        w_ss = s_vec @ s_vec.t() / length
-        w_tt = t_vec @ t_vec.t() / length
-        w_st = s_vec @ t_vec.t() / length
-    K = gaussian_kernel(source, target)
-    SS, TT, ST = K[:ns, :ns], K[ns:, ns:], K[:ns, ns:]
-    return (w_ss * SS).sum() + (w_tt * TT).sum() - 2 * (w_st * ST).sum()
-
-
-class _MaskStep(torch.autograd.Function):
-    """m = 1[x > offset] with x = u - kappa. Backward: paper mode, a straight-through
-    estimator passing the gradient where |x| <= 1 (sheet §10.1, recommended); code mode,
-    the public code's custom step, which passes it only where |x| > 1."""
-
-    @staticmethod
-    def forward(ctx, x, offset: float, paper: bool):
-        ctx.save_for_backward(x)
-        ctx.paper = paper
-        return (x > offset).to(x.dtype)
-
-    @staticmethod
-    def backward(ctx, g):
-        (x,) = ctx.saved_tensors
-        window = x.abs() <= 1 if ctx.paper else x.abs() > 1
-        return g * window.to(g.dtype), None, None
-
-
-class _RowMeanAbs(torch.autograd.Function):
-    """u_r = mean_j |W_rj|, with the gradient autograd would form through abs and mean,
-    dL/dW_rj = sign(W_rj) * (dL/du_r / d_in), in two passes over W instead of five (the
-    values are the same bits: multiplying by sign(W) = +-1 or 0 is exact)."""
-
-    @staticmethod
-    def forward(ctx, w):
-        ctx.save_for_backward(w)
-        return w.abs().mean(dim=1)
-
-    @staticmethod
-    def backward(ctx, g):
-        (w,) = ctx.saved_tensors
-        return torch.sign(w).mul_((g / w.shape[1])[:, None])
-
-
-class MaskedLinear(nn.Module):
-    """FedMedCLIP's masked linear layer (sheet §5):
-        u_r = mean_j |W_rj|,  m_r = step(u_r - kappa_r) = 1[u_r - kappa_r > 0.01],
-        y = x (W * m 1^T)^T + b * m   (paper mode: the bias is masked too [unverified]),
-        y = x (W * m 1^T)^T + b       (code mode: the bias is not masked).
-    W is Kaiming-uniform (a = sqrt 5, nn.Linear's), kappa starts at 0. In code mode kappa
-    gets no gradient in practice (|u - kappa| < 1): the mask is a fixed cut. In training
-    mode, [code] kappa is reset to 0 when <= 1% of the rows are kept."""
-
-    def __init__(self, d_in: int, d_out: int, mode: str = "paper", offset: float = 0.01):
-        super().__init__()
-        lin = nn.Linear(d_in, d_out)
-        self.weight = nn.Parameter(lin.weight.detach().clone())
-        self.bias = nn.Parameter(lin.bias.detach().clone())
-        self.threshold = nn.Parameter(torch.zeros(d_out))
-        self.mode, self.offset = mode, offset
-
-    def mask(self) -> torch.Tensor:
-        u = _RowMeanAbs.apply(self.weight)                      # u_r = mean_j |W_rj|
-        return _MaskStep.apply(u - self.threshold, self.offset, self.mode == "paper")  # m_r
-
-    def forward(self, x):
-        m = self.mask()
-        if self.training and m.detach().mean() <= 0.01:   # [code] kappa <- 0 when <= 1% kept
-            with torch.no_grad():
-                self.threshold.zero_()
-            m = self.mask()
-        # y = x (W * m 1^T)^T + b * m = (x W^T + b) * m: the row mask scales output features,
-        # so W * m is never formed (same values and gradients, a third of the work)
-        if self.mode == "paper":
-            return F.linear(x, self.weight, self.bias) * m
-        return F.linear(x, self.weight) * m + self.bias         # code: bias unmasked
-
-
-class SampleStandardize(nn.Module):
-    """Per-sample standardisation over the features, no affine, eps 1e-5 (what the
-    public code's InstanceNorm1d(d) does to a [B, d] tensor, sheet §10.5)."""
-
-    def forward(self, x):
-        mu = x.mean(dim=1, keepdim=True)
-        var = x.var(dim=1, unbiased=False, keepdim=True)
-        return (x - mu) / torch.sqrt(var + 1e-5)
-
-
-class MaskedFAM(nn.Module):
-    """FedMedCLIP's FAM: MaskedLinear(d,d) -> norm -> ReLU -> MaskedLinear(d,d) -> Softmax.
-    norm: instance (per-sample standardisation, default) | batch (BatchNorm1d, the first
-    public version) | none."""
-
-    def __init__(self, d: int, mode: str = "paper", norm: str = "instance", offset: float = 0.01):
-        super().__init__()
-        self.fc1 = MaskedLinear(d, d, mode, offset)
-        self.norm = {"instance": SampleStandardize, "batch": lambda: nn.BatchNorm1d(d),
-                     "none": nn.Identity}[norm]()
-        self.fc2 = MaskedLinear(d, d, mode, offset)
-
-    def forward(self, I):
-        return F.softmax(self.fc2(F.relu(self.norm(self.fc1(I)))), dim=1)
-
-
-class MaskedMLP(nn.Module):
-    """FedMedCLIP's private classifier: 3 x [MaskedLinear(d,d) -> BatchNorm1d -> ReLU] ->
-    MaskedLinear(d, C)."""
-
-    def __init__(self, d: int, num_classes: int, mode: str = "paper", offset: float = 0.01,
-                 hidden_layers: int = 3):
-        super().__init__()
-        layers = []
-        for _ in range(hidden_layers):
-            layers += [MaskedLinear(d, d, mode, offset), nn.BatchNorm1d(d), nn.ReLU()]
-        layers.append(MaskedLinear(d, num_classes, mode, offset))
-        self.net = nn.Sequential(*layers)
-
-    def forward(self, x):
-        return self.net(x)
-
-
-# ---------------------------------------------------------------- fp16 + zlib
-
-ZLIB_STRATEGIES = {"huffman": zlib.Z_HUFFMAN_ONLY, "default": zlib.Z_DEFAULT_STRATEGY}
-
-
-def pack_fp16_zlib(state: dict, level: int = -1, strategy: str = "huffman") -> torch.Tensor:
-    """A state dict as one zlib stream (RFC 1950, read back by any zlib.decompress) of a
-    JSON header (names, dtypes, shapes) and the raw bytes, floating tensors as float16,
-    integer tensors as they are. Strategy "huffman" (Z_HUFFMAN_ONLY) entropy-codes the
-    bytes without LZ77 string matching: trained fp16 weights hold almost no repeated
-    strings, so matching only costs time (a 512x512 FAM: 946,723 bytes in ~9 ms against
-    948,787 bytes in ~33 ms with zlib's default strategy and level); "default" is zlib's
-    own. The blob travels as a uint8 tensor: torch.save stores a tensor's bytes as they
-    are, while a Python `bytes` object is pickled as latin-1 text (about 1.5x larger)."""
-    header, arrays = [], []
-    for k, v in state.items():
-        v = v.detach().cpu()
-        a = (v.to(torch.float16) if v.is_floating_point() else v).contiguous().numpy()
-        header.append([k, a.dtype.str, list(a.shape)])
-        arrays.append(a.reshape(-1).view(np.uint8))
-    h = json.dumps(header).encode()
-    z = zlib.compressobj(level, strategy=ZLIB_STRATEGIES[strategy])   # zlib's own method, window, memLevel
-    parts = [z.compress(len(h).to_bytes(4, "little") + h)]
-    parts += [z.compress(a) for a in arrays]           # no joined copy of the raw bytes
-    parts.append(z.flush())
-    return torch.frombuffer(bytearray(b"".join(parts)), dtype=torch.uint8)
-
-
-def unpack_fp16_zlib(blob) -> dict:
-    """Inverse of pack_fp16_zlib; floating tensors come back as float32 (exactly the fp16
-    values: the conversion is exact)."""
-    raw = zlib.decompress(blob.numpy() if torch.is_tensor(blob) else blob)
-    n = int.from_bytes(raw[:4], "little")
-    header = json.loads(raw[4:4 + n])
-    out, pos = {}, 4 + n
-    for k, dt, shape in header:
-        dtype = np.dtype(dt)
-        count = int(np.prod(shape))
-        a = np.frombuffer(raw, dtype, count=count, offset=pos).reshape(shape)
-        pos += count * dtype.itemsize
-        out[k] = torch.from_numpy(a.astype(np.float32) if dtype.kind == "f" else a.copy())
-    return out
 
 
 # ---------------------------------------------------------------- the models.py entry
@@ -1092,49 +877,6 @@ def on_one_thread(fn):
     return wrapper
 
 
-def fused_adam_ok(groups: list) -> bool:
-    """Whether torch's fused Adam kernel takes these parameters (float32 on CPU or CUDA)."""
-    return all(p.dtype == torch.float32 and p.device.type in ("cpu", "cuda")
-               for g in groups for p in g["params"])
-
-
-class FusedAdam:
-    """torch.optim.Adam / AdamW(fused=True) without the Optimizer class: the same update
-    by the same call (torch.optim.adam.adam with fused=True, what Adam.step runs), hence
-    the same bits, but constructing a torch.optim.Optimizer imports torch._dynamo (about
-    1 s, a tenth of a warm 50-round CLIP run) and this does not. Only what the training
-    loop uses: zero_grad and step. The state lives as long as the object (the CLIP
-    recipes rebuild the optimiser every round; --keep-optimizer uses torch.optim)."""
-
-    def __init__(self, groups: list, betas: tuple, eps: float, weight_decay: float,
-                 decoupled: bool):
-        self.param_groups = [dict(g) for g in groups]
-        self.betas, self.eps, self.weight_decay, self.decoupled = betas, eps, weight_decay, decoupled
-        self.state: dict = {}
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        for g in self.param_groups:
-            for p in g["params"]:
-                p.grad = None
-
-    @torch.no_grad()
-    def step(self) -> None:
-        from torch.optim.adam import adam
-        for g in self.param_groups:
-            ps = [p for p in g["params"] if p.grad is not None]
-            for p in ps:
-                if p not in self.state:                  # Adam's lazy state initialisation
-                    self.state[p] = {"step": torch.zeros((), dtype=torch.float32, device=p.device),
-                                     "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
-            st = [self.state[p] for p in ps]
-            if ps:
-                adam(ps, [p.grad for p in ps], [s["exp_avg"] for s in st],
-                     [s["exp_avg_sq"] for s in st], [], [s["step"] for s in st], fused=True,
-                     decoupled_weight_decay=self.decoupled, amsgrad=False, beta1=self.betas[0],
-                     beta2=self.betas[1], lr=g["lr"], weight_decay=self.weight_decay, eps=self.eps,
-                     maximize=False)
-
-
 class ClipMethod(Algorithm):
     """The base of the CLIP methods. Both CLIP towers are frozen, so their outputs are
     computed once (`setup`, through the feature cache) and training runs on them:
@@ -1163,7 +905,7 @@ class ClipMethod(Algorithm):
         self.features = None
         self.text = None
         self.info = {"clip": self.backbone.stats, "class_prompts":
-                     [self.templates[0].format(n) for n in self.class_names]}
+                     [fill_prompt(self.templates[0], n) for n in self.class_names]}
 
     def setup(self, server, clients):
         with one_thread():                        # copies of the initial adapter state
@@ -1201,20 +943,17 @@ class ClipMethod(Algorithm):
                  "lr": self.lr_now(self.cfg.lr)}]
 
     def make_optimizer(self, client):
-        """The papers' optimiser: Adam (AdamW for FedMedCLIP) with betas (0.9, 0.98),
-        eps 1e-6 and the learning rate decayed by lr_decay each round; `--optimizer sgd`
-        gives momentum SGD instead."""
+        """The papers' optimiser: Adam with L2 weight decay (FedCLIP, FACMIC) or AdamW with
+        decoupled weight decay (FedMedCLIP, `decoupled_weight_decay`), betas (0.9, 0.98),
+        eps 1e-6, the learning rate decayed by lr_decay each round, through torch's fused
+        kernel (the same update, several times faster on a CPU). `--optimizer sgd` gives
+        momentum SGD instead."""
         groups = self.param_groups()
-        decoupled = getattr(self, "decoupled_weight_decay", False)
-        if self.cfg.optimizer == "adam" and not self.cfg.keep_optimizer and fused_adam_ok(groups):
-            return FusedAdam(groups, (0.9, 0.98), 1e-6, self.cfg.weight_decay, decoupled)
         if self.cfg.optimizer == "adam":
+            decoupled = getattr(self, "decoupled_weight_decay", False)
             cls = torch.optim.AdamW if decoupled else torch.optim.Adam
-            kw = dict(betas=(0.9, 0.98), eps=1e-6, weight_decay=self.cfg.weight_decay)
-            try:                                  # the fused kernel: same update, ~5x faster on CPU
-                opt = cls(groups, fused=True, **kw)
-            except (RuntimeError, TypeError, ValueError):
-                opt = cls(groups, **kw)
+            opt = cls(groups, betas=(0.9, 0.98), eps=1e-6, weight_decay=self.cfg.weight_decay,
+                      fused=True)            # --device is cpu or cuda: both have the kernel
         else:
             opt = torch.optim.SGD(groups, momentum=self.cfg.momentum,
                                   weight_decay=self.cfg.weight_decay)

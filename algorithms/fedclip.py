@@ -8,18 +8,26 @@ Both CLIP towers are frozen; only the attention adapter (AttAI) is trained and f
   (1) a = softmax(W2 tanh(W1 I + b1) + b2)        Linear(d,d) -> Tanh -> Linear(d,d) -> Softmax
   (2) I~ = normalise(a * I)
   (3) L = 1/2 [CE(s I~ T_y^T, [1..B]) + CE(s T_y I~^T, [1..B])],  s = 100
-  (4) server: theta <- sum_k n_k / n theta_k   (FedAvg on the adapter, fp32)
+  (4) server: theta <- sum_k n_k / n theta_k   (FedAvg on the adapter, fp32; Deviations)
   (5) prediction: p(c|x) = softmax_c(s I~ T_c^T)
 Evaluation views: "global" (the server adapter, every client and the held-out client)
 and "personal" (each client's adapter after its local training; the held-out client
 uses the server adapter).
 
-Paper / public-code defaults (sheet §7): ViT-B/32; Adam lr 5e-5, betas (0.9, 0.98),
-eps 1e-6, weight decay 0.2, rebuilt each round; 1 local epoch a round; 200 rounds in
-the README commands; B = 32. These are the defaults here (`recipe`).
-Deviations: features come from the frozen-feature cache (identical to encoding on the
-fly, no augmentation); the prompt is "a picture of a {class}" (FedMedCLIP's; FedCLIP
-uses the bare class name) so that the CLIP methods share one text head; s = 100 fixed;
+Public-code defaults (sheet §7): ViT-B/32; prompt "a picture of a {class}"; Adam lr 5e-5,
+betas (0.9, 0.98), eps 1e-6, weight decay 0.2 (L2, torch.optim.Adam), rebuilt each round;
+1 local epoch a round; 200 rounds in the README commands; B = 32. These are the defaults
+here (`recipe`).
+
+Deviations (the sheet states no FedCLIP rule for these, so the project's shared CLIP
+settings stay the defaults, each with a flag or a note for the public code's): the code
+averages the adapters with 1/K, here n_k/n as FedAvg (`--weighting uniform` gives 1/K);
+the code normalises with ImageNet's mean/std after Resize 256 / CenterCrop 224, here the
+CLIP weights' mean/std on the dataset's centred squares resized to 224
+(`--clip-preprocess imagenet` gives ImageNet's mean/std; the crop is not reproduced); the
+prompt is the code's "a picture of a {class}" with the article the name needs ("a picture
+of an actinic keratosis"; the code writes "a" before every name); features come from the
+frozen-feature cache (identical to encoding on the fly, no augmentation); s = 100 fixed;
 the last round is reported (no validation-based selection).
 """
 from dataclasses import dataclass
@@ -27,10 +35,22 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from clip_adapters import (AttentionAdapter, ClipArgs, ClipMethod, adapt, contrastive_loss,
-                           on_one_thread)
+from clip_adapters import ClipArgs, ClipMethod, adapt, contrastive_loss, on_one_thread
 from fedmed import register
+
+
+class AttentionAdapter(nn.Module):
+    """FedCLIP's attention adapter (AttAI; Lu et al. 2023): a = softmax(W2 tanh(W1 I + b1)
+    + b2); the adapted feature is a * I. Linear(d,d) -> Tanh -> Linear(d,d) -> Softmax."""
+
+    def __init__(self, d: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(d, d), nn.Tanh(), nn.Linear(d, d), nn.Softmax(dim=1))
+
+    def forward(self, I):
+        return self.net(I)
 
 
 @dataclass

@@ -8,8 +8,9 @@ Both CLIP towers are frozen (their features come from clip_adapters' cache). Cli
 trains the shared feature-adaptation module theta_F and its private MLP phi_k:
   (1) I~ = normalise(FAM(I) * I),   FAM = MaskedLinear -> standardise -> ReLU ->
       MaskedLinear -> softmax (sheet §5); MLP = 3 x [MaskedLinear -> BN -> ReLU] -> MaskedLinear
-  (2) MaskedLinear: u_r = mean_j |W_rj|, m_r = 1[u_r - kappa_r > 0.01], y = x (W * m)^T + b * m,
-      kappa_r learnable (straight-through gradient where |u_r - kappa_r| <= 1)
+  (2) MaskedLinear: u_r = mean_j |W_rj|, m_r = 1[u_r - kappa_r > 0.01], y = x (W * m)^T + b * m
+      (the masked bias [unverified], Deviations (b)), kappa_r learnable (straight-through
+      gradient where |u_r - kappa_r| <= 1)
   (3) L_contr = 1/2 [CE(s I~ T_y^T, [1..B]) + CE(s T_y I~^T, [1..B])],  s = 100
   (4) L_MLP = CE(O, y),  O = MLP(I~)
   (5) q^(c) = softmax_batch(O[:, c] / tau),  p^(c) = softmax_batch(S[:, c] / tau),  S = I~ T^T
@@ -17,44 +18,56 @@ trains the shared feature-adaptation module theta_F and its private MLP phi_k:
   (6) varpi = mean_i H(p_FAM,i) / (H(p_FAM,i) + H(p_MLP,i)),  p_FAM = softmax(s S),
       p_MLP = softmax(O), no gradient
   (7) L = L_contr + L_MLP + lambda L_sim
-  (8) server: theta_F <- sum_k w_k theta_F^k over the fp16 + zlib uploads; eta <- gamma eta
+  (8) server: theta_F <- sum_k w_k theta_F^k over the fp16 + zlib uploads, w_k = 1/K (the
+      public code, sheet §3/§7); eta <- gamma eta
   (9) inference, client k: varpi_i = H(p_FAM,i) / (H(p_FAM,i) + H(p_MLP,i)),
       p = varpi_i p_MLP + (1 - varpi_i) p_FAM;  held-out client: p_FAM with the server FAM.
 Only theta_F travels, as fp16 + zlib (both directions); phi_k never leaves client k.
-Evaluation views in metrics.jsonl: "personal" (9), the client's FAM and its MLP (the
-held-out client: the server FAM's zero-shot head, as the paper), and "global" (the server
-FAM's zero-shot head on every client).
+Evaluation views in metrics.jsonl: "personal" (9), the aggregated (server) FAM and the
+client's MLP, as the public code evaluates after communication (the held-out client: the
+server FAM's zero-shot head, as the paper), and "global" (the server FAM's zero-shot head
+on every client).
 
-Paper defaults (sheet §7): ViT-B/32 OpenAI weights; prompt "a picture of a {class}";
-R = 50 (100 for ISIC2019 [unverified]), E = 1, B = 32 (drop_last); AdamW betas (0.9,
-0.98), eps 1e-6, weight decay 0.02, rebuilt each round; eta_F = 5e-5, eta_M = 1e-3
-(README values); gamma = 0.97; lambda = 0.04; tau = 2; s = 100; step offset 0.01;
-kappa_0 = 0. These are the defaults here (run.py applies `recipe` to unset flags).
+Defaults (sheet §7; [paper] where the sheet says so, else the public code): ViT-B/32
+OpenAI weights; prompt "a picture of a {class}"; R = 50 (100 for ISIC2019 [unverified]),
+E = 1, B = 32 (drop_last); AdamW betas (0.9, 0.98), eps 1e-6, weight decay 0.02, rebuilt
+each round; eta_F = 5e-5, eta_M = 1e-3 (the README's; the script's defaults are 5e-4 /
+1e-4, sheet §10.7: both sets are written to config.json, algorithm_info.learning_rates);
+gamma = 0.97; lambda = 0.04; tau = 2; s = 100; step offset 0.01; kappa_0 = 0; aggregation
+weights 1/K; the personal view with the server FAM. run.py applies `recipe` (which sets
+--weighting uniform) to the flags the user leaves unset.
 
-Deviations: (a) the paper's mechanisms where the public code differs, each with a flag
-giving the code's behaviour: the threshold trains with a straight-through estimator and
-is communicated (code: a step whose backward passes only |x| > 1, so kappa never trains,
-and kappa is not sent: `--mask-compat code`, which also leaves the bias unmasked);
-adaptive varpi in L_sim (code: 1/2, `--sim-weight half`); true entropy -sum p log p
-(code: -sum p log_softmax(p), `--entropy code`); n_k/n aggregation weights (code: 1/K,
-`--weighting uniform`); CLIP's normalisation (code: ImageNet's, `--clip-preprocess
-imagenet`); explicit per-sample standardisation in the FAM (what the code's
-InstanceNorm1d does; first public version: BatchNorm, `--fam-norm batch`); the personal
-view uses the client's FAM after its local training (code: after communication, i.e.
-the server FAM, `--personal-fam server`). (b) No validation split, hence no best-round
-model selection and no fp32 re-averaging of the best FAMs: the last round is reported
-(project rule). (c) Raw cosines / tau in L_sim as the code (`--sim-logit-scale`
-rescales them). (d) [code] kappa is reset to 0 when <= 1% of a layer's rows are kept,
-in both modes. (e) s is fixed at 100 instead of exp(CLIP logit_scale) (equal for the
-OpenAI weights). (f) Images are the dataset's centred squares resized to the CLIP input
-size (no resize-shortest-side + centre crop). (g) The held-out client is evaluated on
-all its images (the code's drop_last dropped up to B-1). (h) The fp16 blob is a standard
-zlib stream made with the Huffman-only strategy (the paper says fp16 + zlib; zlib's
-default strategy, as the public code: `--zlib-strategy default`): fp16 weights hold
-almost no repeated strings, so it is no larger (946,723 against 948,787 bytes for the
-512-d FAM after 50 rounds) and 3.5x faster to make (9 ms against 33 ms). Lossless either
-way: the decoded weights, hence every result but the byte counts, are the same.
+Deviations: (a) where the sheet (§10) recommends fixing a defect of the public code, the
+fix is the default and a flag gives the code's behaviour: the threshold trains with a
+straight-through estimator and is communicated (code: a step whose backward passes only
+|x| > 1, so kappa never trains, and kappa is not sent: `--mask-compat code`); adaptive
+varpi in L_sim, the paper's form (code: 1/2, `--sim-weight half`); true entropy -sum p
+log p (code: -sum p log_softmax(p), `--entropy code`); CLIP's normalisation (code:
+ImageNet's, `--clip-preprocess imagenet`); explicit per-sample standardisation in the FAM
+(what the code's InstanceNorm1d does; first public version: BatchNorm, `--fam-norm
+batch`). (b) [unverified] `--mask-compat paper` also masks the bias, y = (x W^T + b) * m:
+the sheet attributes this to the paper without having checked its full text; the public
+code leaves the bias unmasked (`--mask-compat code`). (c) Project choices, off by default,
+each a flag: `--weighting samples` averages with n_k/n instead of 1/K (sheet §3 [ours]);
+`--personal-fam client` evaluates the personal view with the client's own FAM after its
+local training instead of the aggregated one. (d) No validation split, hence no
+best-round model selection and no fp32 re-averaging of the best FAMs: the last round is
+reported (project rule). (e) Raw cosines / tau in L_sim as the code (`--sim-logit-scale`
+rescales them). (f) [code] kappa is reset to 0 when <= 1% of a layer's rows are kept, in
+both modes. (g) s is fixed at 100 instead of exp(CLIP logit_scale) (equal for the OpenAI
+weights). (h) Images are the dataset's centred squares resized to the CLIP input size (no
+resize-shortest-side + centre crop). (i) The held-out client is evaluated on all its
+images (the code's drop_last dropped up to B-1). (j) The fp16 blob is a standard zlib
+stream made with the Huffman-only strategy (the paper says fp16 + zlib; zlib's default
+strategy, as the public code: `--zlib-strategy default`): fp16 weights hold almost no
+repeated strings, so it is no larger (946,723 against 948,787 bytes for the 512-d FAM
+after 50 rounds) and 3.5x faster to make (9 ms against 33 ms). Lossless either way: the
+decoded weights, hence every result but the byte counts, are the same. (k) Prompts take
+the article their class name needs ("a picture of an actinic keratosis"); the code
+writes "a" before every name.
 """
+import json
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -63,15 +76,148 @@ import torch.nn.functional as F
 from torch import nn
 
 import fedmed
-from clip_adapters import (ClipArgs, ClipMethod, MaskedFAM, MaskedMLP, adapt,
-                           contrastive_loss, flag, on_one_thread, one_thread, pack_fp16_zlib,
-                           unpack_fp16_zlib)
+from clip_adapters import (ClipArgs, ClipMethod, adapt, contrastive_loss, flag,
+                           on_one_thread, one_thread)
 from fedmed import UsageError, register, weighted_average
+
+
+# -- the masked layers (2), sheet §5 ---------------------------------------------------
+
+class _MaskStep(torch.autograd.Function):
+    """m = 1[x > offset] with x = u - kappa. Backward: paper mode, a straight-through
+    estimator passing the gradient where |x| <= 1 (sheet §10.1, recommended); code mode,
+    the public code's custom step, which passes it only where |x| > 1."""
+
+    @staticmethod
+    def forward(ctx, x, offset: float, paper: bool):
+        ctx.save_for_backward(x)
+        ctx.paper = paper
+        return (x > offset).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        window = x.abs() <= 1 if ctx.paper else x.abs() > 1
+        return g * window.to(g.dtype), None, None
+
+
+class MaskedLinear(nn.Module):
+    """FedMedCLIP's masked linear layer (sheet §5):
+        u_r = mean_j |W_rj|,  m_r = step(u_r - kappa_r) = 1[u_r - kappa_r > 0.01],
+        y = x (W * m 1^T)^T + b * m   (paper mode: the bias is masked too [unverified]),
+        y = x (W * m 1^T)^T + b       (code mode: the bias is not masked).
+    W is Kaiming-uniform (a = sqrt 5, nn.Linear's), kappa starts at 0. In code mode kappa
+    gets no gradient in practice (|u - kappa| < 1): the mask is a fixed cut. In training
+    mode, [code] kappa is reset to 0 when <= 1% of the rows are kept."""
+
+    def __init__(self, d_in: int, d_out: int, mode: str = "paper", offset: float = 0.01):
+        super().__init__()
+        lin = nn.Linear(d_in, d_out)
+        self.weight = nn.Parameter(lin.weight.detach().clone())
+        self.bias = nn.Parameter(lin.bias.detach().clone())
+        self.threshold = nn.Parameter(torch.zeros(d_out))
+        self.mode, self.offset = mode, offset
+
+    def mask(self) -> torch.Tensor:
+        u = self.weight.abs().mean(dim=1)                       # u_r = mean_j |W_rj|
+        return _MaskStep.apply(u - self.threshold, self.offset, self.mode == "paper")  # m_r
+
+    def forward(self, x):
+        m = self.mask()
+        if self.training and m.detach().mean() <= 0.01:   # [code] kappa <- 0 when <= 1% kept
+            with torch.no_grad():
+                self.threshold.zero_()
+            m = self.mask()
+        # y = x (W * m 1^T)^T + b * m = (x W^T + b) * m: the row mask scales output features,
+        # so W * m is never formed (same values and gradients, a third of the work)
+        if self.mode == "paper":
+            return F.linear(x, self.weight, self.bias) * m
+        return F.linear(x, self.weight) * m + self.bias         # code: bias unmasked
+
+
+class MaskedFAM(nn.Module):
+    """FedMedCLIP's FAM: MaskedLinear(d,d) -> norm -> ReLU -> MaskedLinear(d,d) -> Softmax.
+    norm: instance (default: per-sample standardisation over the d features, no affine,
+    eps 1e-5, which is what the public code's InstanceNorm1d(d) does to a [B, d] tensor,
+    sheet §10.5, and is a LayerNorm without affine) | batch (BatchNorm1d, the first public
+    version) | none."""
+
+    def __init__(self, d: int, mode: str = "paper", norm: str = "instance", offset: float = 0.01):
+        super().__init__()
+        self.fc1 = MaskedLinear(d, d, mode, offset)
+        self.norm = {"instance": lambda: nn.LayerNorm(d, eps=1e-5, elementwise_affine=False),
+                     "batch": lambda: nn.BatchNorm1d(d), "none": nn.Identity}[norm]()
+        self.fc2 = MaskedLinear(d, d, mode, offset)
+
+    def forward(self, I):
+        return F.softmax(self.fc2(F.relu(self.norm(self.fc1(I)))), dim=1)
+
+
+class MaskedMLP(nn.Module):
+    """FedMedCLIP's private classifier: 3 x [MaskedLinear(d,d) -> BatchNorm1d -> ReLU] ->
+    MaskedLinear(d, C)."""
+
+    def __init__(self, d: int, num_classes: int, mode: str = "paper", offset: float = 0.01,
+                 hidden_layers: int = 3):
+        super().__init__()
+        layers = []
+        for _ in range(hidden_layers):
+            layers += [MaskedLinear(d, d, mode, offset), nn.BatchNorm1d(d), nn.ReLU()]
+        layers.append(MaskedLinear(d, num_classes, mode, offset))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return self.net(x)
+
+
+# -- fp16 + zlib: the FAM on the wire (sheet §6) --------------------------------------
+
+ZLIB_STRATEGIES = {"huffman": zlib.Z_HUFFMAN_ONLY, "default": zlib.Z_DEFAULT_STRATEGY}
+
+
+def pack_fp16_zlib(state: dict, level: int = -1, strategy: str = "huffman") -> torch.Tensor:
+    """A state dict as one zlib stream (RFC 1950, read back by any zlib.decompress) of a
+    JSON header (names, dtypes, shapes) and the raw bytes, floating tensors as float16,
+    integer tensors as they are. Strategy "huffman" (Z_HUFFMAN_ONLY) entropy-codes the
+    bytes without LZ77 string matching: trained fp16 weights hold almost no repeated
+    strings, so matching only costs time (a 512x512 FAM: 946,723 bytes in ~9 ms against
+    948,787 bytes in ~33 ms with zlib's default strategy and level); "default" is zlib's
+    own. The blob travels as a uint8 tensor: torch.save stores a tensor's bytes as they
+    are, while a Python `bytes` object is pickled as latin-1 text (about 1.5x larger)."""
+    header, arrays = [], []
+    for k, v in state.items():
+        v = v.detach().cpu()
+        a = (v.to(torch.float16) if v.is_floating_point() else v).contiguous().numpy()
+        header.append([k, a.dtype.str, list(a.shape)])
+        arrays.append(a.reshape(-1).view(np.uint8))
+    h = json.dumps(header).encode()
+    z = zlib.compressobj(level, strategy=ZLIB_STRATEGIES[strategy])   # zlib's own method, window, memLevel
+    parts = [z.compress(len(h).to_bytes(4, "little") + h)]
+    parts += [z.compress(a) for a in arrays]           # no joined copy of the raw bytes
+    parts.append(z.flush())
+    return torch.frombuffer(bytearray(b"".join(parts)), dtype=torch.uint8)
+
+
+def unpack_fp16_zlib(blob) -> dict:
+    """Inverse of pack_fp16_zlib; floating tensors come back as float32 (exactly the fp16
+    values: the conversion is exact)."""
+    raw = zlib.decompress(blob.numpy() if torch.is_tensor(blob) else blob)
+    n = int.from_bytes(raw[:4], "little")
+    header = json.loads(raw[4:4 + n])
+    out, pos = {}, 4 + n
+    for k, dt, shape in header:
+        dtype = np.dtype(dt)
+        count = int(np.prod(shape))
+        a = np.frombuffer(raw, dtype, count=count, offset=pos).reshape(shape)
+        pos += count * dtype.itemsize
+        out[k] = torch.from_numpy(a.astype(np.float32) if dtype.kind == "f" else a.copy())
+    return out
 
 
 @dataclass
 class Args(ClipArgs):
-    lr_mlp: float = flag(1e-3, "eta_M: learning rate of the private MLP (eta_F is --lr)")
+    lr_mlp: float = flag(1e-3, "eta_M: learning rate of the private MLP (eta_F is --lr); "
+                         "the README's 1e-3 (the script's: 1e-4)")
     lr_decay: float = flag(0.97, "gamma: both learning rates are multiplied by it each round")
     lambda_sim: float = flag(0.04, "lambda: weight of the class-level KL L_sim")
     sim_tau: float = flag(2.0, "tau: temperature of the class-level KL")
@@ -79,13 +225,16 @@ class Args(ClipArgs):
                            "half (public code)")
     sim_logit_scale: float = flag(1.0, "scale of the FAM's raw cosines S inside L_sim")
     mask_compat: str = flag("paper", "masked linear: paper (trained threshold, straight-through, "
-                            "sent) | code (public code: inert threshold, not sent, bias unmasked)")
+                            "sent; the bias masked too, an [unverified] attribution to the "
+                            "paper) | code (public code: inert threshold, not sent, bias "
+                            "unmasked)")
     mask_offset: float = flag(0.01, "offset of the mask's step, m = 1[u - kappa > offset]")
     fam_norm: str = flag("instance", "FAM normalisation: instance (per-sample standardisation) | "
                          "batch (first public version) | none")
     entropy: str = flag("true", "entropy in the ensemble weight: true | code (-sum p log_softmax p)")
-    personal_fam: str = flag("client", "FAM of the personal view: client (after its local "
-                             "training) | server (public code)")
+    personal_fam: str = flag("server", "FAM of the personal view: server (the aggregated FAM, "
+                             "as the public code evaluates) | client (project choice: the "
+                             "client's FAM after its local training)")
     zlib_level: int = flag(-1, "zlib level of the fp16 FAM blob (-1: zlib's default, 6)")
     zlib_strategy: str = flag("huffman", "zlib strategy of the fp16 FAM blob: huffman "
                               "(Z_HUFFMAN_ONLY: entropy coding only, 3x faster, no larger) | "
@@ -143,7 +292,10 @@ class FedMedCLIP(ClipMethod):
     primary_view = "personal"
     decoupled_weight_decay = True                     # AdamW
     recipe = {"rounds": 50, "local_epochs": 1, "batch_size": 32, "lr": 5e-5,
-              "optimizer": "adam", "weight_decay": 0.02}
+              "optimizer": "adam", "weight_decay": 0.02, "weighting": "uniform"}
+    # sheet §10.7: the README's learning rates (the defaults) and the script's
+    LEARNING_RATES = {"readme": {"eta_F": 5e-5, "eta_M": 1e-3},
+                      "script": {"eta_F": 5e-4, "eta_M": 1e-4}}
 
     def __init__(self, cfg, args, fed):
         args = args if args is not None else Args()
@@ -158,6 +310,8 @@ class FedMedCLIP(ClipMethod):
         self.fam_keys = [k for k in self.init_weights if k.startswith("fam.")
                          and not (args.mask_compat == "code" and k.endswith(".threshold"))]
         self._bcast = self._decoded = None
+        self.info["learning_rates"] = {"used": {"eta_F": cfg.lr, "eta_M": args.lr_mlp},
+                                       **self.LEARNING_RATES}
 
     def build_model(self):
         return FedMedCLIPNet(self.d, self.fed.num_classes, self.args)
@@ -207,7 +361,8 @@ class FedMedCLIP(ClipMethod):
 
     @on_one_thread
     def aggregate(self, server, uploads):
-        """(8): theta_F <- sum_k w_k theta_F^k, w_k = n_k / n (or 1/K, --weighting uniform)."""
+        """(8): theta_F <- sum_k w_k theta_F^k, w_k = 1/K (the recipe's --weighting uniform,
+        the public code) or n_k / n (--weighting samples)."""
         ups = [uploads[k] for k in sorted(uploads)]
         states = [unpack_fp16_zlib(u["fam"]) for u in ups]
         w = [u["n"] for u in ups] if self.cfg.weighting == "samples" else [1] * len(ups)

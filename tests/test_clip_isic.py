@@ -53,8 +53,10 @@ def test_fedmedclip_tiny_config_on_real_images(tmp_path, cache, tiny):
     assert s["view"] == "personal" and set(s["views"]) == {"global"}
     assert {m["view"] for m in lines} == {"personal", "global"}
     assert cfg["classes"][:2] == ["MEL", "NV"]
-    assert cfg["algorithm_info"]["class_prompts"][:2] == ["a picture of a melanoma",
-                                                         "a picture of a melanocytic nevus"]
+    assert cfg["algorithm_info"]["class_prompts"][:4] == [
+        "a picture of a melanoma", "a picture of a melanocytic nevus",
+        "a picture of a basal cell carcinoma", "a picture of an actinic keratosis"]
+    assert cfg["config"]["weighting"] == "uniform"             # the public code's 1/K
     assert 0 < s["bytes_up"] < 4 * 2 * 8000           # 4 clients x 2 rounds x the FAM blob
 
 

@@ -155,7 +155,7 @@ def test_offline_tag_error_names_the_quickgelu_model(specs, monkeypatch):
     from open_clip import pretrained as ocp
     monkeypatch.setattr(ocp, "get_pretrained_cfg", lambda m, t: {"url": "https://x/none.pt",
                                                                   "quick_gelu": True})
-    monkeypatch.setattr(ca, "_tag_local_file", lambda m, t, c: None)
+    monkeypatch.setattr(ca, "_tag_local_file", lambda c: None)
     monkeypatch.setattr(ca, "_online", lambda host="huggingface.co": False)
     with pytest.raises(UsageError) as e:
         ca.resolve_weights(specs[0], "openai", 0)

@@ -224,13 +224,14 @@ def test_recipes_and_defaults_are_the_sheets():
                                   "keep_optimizer": True}
     assert A["facmic"].Args().lmmd_weight == 1.0
     assert A["fedmedclip"].recipe == {"rounds": 50, "local_epochs": 1, "batch_size": 32,
-                                      "lr": 5e-5, "optimizer": "adam", "weight_decay": 0.02}
+                                      "lr": 5e-5, "optimizer": "adam", "weight_decay": 0.02,
+                                      "weighting": "uniform"}         # 1/K: sheet §3 [code]
     a = A["fedmedclip"].Args()
     assert (a.lr_mlp, a.lr_decay, a.lambda_sim, a.sim_tau, a.logit_scale, a.mask_offset) == \
         (1e-3, 0.97, 0.04, 2.0, 100.0, 0.01)
     assert (a.sim_weight, a.mask_compat, a.fam_norm, a.entropy, a.personal_fam,
             a.sim_logit_scale, a.zlib_level) == \
-        ("adaptive", "paper", "instance", "true", "client", 1.0, -1)
+        ("adaptive", "paper", "instance", "true", "server", 1.0, -1)   # server FAM: the code
     assert A["clip_linear"].Args().probe == "fedavg"
     assert a.prompts == "a picture of a {}" and a.clip_model == "ViT-B-32"
     assert A["fedmedclip"].primary_view == "personal" and A["fedclip"].primary_view == "global"
@@ -468,8 +469,8 @@ def bn_state(pre, d=32):
             pre + "num_batches_tracked": torch.tensor(0)}
 
 
-PAPER = dict(code=False, fam_norm="instance", entropy="true", half=False, personal="client",
-             uniform=False, lam=0.04, tau=2.0, sim_scale=1.0, decay=0.97, lr_mlp=1e-3)
+PAPER = dict(code=False, fam_norm="instance", entropy="true", half=False, personal="server",
+             uniform=True, lam=0.04, tau=2.0, sim_scale=1.0, decay=0.97, lr_mlp=1e-3)
 VARIANTS = {
     "paper": ({}, {}, {}),
     "code": ({"mask_compat": "code", "sim_weight": "half", "entropy": "code",
@@ -479,8 +480,10 @@ VARIANTS = {
              {"weighting": "uniform"},
              dict(code=True, fam_norm="batch", entropy="code", half=True, personal="server",
                   uniform=True, lam=1.0, tau=0.5, sim_scale=3.0, decay=0.5, lr_mlp=2e-3)),
-    "strong-sim": ({"fam_norm": "none", "lambda_sim": 2.0, "sim_tau": 0.7, "sim_logit_scale": 10.0},
-                   {}, dict(fam_norm="none", lam=2.0, tau=0.7, sim_scale=10.0)),
+    "strong-sim": ({"fam_norm": "none", "lambda_sim": 2.0, "sim_tau": 0.7, "sim_logit_scale": 10.0,
+                    "personal_fam": "client"}, {"weighting": "samples"},
+                   dict(fam_norm="none", lam=2.0, tau=0.7, sim_scale=10.0, personal="client",
+                        uniform=False)),
 }
 
 
@@ -494,12 +497,14 @@ def test_fedmedclip_reference(tiny, fed, tmp_path, cache, variant):
     decoupled wd 0.02) rebuilt every round with two groups, FAM at eta_F gamma^r and MLP
     at eta_M gamma^r; upload = fp16 of the FAM (with its thresholds in paper mode,
     without in code mode, where every client restarts from kappa = 0); server (8):
-    n_k/n (or 1/K) average of the fp16 uploads. Predictions (9): "personal" = the
-    entropy-weighted ensemble of the FAM head (the client's own FAM, or the server's
-    with --personal-fam server) and the client's MLP; "global" = the server FAM's
-    zero-shot head (the held-out client: both). Variants: the paper's defaults; every
-    public-code flag at once with BatchNorm in the FAM and strong L_sim / LR decay; no
-    FAM norm with a dominant L_sim.
+    1/K (the default: the recipe's --weighting uniform, the public code's) or n_k/n
+    (--weighting samples) average of the fp16 uploads. Predictions (9): "personal" = the
+    entropy-weighted ensemble of the FAM head (the server FAM by default, as the public
+    code evaluates; the client's own with --personal-fam client) and the client's MLP;
+    "global" = the server FAM's zero-shot head (the held-out client: both). Variants:
+    the defaults; every public-code flag at once with BatchNorm in the FAM and strong
+    L_sim / LR decay; no FAM norm with a dominant L_sim and the project's options (n_k/n
+    weights, the client's FAM).
 
     Not identifiable in floating point: a bias or threshold right before a BatchNorm
     (the MLP's hidden layers; fc1 with --fam-norm batch), which in training removes a

@@ -125,23 +125,23 @@ def test_tag_file_from_the_hugging_face_cache_only(monkeypatch, tmp_path):
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake)
     have = {"open_clip_pytorch_model.bin"}
-    assert ca._tag_local_file("m", "t", {"hf_hub": "org/rep/open_clip_pytorch_model.bin"}) == \
+    assert ca._tag_local_file({"hf_hub": "org/rep/open_clip_pytorch_model.bin"}) == \
         "/cache/org/rep/open_clip_pytorch_model.bin"
     assert calls == [("org/rep", "open_clip_pytorch_model.safetensors", True),
                      ("org/rep", "open_clip_pytorch_model.bin", True)]
     calls.clear()
     have = {"open_clip_pytorch_model.safetensors"}
-    assert ca._tag_local_file("m", "t", {"hf_hub": "org/rep/weights.pth"}) is None
+    assert ca._tag_local_file({"hf_hub": "org/rep/weights.pth"}) is None
     assert [c[1] for c in calls] == ["weights.safetensors", "weights.pth"]
     calls.clear()
     have = {"open_clip_pytorch_model.bin"}
-    assert ca._tag_local_file("m", "t", {"hf_hub": "org/rep/"}) == \
+    assert ca._tag_local_file({"hf_hub": "org/rep/"}) == \
         "/cache/org/rep/open_clip_pytorch_model.bin"
     assert calls == [("org/rep", "open_clip_model.safetensors", True),      # open_clip's names
                      ("org/rep", "open_clip_pytorch_model.bin", True)]
     f = tmp_path / "w.pt"
     f.write_bytes(b"")
-    assert ca._tag_local_file("m", "t", {"file": str(f), "hf_hub": "org/rep/"}) == str(f)
+    assert ca._tag_local_file({"file": str(f), "hf_hub": "org/rep/"}) == str(f)
 
 
 def test_online_asks_the_resolver_for_port_443(monkeypatch):
@@ -176,7 +176,7 @@ def fake_tags(monkeypatch, tmp_path):
     monkeypatch.setattr(ocp, "get_pretrained_cfg", get_cfg)
     monkeypatch.setattr(ocp, "list_pretrained_tags_by_model", lambda m: list(state["tags"]))
     monkeypatch.setattr(ocp, "download_pretrained", download)
-    monkeypatch.setattr(ca, "_tag_local_file", lambda m, t, c: state["local"])
+    monkeypatch.setattr(ca, "_tag_local_file", lambda c: state["local"])
     monkeypatch.setattr(ca, "_online", lambda host="huggingface.co": state["online"])
     state["file"] = str(dl)
     return state
@@ -436,19 +436,6 @@ def test_image_classifier_loads_a_whole_clip_checkpoint(tiny, tmp_path):
 
 
 # ---------------------------------------------------------------- LMMD kernel
-
-def test_gaussian_kernel_bandwidths_by_hand():
-    """k(a, b) = sum_{i<num} exp(-||a-b||^2 / (bw mul^i)), bw = mean off-diagonal squared
-    distance / mul^(num // 2), for num and mul other than DSAN's 5 and 2."""
-    g = torch.Generator().manual_seed(0)
-    a, b = torch.randn(3, 4, generator=g), torch.randn(2, 4, generator=g)
-    t = torch.cat([a, b]).double()
-    d2 = ((t[:, None] - t[None]) ** 2).sum(-1)
-    for mul, num in ((2.0, 7), (3.0, 4)):
-        bw = d2.sum() / (25 - 5) / mul ** (num // 2)
-        ref = sum(torch.exp(-d2 / (bw * mul ** i)) for i in range(num))
-        assert torch.allclose(ca.gaussian_kernel(a, b, mul, num).double(), ref, atol=1e-5)
-
 
 def test_images_are_decoded_at_the_clip_models_input_size(tiny):
     """run.py decodes images at --clip-model's input resolution (the default model's
