@@ -847,7 +847,7 @@ class FCU(Algorithm):
         return (f"{name:<10}{a['test_balanced_accuracy']:>8.3f}{a['test_auroc']:>7.3f}"
                 f"{a['forgotten_accuracy']:>8.3f}{a['remaining_balanced_accuracy']:>8.3f}"
                 f"{a['mia_member_rate']:>8.3f}{a['mia_attack_auroc']:>8.3f}"
-                f"{a['mia_loss_auroc']:>8.3f}{bd}")
+                f"{a['mia_loss_auroc']:>9.3f}{bd}")
 
     @staticmethod
     def summary_table(summary: dict) -> str:
@@ -855,7 +855,7 @@ class FCU(Algorithm):
                 + (f" (backdoor target {summary['backdoor_target']})"
                    if summary.get("backdoor_target") else ""),
                 f"{'method':<10}{'test BA':>8}{'AUROC':>7}{'D_f acc':>8}{'D_r BA':>8}"
-                f"{'MIA mem':>8}{'MIA AUC':>8}{'loss AUC':>8}{'backdoor':>9}"
+                f"{'MIA mem':>8}{'MIA AUC':>8}{'loss AUC':>9}{'backdoor':>9}"
                 f"{'sample grads':>14}{'train s':>9}"]
         for m, a in summary["audit"].items():
             rows.append(FCU.audit_row(m, a) + f"{a['grad_samples']:>14,}{a['train_seconds']:>9.1f}")
