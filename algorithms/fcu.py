@@ -1,5 +1,6 @@
 """FCU: federated client unlearning by model-contrastive unlearning (MCU) and
-frequency-guided memory preservation (FGMP), with its baselines and a forgetting audit.
+frequency-guided memory preservation (FGMP), and the unlearning protocol that compares it
+with its baselines (the audit itself: unlearning_audit.py; PGA: algorithms/pga.py).
 
 Z. Deng, L. Luo, H. Chen, Enable the Right to be Forgotten with Federated Client
 Unlearning in Medical Imaging, MICCAI 2024, LNCS pp. 240-250, arXiv:2407.02356; public
@@ -50,21 +51,16 @@ uploads the estimates the steps leave (the release). Measured before the rule: o
 isic2019-mini theta_u's D_f accuracy 0.731 as uploaded vs 0.855 with theta_o's buffers;
 on synthetic data the backdoor success 0.024 -> 0.465 from the buffers alone.
 
-PGA (Halimi et al., Sec. 3): w_ref = (n w_o - n_u w_u) / (n - n_u) (the aggregate without
-u's last update; uniform weighting: (K w_o - w_u) / (K - 1)); delta = --pga-radius x the
-mean l2 distance from w_ref to 10 random initialisations; starting at w_ref, SGD steps
-that MAXIMISE the cross-entropy on D_f, each followed by the projection onto
-||w - w_ref|| <= delta (trainable parameters), for at most --pga-epochs epochs, stopping
-at the first minibatch whose accuracy (in the step's own forward pass, before the step)
-is below --pga-stop-accuracy.
+PGA (Halimi et al., algorithms/pga.py): from w_ref, the aggregate without u's last update,
+projected gradient ascent on D_f for at most --pga-epochs epochs.
 
 Post-training (continue, pga, fcu): R_post FedAvg rounds over the K - 1 others with Adam
 (lr 1e-4, betas (0.9, 0.9999), L2 weight decay 5e-4: the release's; state carried across
 rounds), --post-local-steps steps a round, uniform weights 1/(K - 1) (--post-weighting
 samples: n_k).
 
-The audit (any method's final model goes through the same `audit_model`), in
-summary.json under `audit` and printed as a table: balanced accuracy and AUROC on the
+The audit (unlearning_audit.Audit: any method's final model goes through the same
+measurement), in summary.json under `audit` and printed as a table: balanced accuracy and AUROC on the
 global test set (every client's test images, u's included); accuracy, error and BA on
 D_f (u's training images, clean) and on D_r (the others' training images); the sheet's
 membership-inference attack (section 8; unlearning_audit.py): a logistic regression on
@@ -112,10 +108,7 @@ of the original run, not a re-instantiated ImageNet model (identical when the ru
 from ImageNet weights). (5) FGMP is computed in float64. (6) The Adam state of the
 unlearning optimiser carries across fusions. (7) In retrain and post-training the inverse
 class weights are computed from the remaining clients' labels only (u's data has no
-influence after the request). (8) PGA checks its stopping rule on each minibatch of D_f
-(its training-mode forward pass; the paper's exact check is not known here) and ascends
-the unweighted CE; w_ref's BN running variances are clipped at 0 (the weighted
-difference can dip below it). (9) theta_u's BN running statistics are the starting
+influence after the request). (8) PGA's: see algorithms/pga.py. (9) theta_u's BN running statistics are the starting
 model's, none estimated on D_f (see above; the release uploads D_f's:
 --unlearn-bn-stats trained). (10) The membership attack is the sheet's [ours; the paper's
 MIA use is unverified]; its shadow is our retrain phase.
@@ -137,8 +130,9 @@ from torch import nn
 import fedmed
 import models
 import unlearning_audit as ua
-from fedmed import (IMAGENET_MEAN, IMAGENET_STD, Algorithm, UsageError, class_weights,
-                    classification_metrics, np_rng, register, seeded, torch_rng)
+from algorithms import pga
+from unlearning_audit import stamp
+from fedmed import Algorithm, UsageError, class_weights, np_rng, register, seeded, torch_rng
 
 METHODS = ("retrain", "continue", "pga", "fcu", "fcu_code")
 # the arguments that shape the original and retrain phases (--reuse-original checks them)
@@ -152,7 +146,7 @@ def _f(default, help: str, **kw):
 
 
 @dataclass
-class Args:
+class Args(pga.PGAArgs):                 # PGA's hyperparameters (--pga-*): algorithms/pga.py
     forget_client: str = _f("0", "client u that asks to be forgotten: its name or index")
     unlearn_methods: str = _f("retrain,continue,pga,fcu,fcu_code",
                               "comma list of the methods the audit compares with the original")
@@ -174,11 +168,6 @@ class Args:
                                "(those of the model unlearning starts from, theta_o or PGA's "
                                "w_ref: none estimated on D_f) | trained (the release: what the "
                                "training-mode steps on D_f leave)")
-    pga_lr: float = _f(0.01, "SGD learning rate of projected gradient ascent")
-    pga_epochs: int = _f(5, "most epochs of gradient ascent on D_f")
-    pga_radius: float = _f(1 / 3, "delta as a share of the mean distance w_ref-random models")
-    pga_stop_accuracy: float = _f(0.0, "stop ascent below this D_f batch accuracy "
-                                  "(0: chance, 1/C; negative: never)")
     backdoor: bool = _f(False, "stamp a trigger on a share of u's training images, relabelled")
     backdoor_target: str = _f("0", "the trigger's target class: name or index")
     backdoor_fraction: float = _f(0.2, "share of u's training images that carry the trigger")
@@ -280,20 +269,10 @@ def penultimate(model: nn.Module, head: nn.Module, x: torch.Tensor) -> tuple:
     return seen["f"].flatten(1), logits
 
 
-def trigger(size: int, share: float) -> tuple:
-    """(side s, [s, s] pattern of 0/1): a checkerboard, 1 at the corner pixel."""
-    s = max(1, math.ceil(share * size))
-    ij = torch.arange(s)
-    return s, ((ij.view(-1, 1) + ij.view(1, -1)) % 2 == 0).float()
-
-
-def stamp(x: torch.Tensor, share: float) -> torch.Tensor:
-    """x (normalised images [B, 3, H, W]) with the trigger in the bottom-right corner."""
-    s, pattern = trigger(x.shape[-1], share)
-    x = x.clone()
-    patch = (pattern.view(1, 1, s, s) - IMAGENET_MEAN) / IMAGENET_STD
-    x[:, :, -s:, -s:] = patch.to(x.device, x.dtype)
-    return x
+def count(client, steps: int, samples: int) -> None:
+    """Add optimiser steps and their sample gradients to the client's cost."""
+    client.state["grad_steps"] = client.state.get("grad_steps", 0) + steps
+    client.state["grad_samples"] = client.state.get("grad_samples", 0) + samples
 
 
 def resolve_client(spec: str, names: list, flag: str = "--forget-client") -> int:
@@ -342,8 +321,6 @@ class FCU(Algorithm):
             cfg, optimizer="adam", lr=args.post_lr, local_steps=args.post_local_steps,
             keep_optimizer=True, weighting=args.post_weighting,
             weight_decay=args.post_weight_decay)
-        self.unlearn_cfg = dataclasses.replace(
-            cfg, local_steps=args.unlearn_steps, local_epochs=1)
         self.head_name = models.HEADS.get(cfg.model, "classifier")   # its input: features
         self.fused = fused_keys(self.model)
         y = fed.y.numpy()
@@ -417,6 +394,8 @@ class FCU(Algorithm):
 
     def setup(self, server, clients):
         super().setup(server, clients)
+        self.audit = ua.Audit(self, self.u, self.target, self.args.backdoor_patch,
+                              self.train_cfg.seed)
         if self.phase in ("continue", "pga", "fcu", "fcu_code"):
             ck = self.read_original(self.args.from_run)
             server.weights = {k: v.clone() for k, v in ck["server"]["weights"].items()}
@@ -497,10 +476,9 @@ class FCU(Algorithm):
         return opt
 
     def local_batches(self, client, gen, steps_scale: int = 1):
-        """The base schedule, counting every optimiser step and its sample gradients."""
+        """The loop's schedule (the round's config), counting every optimiser step."""
         for idx in super().local_batches(client, gen, steps_scale):
-            client.state["grad_steps"] = client.state.get("grad_steps", 0) + 1
-            client.state["grad_samples"] = client.state.get("grad_samples", 0) + len(idx)
+            count(client, 1, len(idx))
             yield idx
 
     def batch(self, idx, gen=None):
@@ -525,7 +503,7 @@ class FCU(Algorithm):
 
     def mcu_fgmp(self, client) -> dict:
         """Phase 2 at u: T Adam steps on L_MCU, FGMP every E steps; returns theta_u."""
-        a = self.args
+        a, seed = self.args, self.train_cfg.seed
         theta_o = self.theta_o
         ref_o, ref_d = self.frozen(theta_o), self.frozen(self.init_weights)
         head = self.model.get_submodule(self.head_name)
@@ -535,10 +513,11 @@ class FCU(Algorithm):
         model.train()
         opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad],
                                lr=a.unlearn_lr, betas=(0.9, 0.9999), weight_decay=5e-4)
-        self.cfg = self.unlearn_cfg
-        gen = torch_rng(self.cfg.seed, "batches", "unlearn", client.id)
-        with seeded(self.cfg.seed, "unlearn", client.id):
-            for step, idx in enumerate(self.local_batches(client, gen)):
+        gen = torch_rng(seed, "batches", "unlearn", client.id)
+        batches = fedmed.minibatches(client.train, gen, self.train_cfg.batch_size,
+                                     steps=a.unlearn_steps)           # T steps
+        with seeded(seed, "unlearn", client.id):
+            for step, idx in enumerate(batches):
                 x, _ = self.batch(idx, gen)
                 f, _ = penultimate(model, head, x)
                 with torch.no_grad():
@@ -548,11 +527,11 @@ class FCU(Algorithm):
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+                count(client, 1, len(idx))
                 if (step + 1) % a.fusion_interval == 0:
                     cur = {k: v.detach().cpu() for k, v in model.state_dict().items()}
                     model.load_state_dict(fgmp(cur, theta_o, self.fused, a.fgmp_ratio,
                                                a.fgmp_convention, a.fgmp_window, a.fgmp_bn_from))
-        self.cfg = self.train_cfg
         return self.uploaded(model, theta_o)
 
     def uploaded(self, model: nn.Module, start: dict) -> dict:
@@ -569,73 +548,44 @@ class FCU(Algorithm):
         return out
 
     def reference_model(self, client) -> dict:
-        """w_ref: the aggregate of the last round without u's update (Halimi et al.)."""
-        w_o, w_u = self.theta_o, client.state["last_local"]
+        """PGA's w_ref from theta_o and u's last local model (algorithms/pga.py)."""
         if self.train_cfg.weighting == "samples":
             n, n_u = sum(c.n for c in self.clients), client.n
         else:
             n, n_u = len(self.clients), 1
-        ref = {}
-        for k, v in w_o.items():
-            if not v.is_floating_point():
-                ref[k] = v.clone()
-                continue
-            ref[k] = ((n * v.double() - n_u * w_u[k].double()) / (n - n_u)).to(v.dtype)
-            if k.endswith("running_var"):             # the difference can dip below 0
-                ref[k].clamp_(min=0)
-        return ref
+        return pga.reference_model(self.theta_o, client.state["last_local"], n, n_u)
 
     def pga_radius(self, ref: dict) -> float:
+        """delta: --pga-radius x the mean distance of w_ref to 10 random initialisations,
+        each drawn from the stream (seed, "pga-random", i)."""
         keys = [n for n, p in self.model.named_parameters() if p.requires_grad]
-        dists = []
-        for i in range(10):
-            with seeded(self.train_cfg.seed, "pga-random", i):
-                rand = self.build_model().state_dict()
-            dists.append(math.sqrt(sum(float((ref[k].double() - rand[k].double()).pow(2).sum())
-                                       for k in keys)))
-        return self.args.pga_radius * float(np.mean(dists))
+
+        def random_models():
+            for i in range(10):
+                with seeded(self.train_cfg.seed, "pga-random", i):
+                    yield self.build_model().state_dict()
+        return pga.radius(ref, keys, random_models(), self.args.pga_radius)
 
     def pga(self, client) -> dict:
-        """Projected gradient ascent on D_f inside the ball ||w - w_ref|| <= delta."""
-        a = self.args
+        """Phase 2 at u with Halimi et al.'s projected gradient ascent (algorithms/pga.py)
+        on D_f, one epoch per fresh permutation (stream (seed, "batches", "pga", epoch,
+        u)); returns theta_u."""
+        a, cfg = self.args, self.train_cfg
         ref = self.reference_model(client)
         delta = self.pga_radius(ref)
         self.load_model(ref, {})
-        model = self.model
-        params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        centre = {n: ref[n].to(self.device) for n, _ in params}
-        opt = torch.optim.SGD([p for _, p in params], lr=a.pga_lr, momentum=self.cfg.momentum)
-        stop = a.pga_stop_accuracy or 1.0 / self.fed.num_classes
-        self.cfg = dataclasses.replace(self.train_cfg, local_epochs=1, local_steps=0)
-        client.state["pga_epochs"] = 0
-        done = False
-        for epoch in range(a.pga_epochs):
-            gen = torch_rng(self.cfg.seed, "batches", "pga", epoch, client.id)
-            model.train()
-            with seeded(self.cfg.seed, "pga", epoch, client.id):
-                for idx in self.local_batches(client, gen):
-                    x, y = self.batch(idx, gen)
-                    logits = model(x)
-                    if float((logits.argmax(1) == y).float().mean()) < stop:
-                        done = True                       # forgotten: stop before this step,
-                        client.state["grad_steps"] -= 1   # which computes no gradient
-                        client.state["grad_samples"] -= len(idx)
-                        break
-                    loss = -F.cross_entropy(logits, y)
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    with torch.no_grad():                 # projection onto the ball
-                        diff = {n: p - centre[n] for n, p in params}
-                        norm = math.sqrt(sum(float(d.pow(2).sum()) for d in diff.values()))
-                        if norm > delta:
-                            for n, p in params:
-                                p.copy_(centre[n] + diff[n] * (delta / norm))
-            client.state["pga_epochs"] = epoch + 1
-            if done:
-                break
-        self.cfg = self.train_cfg
-        return self.uploaded(model, ref)
+
+        def batches(epoch):
+            gen = torch_rng(cfg.seed, "batches", "pga", epoch, client.id)
+            for idx in fedmed.minibatches(client.train, gen, cfg.batch_size, epochs=1):
+                yield self.batch(idx, gen)
+        done = pga.ascend(self.model, batches, ref, delta, lr=a.pga_lr, momentum=cfg.momentum,
+                          epochs=a.pga_epochs,
+                          stop=a.pga_stop_accuracy or 1.0 / self.fed.num_classes,
+                          seed=cfg.seed, keys=(client.id,))
+        client.state["pga_epochs"] = done["epochs"]
+        count(client, done["steps"], done["samples"])
+        return self.uploaded(self.model, ref)
 
     # -- the audit --------------------------------------------------------------------
     def summary_extra(self, server, lines):
@@ -646,75 +596,6 @@ class FCU(Algorithm):
         return {"phase": self.phase, "forget_client": self.clients[self.u].name,
                 "cost": {"grad_samples": total("grad_samples"), "grad_steps": total("grad_steps"),
                          "train_seconds": float(secs)}}
-
-    def fit_attack(self, weights: dict | None) -> None:
-        """The membership attack of the audit (sheet section 8), fit on the outputs of
-        the shadow model `weights` (the retrained model): D_r members, the first test half
-        non-members. None: each audited model is its own shadow."""
-        self.attack = None
-        if weights is not None:
-            self.attack = self.shadow_attack(weights)
-
-    @torch.no_grad()
-    def shadow_attack(self, weights: dict) -> ua.MembershipAttack:
-        self.load_model(weights, {})
-        y = self.fed.y.numpy()
-        rest = np.concatenate([c.train for c in self.clients if c.id != self.u])
-        half = self.test_idx[self.mia_halves[0]]
-        return ua.MembershipAttack(ua.output_features(self.forward_probs(rest), y[rest]),
-                                   ua.output_features(self.forward_probs(half), y[half]))
-
-    @property
-    def test_idx(self) -> np.ndarray:
-        return np.concatenate([c.test for c in self.clients])
-
-    @property
-    def mia_halves(self) -> tuple:
-        return ua.split_test_set(len(self.test_idx), self.train_cfg.seed)
-
-    @torch.no_grad()
-    def audit_model(self, weights: dict) -> dict:
-        """The audit of one model (any method's result)."""
-        attack = getattr(self, "attack", None) or self.shadow_attack(weights)
-        self.load_model(weights, {})
-        fed, u = self.fed, self.clients[self.u]
-        y = fed.y.numpy()
-        test = self.test_idx
-        rest = np.concatenate([c.train for c in self.clients if c.id != self.u])
-        p_test, p_f, p_r, p_uh = (self.forward_probs(i) for i in (test, u.train, rest, u.test))
-        mt = classification_metrics(y[test], p_test)
-        mf = classification_metrics(y[u.train], p_f)
-        mr = classification_metrics(y[rest], p_r)
-        feats_f = ua.output_features(p_f, y[u.train])
-        held = self.mia_halves[1]
-        feats_h = ua.output_features(p_test[held], y[test[held]])
-        out = {"test_balanced_accuracy": mt["balanced_accuracy"], "test_auroc": mt["macro_auroc"],
-               "test_accuracy": mt["accuracy"],
-               "forgotten_accuracy": mf["accuracy"], "forgotten_error": 1 - mf["accuracy"],
-               "forgotten_balanced_accuracy": mf["balanced_accuracy"],
-               "forgotten_auroc": mf["macro_auroc"],
-               "remaining_balanced_accuracy": mr["balanced_accuracy"],
-               "remaining_accuracy": mr["accuracy"], "remaining_auroc": mr["macro_auroc"],
-               "mia_member_rate": attack.member_rate(feats_f),
-               "mia_attack_auroc": attack.auroc(feats_f, feats_h),
-               "mia_loss_auroc": ua.loss_threshold_auroc(
-                   feats_f[:, 0], ua.output_features(p_uh, y[u.test])[:, 0])}
-        if self.target is not None:
-            out["backdoor_success"] = self.attack_success(test)
-        return out
-
-    @torch.no_grad()
-    def attack_success(self, idx: np.ndarray) -> float:
-        """Share of the images of `idx` not of the target class that the model assigns
-        to the target class once the trigger is stamped on them."""
-        idx = idx[self.fed.y.numpy()[idx] != self.target]
-        self.model.eval()
-        hits = 0
-        for s in range(0, len(idx), self.cfg.eval_batch_size):
-            x, _ = self.batch(torch.as_tensor(idx[s:s + self.cfg.eval_batch_size]))
-            hits += int((self.model(stamp(x, self.args.backdoor_patch)).argmax(1)
-                         == self.target).sum())
-        return hits / max(len(idx), 1)
 
     # -- the whole protocol: one fedmed.run per phase, then the audit -----------------
     @classmethod
@@ -749,10 +630,10 @@ class FCU(Algorithm):
         if "retrain" in runs:                           # the sheet's shadow model
             shadow = fedmed.load_checkpoint(os.path.join(folders["retrain"], "checkpoint.pt"),
                                             "FCU audit")["server"]["weights"]
-        auditor.fit_attack(shadow)
+        auditor.audit.fit_attack(shadow)
         audit, phases = {}, {}
         for phase, s in runs.items():
-            audit[phase] = auditor.audit_run(folders[phase])
+            audit[phase] = auditor.audit.run(folders[phase])
             audit[phase].update(s["cost"], bytes_up=s["bytes_up"], bytes_down=s["bytes_down"],
                                 rounds=s["rounds"])
             phases[phase] = {k: s[k] for k in ("bytes_up", "bytes_down", "seconds", "rounds")}
@@ -828,55 +709,15 @@ class FCU(Algorithm):
 
     @classmethod
     def auditor(cls, cfg, args, fed) -> "FCU":
-        """An instance that only audits (its clients set, no training)."""
+        """An instance that only audits (its clients set, no training): `.audit`."""
         auditor = cls(cfg, dataclasses.replace(args, phase="audit"), fed)
         auditor.setup(fedmed.ServerState(), fedmed.make_clients(fed))
         return auditor
 
-    def audit_run(self, folder: str) -> dict:
-        """The audit of a phase's final model, and of its theta_u when it uploaded one."""
-        ck = fedmed.load_checkpoint(os.path.join(folder, "checkpoint.pt"), "FCU audit")
-        out = self.audit_model(ck["server"]["weights"])
-        if "theta_u" in ck["server"]["state"]:           # right after unlearning, before post
-            out["before_post_training"] = self.audit_model(ck["server"]["state"]["theta_u"])
-        return out
-
-    @staticmethod
-    def audit_row(name: str, a: dict) -> str:
-        bd = f"{a['backdoor_success']:>9.3f}" if "backdoor_success" in a else f"{'-':>9}"
-        return (f"{name:<10}{a['test_balanced_accuracy']:>8.3f}{a['test_auroc']:>7.3f}"
-                f"{a['forgotten_accuracy']:>8.3f}{a['remaining_balanced_accuracy']:>8.3f}"
-                f"{a['mia_member_rate']:>8.3f}{a['mia_attack_auroc']:>8.3f}"
-                f"{a['mia_loss_auroc']:>9.3f}{bd}")
-
     @staticmethod
     def summary_table(summary: dict) -> str:
-        rows = [f"forgetting client {summary['forget_client']}"
-                + (f" (backdoor target {summary['backdoor_target']})"
-                   if summary.get("backdoor_target") else ""),
-                f"{'method':<10}{'test BA':>8}{'AUROC':>7}{'D_f acc':>8}{'D_r BA':>8}"
-                f"{'MIA mem':>8}{'MIA AUC':>8}{'loss AUC':>9}{'backdoor':>9}"
-                f"{'sample grads':>14}{'train s':>9}"]
-        for m, a in summary["audit"].items():
-            rows.append(FCU.audit_row(m, a) + f"{a['grad_samples']:>14,}{a['train_seconds']:>9.1f}")
-            if "before_post_training" in a:
-                rows.append(FCU.audit_row(" theta_u", a["before_post_training"]))
-        rows.append(f"MIA: attack fit on the {summary.get('mia_shadow', 'self')} model's outputs "
-                    "(D_r members, half the test set non-members); member rate on D_f, AUROC "
-                    "D_f vs the other test half; loss AUC: -loss, D_f vs u's test images")
-        for m, t in summary.get("time_to_accuracy", {}).items():
-            rows.append(f"time to accuracy, {m}: " + time_to_accuracy_text(t))
+        rows = ua.table(summary)
         if "speedup_vs_retrain" in summary:
             rows.append(f"FCU speed-up vs retraining: {summary['speedup_vs_retrain']:.1f}x in "
                         f"sample gradients, {summary['speedup_vs_retrain_wall']:.1f}x in wall time")
         return "\n".join(rows)
-
-
-def time_to_accuracy_text(t: dict) -> str:
-    if t["reached"]:
-        return (f"retraining first reaches test BA {t['target_test_balanced_accuracy']:.3f} in "
-                f"round {t['retrain_round']} after {t['retrain_grad_samples']:,} sample "
-                f"gradients = {t['ratio']:.2f}x the method's {t['method_grad_samples']:,}")
-    return (f"retraining never reaches test BA {t['target_test_balanced_accuracy']:.3f} in "
-            f"{t['retrain_rounds']} rounds (ratio above {t['ratio_above']:.2f}x the method's "
-            f"{t['method_grad_samples']:,} sample gradients)")

@@ -22,6 +22,7 @@ from helpers import one_line_error, read_jsonl
 fedmed.load_algorithms()
 from algorithms import fcu  # noqa: E402
 from algorithms.fcu import FCU  # noqa: E402
+import unlearning_audit as ua  # noqa: E402
 
 SMALL_ARGS = {"unlearn_steps": 4, "fusion_interval": 2, "post_rounds": 2,
               "post_local_steps": 2}
@@ -368,8 +369,8 @@ def test_trigger_only_on_the_forgotten_clients_training_images(fed):
     changed = (x != x0).flatten(1).any(1) | (y != y0)
     assert set(every[changed].tolist()) == poisoned
     assert (y[changed] == 2).all()
-    s, pattern = fcu.trigger(16, 0.125)
-    assert s == 2 and torch.allclose(x[changed][:, :, -s:, -s:], fcu.stamp(x0[changed], 0.125)
+    s, pattern = ua.trigger(16, 0.125)
+    assert s == 2 and torch.allclose(x[changed][:, :, -s:, -s:], ua.stamp(x0[changed], 0.125)
                                      [:, :, -s:, -s:])
     xe, ye = algo.batch(every)                                 # evaluation: never stamped
     assert torch.equal(ye, fed.y[every])
@@ -378,7 +379,7 @@ def test_trigger_only_on_the_forgotten_clients_training_images(fed):
 
 def test_mia_of_an_untrained_model_is_near_half(fed):
     algo, clients = make(fed)
-    audit = algo.audit_model(algo.init_weights)
+    audit = algo.audit.model(algo.init_weights)
     assert abs(audit["mia_loss_auroc"] - 0.5) < 0.12
     assert abs(audit["mia_attack_auroc"] - 0.5) < 0.15
 
@@ -402,8 +403,8 @@ def test_paper_defaults():
 
 
 def test_trigger_side_is_at_least_one_pixel():
-    assert fcu.trigger(8, 0.125)[0] == 1 and fcu.trigger(4, 0.1)[0] == 1
-    assert fcu.trigger(16, 0.125)[0] == 2 and fcu.trigger(17, 0.125)[0] == 3
+    assert ua.trigger(8, 0.125)[0] == 1 and ua.trigger(4, 0.1)[0] == 1
+    assert ua.trigger(16, 0.125)[0] == 2 and ua.trigger(17, 0.125)[0] == 3
 
 
 # ---------------------------------------------------------------- bad input
@@ -595,7 +596,7 @@ def test_mia_loss_is_the_cross_entropy_floored_at_1e_12(fed, monkeypatch):
         p[np.arange(len(idx)), y[idx]] = np.where(np.isin(idx, u.train), 1.5e-12, 1e-13)
         return p
     monkeypatch.setattr(algo, "forward_probs", probs)
-    assert algo.audit_model(algo.init_weights)["mia_loss_auroc"] == 1.0
+    assert algo.audit.model(algo.init_weights)["mia_loss_auroc"] == 1.0
 
 
 def test_speedups_are_plain_ratios_even_for_one_image_clients(tmp_path):
