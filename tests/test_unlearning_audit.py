@@ -15,13 +15,16 @@ import unlearning_audit as ua
 def test_output_features_are_loss_entropy_and_max_probability_by_hand():
     """Sheet section 8: (loss, entropy, max-probability), loss = -log max(p_y, 1e-12),
     entropy = -sum p log p with 0 log 0 = 0."""
-    p = np.array([[0.7, 0.2, 0.1], [0.0, 1.0, 0.0], [0.25, 0.25, 0.5], [1e-13, 0.5, 0.5]])
-    y = np.array([1, 1, 2, 0])
+    p = np.array([[0.7, 0.2, 0.1], [0.0, 1.0, 0.0], [0.25, 0.25, 0.5], [1e-13, 0.5, 0.5],
+                  [1 - 1e-13, 1e-13, 0.0]])
+    y = np.array([1, 1, 2, 0, 0])
     got = ua.output_features(p, y)
     want = [[-np.log(0.2), -(0.7 * np.log(0.7) + 0.2 * np.log(0.2) + 0.1 * np.log(0.1)), 0.7],
             [0.0, 0.0, 1.0],
             [-np.log(0.5), -(0.5 * np.log(0.25) + 0.5 * np.log(0.5)), 0.5],
-            [-np.log(1e-12), -(1e-13 * np.log(1e-12) + np.log(0.5)), 0.5]]
+            [-np.log(1e-12), -(1e-13 * np.log(1e-12) + np.log(0.5)), 0.5],
+            [-np.log(1 - 1e-13), -((1 - 1e-13) * np.log(1 - 1e-13) + 1e-13 * np.log(1e-12)),
+             1 - 1e-13]]           # entropy ~3e-12: p below 1e-12 enters as p log 1e-12
     assert got == pytest.approx(np.array(want), rel=1e-12, abs=1e-15)
 
 
@@ -94,6 +97,9 @@ def test_the_attack_is_a_balanced_logistic_regression_on_standardised_features()
     want = lr.decision_function((probe - mu) / sd)
     assert attack.score(probe) == pytest.approx(want, rel=1e-9, abs=1e-9)
     assert attack.member_rate(probe) == (want > 0).mean()
+    attack.score = lambda f: np.array([0.0, 1.0, -1.0, 2.0])    # a tie is not a member
+    assert attack.member_rate(probe[:4]) == 0.5
+    del attack.score
     assert 0 < attack.member_rate(probe) < 1
     a, b = probe[:20], probe[20:]
     assert attack.auroc(a, b) == pytest.approx(
@@ -153,6 +159,23 @@ def test_accuracy_curve_and_time_to_accuracy(tmp_path):
         (False, None, None, 8.0)
     assert t["retrain_rounds"] == 4 and t["method_grad_samples"] == 8
     assert t["target_test_balanced_accuracy"] == 0.71
+    assert ua.time_to_accuracy(curve, 0.55, 1)["ratio"] == 32.0          # one sample gradient
+    assert ua.time_to_accuracy(curve, 0.71, 1)["ratio_above"] == 64.0
+
+
+def test_the_curve_is_the_first_views(tmp_path):
+    """A run with two views (e.g. personal and global models): the curve follows the
+    first line's view, the primary one."""
+    lines = []
+    for r, (ba1, ba2) in enumerate([(0.3, 0.9), (0.5, 0.1)], 1):
+        for view, ba in (("global", ba1), ("personal", ba2)):
+            lines.append({"round": r, "client": "a", "view": view, "holdout": False,
+                          "grad_samples": 10 * r, "balanced_accuracy": 0.0})
+            lines.append({"round": r, "client": "pooled", "view": view, "holdout": False,
+                          "balanced_accuracy": ba})
+    lines.insert(1, lines.pop(2))                      # line 1 is of the other view
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in lines))
+    assert ua.accuracy_curve(str(tmp_path)) == [(1, 10, 0.3), (2, 20, 0.5)]
 
 
 def test_a_curve_without_sample_counts_is_none(tmp_path):
