@@ -575,24 +575,10 @@ class Algorithm:
 
     def local_batches(self, client: ClientState, gen: torch.Generator, steps_scale: int = 1):
         """Minibatch index tensors for this round: E epochs of fresh permutations, or
-        tau minibatches (cycling through permutations) when --local-steps is set. A final
-        batch of one image is dropped (BatchNorm cannot train on it)."""
-        data = torch.as_tensor(client.train, dtype=torch.long)
-        B, n = self.cfg.batch_size, len(data)
-        budget = self.cfg.local_steps * steps_scale
-        steps = 0
-        for _ in (range(self.cfg.local_epochs) if not budget else itertools.count()):
-            perm = data[torch.randperm(n, generator=gen)]
-            for s in range(0, n, B):
-                if budget and steps >= budget:
-                    return
-                idx = perm[s:s + B]
-                if len(idx) < 2 and n >= 2:
-                    continue
-                steps += 1
-                yield idx
-            if budget and steps >= budget:
-                return
+        tau minibatches (cycling through permutations) when --local-steps is set (see
+        `minibatches`)."""
+        return minibatches(client.train, gen, self.cfg.batch_size, epochs=self.cfg.local_epochs,
+                           steps=self.cfg.local_steps * steps_scale)
 
     def train(self, client: ClientState, payload: dict, steps_scale: int = 1) -> int:
         """Local SGD on the client's labelled images; returns the number of steps.
@@ -633,6 +619,28 @@ class Algorithm:
         if not out:
             return np.zeros((0, self.fed.num_classes), np.float32)
         return torch.cat(out).numpy()
+
+
+def minibatches(train, gen: torch.Generator, B: int, *, epochs: int = 1, steps: int = 0):
+    """Minibatch index tensors of the images `train`: `epochs` epochs of fresh
+    permutations from `gen`, or, with steps > 0, `steps` minibatches (cycling through
+    permutations). A final batch of one image is dropped (BatchNorm cannot train on it).
+    The one schedule of the project; a protocol with several budgets passes its own."""
+    data = torch.as_tensor(train, dtype=torch.long)
+    n = len(data)
+    done = 0
+    for _ in (range(epochs) if not steps else itertools.count()):
+        perm = data[torch.randperm(n, generator=gen)]
+        for s in range(0, n, B):
+            if steps and done >= steps:
+                return
+            idx = perm[s:s + B]
+            if len(idx) < 2 and n >= 2:
+                continue
+            done += 1
+            yield idx
+        if steps and done >= steps:
+            return
 
 
 def _cpu_state(model: nn.Module) -> dict:

@@ -1,5 +1,6 @@
 """FCU: federated client unlearning by model-contrastive unlearning (MCU) and
-frequency-guided memory preservation (FGMP), with its baselines and a forgetting audit.
+frequency-guided memory preservation (FGMP), and the unlearning protocol that compares it
+with its baselines (the audit itself: unlearning_audit.py; PGA: algorithms/pga.py).
 
 Z. Deng, L. Luo, H. Chen, Enable the Right to be Forgotten with Federated Client
 Unlearning in Medical Imaging, MICCAI 2024, LNCS pp. 240-250, arXiv:2407.02356; public
@@ -39,31 +40,49 @@ training augmentation; after every E steps FGMP on every conv and linear weight 
     code:   W <- Fuse(base = W_o, donor = W)   (--fgmp-convention code, the release)
 BN parameters and buffers and biases come from the fusion's base (--fgmp-bn-from).
 
-PGA (Halimi et al., Sec. 3): w_ref = (n w_o - n_u w_u) / (n - n_u) (the aggregate without
-u's last update; uniform weighting: (K w_o - w_u) / (K - 1)); delta = --pga-radius x the
-mean l2 distance from w_ref to 10 random initialisations; starting at w_ref, SGD steps
-that MAXIMISE the cross-entropy on D_f, each followed by the projection onto
-||w - w_ref|| <= delta (trainable parameters), for at most --pga-epochs epochs, stopping
-at the first minibatch whose accuracy (in the step's own forward pass, before the step)
-is below --pga-stop-accuracy.
+What of D_f leaves u (issue #19): theta_u, once. The training-mode steps normalise with
+batch statistics and update the BN running estimates on D_f (trigger images included);
+those estimates are per-channel means and variances of D_f's features, and the sheet
+exchanges no features (section 6). So theta_u's BN running statistics (mean, variance,
+batch count) are those of the model unlearning starts from: theta_o's (PGA: w_ref's),
+which the server already holds; the trained weights (convolutions, BN affine parameters,
+classifier) are the method's result and go up as they are. --unlearn-bn-stats trained
+uploads the estimates the steps leave (the release). Measured before the rule: on
+isic2019-mini theta_u's D_f accuracy 0.731 as uploaded vs 0.855 with theta_o's buffers;
+on synthetic data the backdoor success 0.024 -> 0.465 from the buffers alone.
+
+PGA (Halimi et al., algorithms/pga.py): from w_ref, the aggregate without u's last update,
+projected gradient ascent on D_f for at most --pga-epochs epochs.
 
 Post-training (continue, pga, fcu): R_post FedAvg rounds over the K - 1 others with Adam
-(lr 1e-4, state carried across rounds), --post-local-steps steps a round, uniform
-weights 1/(K - 1) (--post-weighting samples: n_k).
+(lr 1e-4, betas (0.9, 0.9999), L2 weight decay 5e-4: the release's; state carried across
+rounds), --post-local-steps steps a round, uniform weights 1/(K - 1) (--post-weighting
+samples: n_k).
 
-The audit (any method's final model goes through the same `audit_model`), in
-summary.json under `audit` and printed as a table: balanced accuracy and AUROC on the
+The audit (unlearning_audit.Audit: any method's final model goes through the same
+measurement), in summary.json under `audit` and printed as a table: balanced accuracy and AUROC on the
 global test set (every client's test images, u's included); accuracy, error and BA on
-D_f (u's training images, clean) and on D_r (the others' training images); a loss-based
-membership-inference attack (Yeom et al., CSF 2018): score = -CE(x, y), AUROC of D_f
-(members) against u's held-out test images (non-members); with --backdoor, the attack
+D_f (u's training images, clean) and on D_r (the others' training images); the sheet's
+membership-inference attack (section 8; unlearning_audit.py): a logistic regression on
+(loss, entropy, max-probability) fit on the retrained model's outputs (D_r members, one
+half of the test set non-members; without a retrain phase each model is its own shadow),
+giving the member rate on D_f (`mia_member_rate`) and the AUROC of D_f against the other
+test half (`mia_attack_auroc`); the loss-threshold attack (Yeom et al., CSF 2018): score
+= -CE(x, y), AUROC of D_f against u's test images (`mia_loss_auroc`); with --backdoor, the attack
 success rate: the share of test images of other classes than the target that the model
 assigns to the target once the trigger is stamped on them; and the cost: sample gradients
 (the sum of the batch sizes of every optimiser step), optimiser steps, the rounds' wall
 seconds (training only, evaluation excluded) and bytes. PGA's and FCU's uploaded theta_u
-is audited too (`before_post_training`; row "theta_u"). `speedup_vs_retrain` = retrain's
-sample gradients / FCU's; `speedup_vs_retrain_wall` the same for wall seconds, both
-measured in the same command.
+is audited too (`before_post_training`; row "theta_u"). Cost as time to accuracy
+(`time_to_accuracy`, issue #12): the sample gradients retraining spent up to the first
+round whose pooled test BA reaches the method's final test BA, over the method's (never
+reached: said so, with the bound). `speedup_vs_retrain` = retrain's whole sample
+gradients / FCU's (a ratio of the two schedules); `speedup_vs_retrain_wall` the same for
+wall seconds, both measured in the same command. summary.json's top-level bytes,
+seconds and rounds are the whole protocol's (every phase), `phases` gives each phase's;
+the accuracy figures are those of FCU's final model (`figures_of`).
+--reuse-original DIR reads the finished original and retrain phases of an earlier run of
+the same flags (checked) instead of rerunning them, e.g. to add a variant's rows.
 
 Backdoor (--backdoor) [ours; the sheet notes the paper's poisoning script is not public]:
 a share --backdoor-fraction of u's training images (drawn from those not of the target
@@ -74,7 +93,8 @@ evaluation images never are (except the attack-success measurement).
 
 Defaults (sheet section 7; public code): T = 100, E = 10, r = 0.7 (ISIC2018; 0.5 for
 ICH), tau = 0.5, Adam 1e-5, B = 64 (the recipe of --algo fcu), R_post = 20, 20 post-local
-iterations, post Adam 1e-4, equal post weights, u = client 0. Halimi et al.: radius 1/3
+iterations, post Adam 1e-4 with betas (0.9, 0.9999) and weight decay 5e-4, equal post
+weights, u = client 0. Halimi et al.: radius 1/3
 of the distance to random models, early stop at an accuracy threshold (their MNIST tau
 0.12; here 0 means chance, 1/C).
 
@@ -88,10 +108,10 @@ of the original run, not a re-instantiated ImageNet model (identical when the ru
 from ImageNet weights). (5) FGMP is computed in float64. (6) The Adam state of the
 unlearning optimiser carries across fusions. (7) In retrain and post-training the inverse
 class weights are computed from the remaining clients' labels only (u's data has no
-influence after the request). (8) PGA checks its stopping rule on each minibatch of D_f
-(its training-mode forward pass; the paper's exact check is not known here) and ascends
-the unweighted CE; w_ref's
-BN running variances are clipped at 0 (the weighted difference can dip below it).
+influence after the request). (8) PGA's: see algorithms/pga.py. (9) theta_u's BN running statistics are the starting
+model's, none estimated on D_f (see above; the release uploads D_f's:
+--unlearn-bn-stats trained). (10) The membership attack is the sheet's [ours; the paper's
+MIA use is unverified]; its shadow is our retrain phase.
 """
 from __future__ import annotations
 
@@ -109,10 +129,15 @@ from torch import nn
 
 import fedmed
 import models
-from fedmed import (IMAGENET_MEAN, IMAGENET_STD, Algorithm, UsageError, class_weights,
-                    classification_metrics, np_rng, register, seeded, torch_rng)
+import unlearning_audit as ua
+from algorithms import pga
+from unlearning_audit import stamp
+from fedmed import Algorithm, UsageError, class_weights, np_rng, register, seeded, torch_rng
 
 METHODS = ("retrain", "continue", "pga", "fcu", "fcu_code")
+# the arguments that shape the original and retrain phases (--reuse-original checks them)
+ORIGINAL_ARGS = ("forget_client", "backdoor", "backdoor_target", "backdoor_fraction",
+                 "backdoor_patch")
 PHASES = ("original",) + METHODS
 
 
@@ -121,7 +146,7 @@ def _f(default, help: str, **kw):
 
 
 @dataclass
-class Args:
+class Args(pga.PGAArgs):                 # PGA's hyperparameters (--pga-*): algorithms/pga.py
     forget_client: str = _f("0", "client u that asks to be forgotten: its name or index")
     unlearn_methods: str = _f("retrain,continue,pga,fcu,fcu_code",
                               "comma list of the methods the audit compares with the original")
@@ -137,15 +162,18 @@ class Args:
     post_local_steps: int = _f(20, "local steps a post-training round")
     post_lr: float = _f(1e-4, "Adam learning rate of post-training (state carried)")
     post_weighting: str = _f("uniform", "post-training aggregation: uniform (1/(K-1)) | samples")
-    pga_lr: float = _f(0.01, "SGD learning rate of projected gradient ascent")
-    pga_epochs: int = _f(5, "most epochs of gradient ascent on D_f")
-    pga_radius: float = _f(1 / 3, "delta as a share of the mean distance w_ref-random models")
-    pga_stop_accuracy: float = _f(0.0, "stop ascent below this D_f batch accuracy "
-                                  "(0: chance, 1/C; negative: never)")
+    post_beta2: float = _f(0.9999, "Adam beta2 of post-training (the release)")
+    post_weight_decay: float = _f(5e-4, "Adam (L2) weight decay of post-training (the release)")
+    unlearn_bn_stats: str = _f("start", "BN running statistics of the uploaded theta_u: start "
+                               "(those of the model unlearning starts from, theta_o or PGA's "
+                               "w_ref: none estimated on D_f) | trained (the release: what the "
+                               "training-mode steps on D_f leave)")
     backdoor: bool = _f(False, "stamp a trigger on a share of u's training images, relabelled")
     backdoor_target: str = _f("0", "the trigger's target class: name or index")
     backdoor_fraction: float = _f(0.2, "share of u's training images that carry the trigger")
     backdoor_patch: float = _f(0.125, "trigger side as a share of the image side")
+    reuse_original: str = _f("", "folder of an earlier --algo fcu run of the same flags whose "
+                             "finished original (and retrain) phases are reused, not rerun")
     phase: str = _f("audit", "which part of the protocol this run is", internal=True)
     from_run: str = _f("", "folder of the original run the phase starts from", internal=True)
 
@@ -241,28 +269,10 @@ def penultimate(model: nn.Module, head: nn.Module, x: torch.Tensor) -> tuple:
     return seen["f"].flatten(1), logits
 
 
-def mia_auroc(member_loss: np.ndarray, nonmember_loss: np.ndarray) -> float:
-    """Loss-threshold membership inference (Yeom et al. 2018): score = -loss; AUROC of
-    members against non-members (0.5: the model does not tell them apart)."""
-    score = -np.concatenate([member_loss, nonmember_loss]).astype(np.float64)
-    is_member = np.r_[np.ones(len(member_loss), bool), np.zeros(len(nonmember_loss), bool)]
-    return fedmed._auroc_binary(is_member, score)
-
-
-def trigger(size: int, share: float) -> tuple:
-    """(side s, [s, s] pattern of 0/1): a checkerboard, 1 at the corner pixel."""
-    s = max(1, math.ceil(share * size))
-    ij = torch.arange(s)
-    return s, ((ij.view(-1, 1) + ij.view(1, -1)) % 2 == 0).float()
-
-
-def stamp(x: torch.Tensor, share: float) -> torch.Tensor:
-    """x (normalised images [B, 3, H, W]) with the trigger in the bottom-right corner."""
-    s, pattern = trigger(x.shape[-1], share)
-    x = x.clone()
-    patch = (pattern.view(1, 1, s, s) - IMAGENET_MEAN) / IMAGENET_STD
-    x[:, :, -s:, -s:] = patch.to(x.device, x.dtype)
-    return x
+def count(client, steps: int, samples: int) -> None:
+    """Add optimiser steps and their sample gradients to the client's cost."""
+    client.state["grad_steps"] = client.state.get("grad_steps", 0) + steps
+    client.state["grad_samples"] = client.state.get("grad_samples", 0) + samples
 
 
 def resolve_client(spec: str, names: list, flag: str = "--forget-client") -> int:
@@ -309,9 +319,8 @@ class FCU(Algorithm):
         self.train_cfg = cfg
         self.post_cfg = dataclasses.replace(
             cfg, optimizer="adam", lr=args.post_lr, local_steps=args.post_local_steps,
-            keep_optimizer=True, weighting=args.post_weighting)
-        self.unlearn_cfg = dataclasses.replace(
-            cfg, local_steps=args.unlearn_steps, local_epochs=1)
+            keep_optimizer=True, weighting=args.post_weighting,
+            weight_decay=args.post_weight_decay)
         self.head_name = models.HEADS.get(cfg.model, "classifier")   # its input: features
         self.fused = fused_keys(self.model)
         y = fed.y.numpy()
@@ -347,7 +356,8 @@ class FCU(Algorithm):
         for flag, v, ok in (("--fgmp-convention", args.fgmp_convention, ("paper", "code")),
                             ("--fgmp-window", args.fgmp_window, ("symmetric", "code")),
                             ("--fgmp-bn-from", args.fgmp_bn_from, ("base", "orig", "unlearned")),
-                            ("--post-weighting", args.post_weighting, ("uniform", "samples"))):
+                            ("--post-weighting", args.post_weighting, ("uniform", "samples")),
+                            ("--unlearn-bn-stats", args.unlearn_bn_stats, ("start", "trained"))):
             if v not in ok:
                 raise UsageError(f"{flag} {v!r} is unknown; choose {' or '.join(ok)}")
         if not 0 <= args.fgmp_ratio <= 1:
@@ -384,6 +394,8 @@ class FCU(Algorithm):
 
     def setup(self, server, clients):
         super().setup(server, clients)
+        self.audit = ua.Audit(self, self.u, self.target, self.args.backdoor_patch,
+                              self.train_cfg.seed)
         if self.phase in ("continue", "pga", "fcu", "fcu_code"):
             ck = self.read_original(self.args.from_run)
             server.weights = {k: v.clone() for k, v in ck["server"]["weights"].items()}
@@ -425,7 +437,9 @@ class FCU(Algorithm):
         return [c for c in sampled if c.id != self.u]      # u never trains again
 
     def line_extra(self, server, client):
-        return {"stage": self.stage()}
+        """The stage, and the client's sample gradients so far (the cost curve that
+        time-to-accuracy reads)."""
+        return {"stage": self.stage(), "grad_samples": int(client.state.get("grad_samples", 0))}
 
     # -- the hooks --------------------------------------------------------------------
     def broadcast(self, server, client):
@@ -449,11 +463,22 @@ class FCU(Algorithm):
             return
         super().aggregate(server, uploads)
 
+    def make_optimizer(self, client):
+        """Post-training: Adam with the release's betas (0.9, --post-beta2) and L2 weight
+        decay --post-weight-decay, its state carried; otherwise the configured one."""
+        if self.stage() != "post":
+            return super().make_optimizer(client)
+        opt = torch.optim.Adam([p for p in self.model.parameters() if p.requires_grad],
+                               lr=self.cfg.lr, betas=(0.9, self.args.post_beta2),
+                               weight_decay=self.cfg.weight_decay)
+        if "optimizer" in client.state:
+            opt.load_state_dict(client.state["optimizer"])
+        return opt
+
     def local_batches(self, client, gen, steps_scale: int = 1):
-        """The base schedule, counting every optimiser step and its sample gradients."""
+        """The loop's schedule (the round's config), counting every optimiser step."""
         for idx in super().local_batches(client, gen, steps_scale):
-            client.state["grad_steps"] = client.state.get("grad_steps", 0) + 1
-            client.state["grad_samples"] = client.state.get("grad_samples", 0) + len(idx)
+            count(client, 1, len(idx))
             yield idx
 
     def batch(self, idx, gen=None):
@@ -478,7 +503,7 @@ class FCU(Algorithm):
 
     def mcu_fgmp(self, client) -> dict:
         """Phase 2 at u: T Adam steps on L_MCU, FGMP every E steps; returns theta_u."""
-        a = self.args
+        a, seed = self.args, self.train_cfg.seed
         theta_o = self.theta_o
         ref_o, ref_d = self.frozen(theta_o), self.frozen(self.init_weights)
         head = self.model.get_submodule(self.head_name)
@@ -488,10 +513,11 @@ class FCU(Algorithm):
         model.train()
         opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad],
                                lr=a.unlearn_lr, betas=(0.9, 0.9999), weight_decay=5e-4)
-        self.cfg = self.unlearn_cfg
-        gen = torch_rng(self.cfg.seed, "batches", "unlearn", client.id)
-        with seeded(self.cfg.seed, "unlearn", client.id):
-            for step, idx in enumerate(self.local_batches(client, gen)):
+        gen = torch_rng(seed, "batches", "unlearn", client.id)
+        batches = fedmed.minibatches(client.train, gen, self.train_cfg.batch_size,
+                                     steps=a.unlearn_steps)           # T steps
+        with seeded(seed, "unlearn", client.id):
+            for step, idx in enumerate(batches):
                 x, _ = self.batch(idx, gen)
                 f, _ = penultimate(model, head, x)
                 with torch.no_grad():
@@ -501,81 +527,65 @@ class FCU(Algorithm):
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+                count(client, 1, len(idx))
                 if (step + 1) % a.fusion_interval == 0:
                     cur = {k: v.detach().cpu() for k, v in model.state_dict().items()}
                     model.load_state_dict(fgmp(cur, theta_o, self.fused, a.fgmp_ratio,
                                                a.fgmp_convention, a.fgmp_window, a.fgmp_bn_from))
-        self.cfg = self.train_cfg
-        return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        return self.uploaded(model, theta_o)
+
+    def uploaded(self, model: nn.Module, start: dict) -> dict:
+        """theta_u as it leaves u. The rule (--unlearn-bn-stats start): no BN running
+        statistic is estimated on D_f; each is that of the model unlearning started from
+        (which the server already holds or derives). The training-mode steps normalise
+        with batch statistics and update the running estimates on D_f, trigger images
+        included; uploaded, those estimates carry D_f's per-channel feature means and
+        variances, features the sheet says are never exchanged (section 6), and they
+        alone revive a backdoor. `trained` uploads them (the release)."""
+        out = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        if self.args.unlearn_bn_stats == "start":
+            out.update({k: start[k].clone() for k in self.bn_stats})
+        return out
 
     def reference_model(self, client) -> dict:
-        """w_ref: the aggregate of the last round without u's update (Halimi et al.)."""
-        w_o, w_u = self.theta_o, client.state["last_local"]
+        """PGA's w_ref from theta_o and u's last local model (algorithms/pga.py)."""
         if self.train_cfg.weighting == "samples":
             n, n_u = sum(c.n for c in self.clients), client.n
         else:
             n, n_u = len(self.clients), 1
-        ref = {}
-        for k, v in w_o.items():
-            if not v.is_floating_point():
-                ref[k] = v.clone()
-                continue
-            ref[k] = ((n * v.double() - n_u * w_u[k].double()) / (n - n_u)).to(v.dtype)
-            if k.endswith("running_var"):             # the difference can dip below 0
-                ref[k].clamp_(min=0)
-        return ref
+        return pga.reference_model(self.theta_o, client.state["last_local"], n, n_u)
 
     def pga_radius(self, ref: dict) -> float:
+        """delta: --pga-radius x the mean distance of w_ref to 10 random initialisations,
+        each drawn from the stream (seed, "pga-random", i)."""
         keys = [n for n, p in self.model.named_parameters() if p.requires_grad]
-        dists = []
-        for i in range(10):
-            with seeded(self.train_cfg.seed, "pga-random", i):
-                rand = self.build_model().state_dict()
-            dists.append(math.sqrt(sum(float((ref[k].double() - rand[k].double()).pow(2).sum())
-                                       for k in keys)))
-        return self.args.pga_radius * float(np.mean(dists))
+
+        def random_models():
+            for i in range(10):
+                with seeded(self.train_cfg.seed, "pga-random", i):
+                    yield self.build_model().state_dict()
+        return pga.radius(ref, keys, random_models(), self.args.pga_radius)
 
     def pga(self, client) -> dict:
-        """Projected gradient ascent on D_f inside the ball ||w - w_ref|| <= delta."""
-        a = self.args
+        """Phase 2 at u with Halimi et al.'s projected gradient ascent (algorithms/pga.py)
+        on D_f, one epoch per fresh permutation (stream (seed, "batches", "pga", epoch,
+        u)); returns theta_u."""
+        a, cfg = self.args, self.train_cfg
         ref = self.reference_model(client)
         delta = self.pga_radius(ref)
         self.load_model(ref, {})
-        model = self.model
-        params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        centre = {n: ref[n].to(self.device) for n, _ in params}
-        opt = torch.optim.SGD([p for _, p in params], lr=a.pga_lr, momentum=self.cfg.momentum)
-        stop = a.pga_stop_accuracy or 1.0 / self.fed.num_classes
-        self.cfg = dataclasses.replace(self.train_cfg, local_epochs=1, local_steps=0)
-        client.state["pga_epochs"] = 0
-        done = False
-        for epoch in range(a.pga_epochs):
-            gen = torch_rng(self.cfg.seed, "batches", "pga", epoch, client.id)
-            model.train()
-            with seeded(self.cfg.seed, "pga", epoch, client.id):
-                for idx in self.local_batches(client, gen):
-                    x, y = self.batch(idx, gen)
-                    logits = model(x)
-                    if float((logits.argmax(1) == y).float().mean()) < stop:
-                        done = True                       # forgotten: stop before this step,
-                        client.state["grad_steps"] -= 1   # which computes no gradient
-                        client.state["grad_samples"] -= len(idx)
-                        break
-                    loss = -F.cross_entropy(logits, y)
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    with torch.no_grad():                 # projection onto the ball
-                        diff = {n: p - centre[n] for n, p in params}
-                        norm = math.sqrt(sum(float(d.pow(2).sum()) for d in diff.values()))
-                        if norm > delta:
-                            for n, p in params:
-                                p.copy_(centre[n] + diff[n] * (delta / norm))
-            client.state["pga_epochs"] = epoch + 1
-            if done:
-                break
-        self.cfg = self.train_cfg
-        return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+        def batches(epoch):
+            gen = torch_rng(cfg.seed, "batches", "pga", epoch, client.id)
+            for idx in fedmed.minibatches(client.train, gen, cfg.batch_size, epochs=1):
+                yield self.batch(idx, gen)
+        done = pga.ascend(self.model, batches, ref, delta, lr=a.pga_lr, momentum=cfg.momentum,
+                          epochs=a.pga_epochs,
+                          stop=a.pga_stop_accuracy or 1.0 / self.fed.num_classes,
+                          seed=cfg.seed, keys=(client.id,))
+        client.state["pga_epochs"] = done["epochs"]
+        count(client, done["steps"], done["samples"])
+        return self.uploaded(self.model, ref)
 
     # -- the audit --------------------------------------------------------------------
     def summary_extra(self, server, lines):
@@ -586,44 +596,6 @@ class FCU(Algorithm):
         return {"phase": self.phase, "forget_client": self.clients[self.u].name,
                 "cost": {"grad_samples": total("grad_samples"), "grad_steps": total("grad_steps"),
                          "train_seconds": float(secs)}}
-
-    @torch.no_grad()
-    def audit_model(self, weights: dict) -> dict:
-        """The audit of one model (any method's result)."""
-        self.load_model(weights, {})
-        fed, u = self.fed, self.clients[self.u]
-        y = fed.y.numpy()
-        test = np.concatenate([c.test for c in self.clients])
-        rest = np.concatenate([c.train for c in self.clients if c.id != self.u])
-        p_test, p_f, p_r, p_uh = (self.forward_probs(i) for i in (test, u.train, rest, u.test))
-        mt = classification_metrics(y[test], p_test)
-        mf = classification_metrics(y[u.train], p_f)
-        mr = classification_metrics(y[rest], p_r)
-        ce = lambda p, i: -np.log(np.clip(p[np.arange(len(i)), y[i]], 1e-12, None))  # noqa: E731
-        out = {"test_balanced_accuracy": mt["balanced_accuracy"], "test_auroc": mt["macro_auroc"],
-               "test_accuracy": mt["accuracy"],
-               "forgotten_accuracy": mf["accuracy"], "forgotten_error": 1 - mf["accuracy"],
-               "forgotten_balanced_accuracy": mf["balanced_accuracy"],
-               "forgotten_auroc": mf["macro_auroc"],
-               "remaining_balanced_accuracy": mr["balanced_accuracy"],
-               "remaining_accuracy": mr["accuracy"], "remaining_auroc": mr["macro_auroc"],
-               "mia_auroc": mia_auroc(ce(p_f, u.train), ce(p_uh, u.test))}
-        if self.target is not None:
-            out["backdoor_success"] = self.attack_success(test)
-        return out
-
-    @torch.no_grad()
-    def attack_success(self, idx: np.ndarray) -> float:
-        """Share of the images of `idx` not of the target class that the model assigns
-        to the target class once the trigger is stamped on them."""
-        idx = idx[self.fed.y.numpy()[idx] != self.target]
-        self.model.eval()
-        hits = 0
-        for s in range(0, len(idx), self.cfg.eval_batch_size):
-            x, _ = self.batch(torch.as_tensor(idx[s:s + self.cfg.eval_batch_size]))
-            hits += int((self.model(stamp(x, self.args.backdoor_patch)).argmax(1)
-                         == self.target).sum())
-        return hits / max(len(idx), 1)
 
     # -- the whole protocol: one fedmed.run per phase, then the audit -----------------
     @classmethod
@@ -638,24 +610,45 @@ class FCU(Algorithm):
         fedmed.atomic_write(os.path.join(out, "config.json"), fedmed.dumps(
             {"config": dataclasses.asdict(cfg), "algorithm_args": dataclasses.asdict(args),
              "data": data_args or {}, "phases": ["original"] + methods}))
-        runs = {}
+        runs, folders = {}, {}
         for phase in ["original"] + [m for m in METHODS if m in methods]:
+            folders[phase] = os.path.join(out, phase)
+            if args.reuse_original and phase in ("original", "retrain"):
+                folders[phase] = os.path.join(args.reuse_original, phase)
+                runs[phase] = cls.reused_phase(cfg, args, fed, folders[phase], phase)
+                if not quiet:
+                    log(f"phase {phase}: reused from {folders[phase]}")
+                continue
             a = args
             if phase == "fcu_code":                     # the public release's FGMP
                 a = dataclasses.replace(a, fgmp_convention="code", fgmp_window="code")
-            runs[phase] = cls.run_phase(cfg, a, fed, os.path.join(out, phase), phase,
-                                        os.path.join(out, "original"), resume=resume,
+            runs[phase] = cls.run_phase(cfg, a, fed, folders[phase], phase,
+                                        folders["original"], resume=resume,
                                         data_args=data_args, quiet=quiet, log=log)
         auditor = cls.auditor(cfg, args, fed)
-        audit = {}
+        shadow = None
+        if "retrain" in runs:                           # the sheet's shadow model
+            shadow = fedmed.load_checkpoint(os.path.join(folders["retrain"], "checkpoint.pt"),
+                                            "FCU audit")["server"]["weights"]
+        auditor.audit.fit_attack(shadow)
+        audit, phases = {}, {}
         for phase, s in runs.items():
-            audit[phase] = auditor.audit_run(os.path.join(out, phase))
+            audit[phase] = auditor.audit.run(folders[phase])
             audit[phase].update(s["cost"], bytes_up=s["bytes_up"], bytes_down=s["bytes_down"],
                                 rounds=s["rounds"])
-        summary = dict(runs["fcu"] if "fcu" in runs else runs[list(runs)[-1]])
+            phases[phase] = {k: s[k] for k in ("bytes_up", "bytes_down", "seconds", "rounds")}
+            if folders[phase] != os.path.join(out, phase):
+                phases[phase]["reused_from"] = folders[phase]
+        main = "fcu" if "fcu" in runs else list(runs)[-1]
+        summary = dict(runs[main])
         summary.update(phase="audit", audit=audit, forget_client=auditor.info["forget_client"],
-                       backdoor_target=auditor.info["backdoor_target"])
+                       backdoor_target=auditor.info["backdoor_target"], phases=phases,
+                       figures_of=main, mia_shadow="retrain" if shadow is not None else "self")
+        for k in ("bytes_up", "bytes_down", "seconds", "rounds"):   # the whole protocol
+            summary[k] = sum(p[k] for p in phases.values())
         if "retrain" in audit:
+            curve = ua.accuracy_curve(folders["retrain"])
+            tta = {}
             for m in ("fcu", "fcu_code", "pga", "continue"):
                 if m in audit:
                     r, x = audit["retrain"], audit[m]
@@ -664,7 +657,38 @@ class FCU(Algorithm):
                                                            / max(x["grad_samples"], 1))
                     summary[f"speedup_vs_retrain_wall{key}"] = (r["train_seconds"]
                                                                 / max(x["train_seconds"], 1e-9))
+                    if curve is not None:
+                        tta[m] = ua.time_to_accuracy(curve, x["test_balanced_accuracy"],
+                                                     x["grad_samples"])
+            summary["time_to_accuracy"] = tta
         fedmed.atomic_write(os.path.join(out, "summary.json"), fedmed.dumps(summary))
+        return summary
+
+    @classmethod
+    def reused_phase(cls, cfg, args, fed, folder: str, phase: str) -> dict:
+        """The summary of a finished phase of an earlier run (--reuse-original), after
+        checking it ran with these flags on this data."""
+        files = [os.path.join(folder, f) for f in ("config.json", "summary.json", "checkpoint.pt")]
+        missing = [f for f in files if not os.path.isfile(f)]
+        if missing:
+            raise UsageError(f"--reuse-original: {missing[0]} does not exist; give the folder "
+                             f"of a finished --algo fcu run that has a {phase} phase")
+        with open(files[0]) as fh:
+            rec = json.load(fh)
+        with open(files[1]) as fh:
+            summary = json.load(fh)
+        want = dataclasses.asdict(dataclasses.replace(
+            cfg, rounds=cls.phase_rounds(cfg, args, phase)))
+        theirs = rec.get("algorithm_args", {})
+        differ = sorted([k for k in want if rec["config"].get(k) != want[k]]
+                        + [k for k in ORIGINAL_ARGS if theirs.get(k) != getattr(args, k)])
+        if rec.get("data_identity") != fedmed.data_identity(fed):
+            differ.append("the data")
+        if summary.get("rounds") != want["rounds"]:
+            differ.append("rounds done")
+        if differ:
+            raise UsageError(f"--reuse-original: {folder} ran with other settings (differs in "
+                             f"{', '.join(differ[:4])}); reuse a run of the same flags")
         return summary
 
     @classmethod
@@ -685,37 +709,14 @@ class FCU(Algorithm):
 
     @classmethod
     def auditor(cls, cfg, args, fed) -> "FCU":
-        """An instance that only audits (its clients set, no training)."""
+        """An instance that only audits (its clients set, no training): `.audit`."""
         auditor = cls(cfg, dataclasses.replace(args, phase="audit"), fed)
         auditor.setup(fedmed.ServerState(), fedmed.make_clients(fed))
         return auditor
 
-    def audit_run(self, folder: str) -> dict:
-        """The audit of a phase's final model, and of its theta_u when it uploaded one."""
-        ck = fedmed.load_checkpoint(os.path.join(folder, "checkpoint.pt"), "FCU audit")
-        out = self.audit_model(ck["server"]["weights"])
-        if "theta_u" in ck["server"]["state"]:           # right after unlearning, before post
-            out["before_post_training"] = self.audit_model(ck["server"]["state"]["theta_u"])
-        return out
-
-    @staticmethod
-    def audit_row(name: str, a: dict) -> str:
-        bd = f"{a['backdoor_success']:>9.3f}" if "backdoor_success" in a else f"{'-':>9}"
-        return (f"{name:<10}{a['test_balanced_accuracy']:>8.3f}{a['test_auroc']:>7.3f}"
-                f"{a['forgotten_accuracy']:>8.3f}{a['remaining_balanced_accuracy']:>8.3f}"
-                f"{a['mia_auroc']:>7.3f}{bd}")
-
     @staticmethod
     def summary_table(summary: dict) -> str:
-        rows = [f"forgetting client {summary['forget_client']}"
-                + (f" (backdoor target {summary['backdoor_target']})"
-                   if summary.get("backdoor_target") else ""),
-                f"{'method':<10}{'test BA':>8}{'AUROC':>7}{'D_f acc':>8}{'D_r BA':>8}"
-                f"{'MIA':>7}{'backdoor':>9}{'sample grads':>14}{'train s':>9}"]
-        for m, a in summary["audit"].items():
-            rows.append(FCU.audit_row(m, a) + f"{a['grad_samples']:>14,}{a['train_seconds']:>9.1f}")
-            if "before_post_training" in a:
-                rows.append(FCU.audit_row(" theta_u", a["before_post_training"]))
+        rows = ua.table(summary)
         if "speedup_vs_retrain" in summary:
             rows.append(f"FCU speed-up vs retraining: {summary['speedup_vs_retrain']:.1f}x in "
                         f"sample gradients, {summary['speedup_vs_retrain_wall']:.1f}x in wall time")

@@ -29,7 +29,8 @@ import fedmed  # noqa: E402
 fedmed.load_algorithms()
 from algorithms.fcu import FCU  # noqa: E402
 
-KEYS = ("test_balanced_accuracy", "forgotten_accuracy", "mia_auroc", "backdoor_success")
+KEYS = ("test_balanced_accuracy", "forgotten_accuracy", "mia_member_rate", "mia_attack_auroc",
+        "mia_loss_auroc", "backdoor_success")
 
 
 def main() -> None:
@@ -57,7 +58,10 @@ def main() -> None:
                                          fgmp_window="symmetric" if conv == "paper" else "code")
                 FCU.run_phase(cfg, ph, fed, os.path.join(top, "ablation", name), "fcu",
                               os.path.join(top, "original"), resume=True, quiet=True)
-                audited = FCU.auditor(cfg, ph, fed).audit_run(os.path.join(top, "ablation", name))
+                auditor = FCU.auditor(cfg, ph, fed)
+                auditor.audit.fit_attack(fedmed.load_checkpoint(os.path.join(
+                    top, "retrain", "checkpoint.pt"))["server"]["weights"])   # the shadow
+                audited = auditor.audit.run(os.path.join(top, "ablation", name))
                 rows.setdefault(name + " theta_u", []).append(audited["before_post_training"])
                 rows.setdefault(name + " post", []).append(audited)
                 print(f"seed {seed} {name}: theta_u " + ", ".join(

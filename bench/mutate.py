@@ -81,6 +81,9 @@ TESTS = {
                          "tests/test_clip_reference*.py", "tests/test_clip.py",
                          "tests/test_clip_isic.py"],
     "algorithms/fcu.py": ["tests/test_fcu_reference*.py", "tests/test_fcu.py"],
+    "algorithms/pga.py": ["tests/test_pga.py", "tests/test_fcu_reference*.py", "tests/test_fcu.py"],
+    "unlearning_audit.py": ["tests/test_unlearning_audit.py", "tests/test_fcu_reference*.py",
+                            "tests/test_fcu.py"],
     "algorithms/fedlsm.py": ["tests/test_fedlsm_reference*.py", "tests/test_fedlsm.py"],
     "algorithms/fedal.py": ["tests/test_fedal_reference*.py", "tests/test_fedal.py"],
     "fedmed.py": ["tests/test_core.py", "tests/test_*.py"],
@@ -88,6 +91,7 @@ TESTS = {
     "models.py": ["tests/test_core.py", "tests/test_*.py"],
 }
 HEAVY = ("numpy", "torch", "torchvision", "open_clip", "sklearn.metrics", "sklearn.svm",
+         "sklearn.linear_model", "sklearn.pipeline", "sklearn.preprocessing",
          "PIL.Image", "pytest", "_pytest.python")
 
 

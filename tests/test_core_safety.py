@@ -67,7 +67,7 @@ def test_fcu_phase_checkpoint_is_loaded_without_running_code(tmp_path, fed):
     cfg = Config(algo="fcu", model="cnn", rounds=1, local_steps=1, batch_size=8)
     auditor = FCU.auditor(cfg, FCU.Args(), fed)
     with pytest.raises(UsageError, match="checkpoint.pt"):
-        auditor.audit_run(str(folder))
+        auditor.audit.run(str(folder))
     assert not marker.exists()
 
 

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -21,6 +22,7 @@ from helpers import one_line_error, read_jsonl
 fedmed.load_algorithms()
 from algorithms import fcu  # noqa: E402
 from algorithms.fcu import FCU  # noqa: E402
+import unlearning_audit as ua  # noqa: E402
 
 SMALL_ARGS = {"unlearn_steps": 4, "fusion_interval": 2, "post_rounds": 2,
               "post_local_steps": 2}
@@ -291,7 +293,8 @@ def test_costs_are_counted_and_the_speedup_is_their_ratio(audit, fed):
         a["retrain"]["train_seconds"] / a["fcu"]["train_seconds"])
     for m in ("original", "retrain", "continue", "pga", "fcu", "fcu_code"):
         for k in ("test_balanced_accuracy", "test_auroc", "forgotten_accuracy",
-                  "remaining_balanced_accuracy", "mia_auroc", "backdoor_success"):
+                  "remaining_balanced_accuracy", "mia_member_rate", "mia_attack_auroc",
+                  "mia_loss_auroc", "backdoor_success"):
             assert 0 <= a[m][k] <= 1
         assert a[m]["forgotten_error"] == pytest.approx(1 - a[m]["forgotten_accuracy"])
 
@@ -366,31 +369,19 @@ def test_trigger_only_on_the_forgotten_clients_training_images(fed):
     changed = (x != x0).flatten(1).any(1) | (y != y0)
     assert set(every[changed].tolist()) == poisoned
     assert (y[changed] == 2).all()
-    s, pattern = fcu.trigger(16, 0.125)
-    assert s == 2 and torch.allclose(x[changed][:, :, -s:, -s:], fcu.stamp(x0[changed], 0.125)
+    s, pattern = ua.trigger(16, 0.125)
+    assert s == 2 and torch.allclose(x[changed][:, :, -s:, -s:], ua.stamp(x0[changed], 0.125)
                                      [:, :, -s:, -s:])
     xe, ye = algo.batch(every)                                 # evaluation: never stamped
     assert torch.equal(ye, fed.y[every])
     assert torch.equal(xe, fedmed.Algorithm.batch(algo, every)[0])
 
 
-def test_mia_auroc_is_half_on_one_distribution_and_one_when_separated():
-    rng = np.random.default_rng(0)
-    same = [fcu.mia_auroc(rng.exponential(1, 2000), rng.exponential(1, 2000)) for _ in range(5)]
-    assert abs(np.mean(same) - 0.5) < 0.02
-    assert fcu.mia_auroc(rng.uniform(0, 0.1, 300), rng.uniform(1, 2, 300)) == 1.0
-    assert fcu.mia_auroc(rng.uniform(1, 2, 300), rng.uniform(0, 0.1, 300)) == 0.0
-    # against scikit-learn's roc_auc_score on ties
-    from sklearn.metrics import roc_auc_score
-    m, nm = rng.integers(0, 5, 50).astype(float), rng.integers(0, 5, 70).astype(float)
-    want = roc_auc_score(np.r_[np.ones(50), np.zeros(70)], -np.r_[m, nm])
-    assert fcu.mia_auroc(m, nm) == pytest.approx(want)
-
-
 def test_mia_of_an_untrained_model_is_near_half(fed):
     algo, clients = make(fed)
-    audit = algo.audit_model(algo.init_weights)
-    assert abs(audit["mia_auroc"] - 0.5) < 0.12
+    audit = algo.audit.model(algo.init_weights)
+    assert abs(audit["mia_loss_auroc"] - 0.5) < 0.12
+    assert abs(audit["mia_attack_auroc"] - 0.5) < 0.15
 
 
 def test_paper_defaults():
@@ -404,14 +395,16 @@ def test_paper_defaults():
     # and the backdoor check, as documented in fcu.py
     assert (a.pga_lr, a.pga_epochs, a.pga_radius, a.pga_stop_accuracy) == (0.01, 5, 1 / 3, 0.0)
     assert (a.backdoor, a.backdoor_fraction, a.backdoor_patch) == (False, 0.2, 0.125)
-    assert (a.phase, a.from_run) == ("audit", "")
+    assert (a.phase, a.from_run, a.reuse_original) == ("audit", "", "")
+    # the release's post-training Adam (issue #19) and the BN rule (no D_f statistics)
+    assert (a.post_beta2, a.post_weight_decay, a.unlearn_bn_stats) == (0.9999, 5e-4, "start")
     text = run.build_parser().format_help()            # set by the protocol, not by a user
     assert "--phase" not in text and "--from-run" not in text and "--fgmp-ratio" in text
 
 
 def test_trigger_side_is_at_least_one_pixel():
-    assert fcu.trigger(8, 0.125)[0] == 1 and fcu.trigger(4, 0.1)[0] == 1
-    assert fcu.trigger(16, 0.125)[0] == 2 and fcu.trigger(17, 0.125)[0] == 3
+    assert ua.trigger(8, 0.125)[0] == 1 and ua.trigger(4, 0.1)[0] == 1
+    assert ua.trigger(16, 0.125)[0] == 2 and ua.trigger(17, 0.125)[0] == 3
 
 
 # ---------------------------------------------------------------- bad input
@@ -581,12 +574,14 @@ def test_protocol_without_fcu_starts_over_and_reports_the_last_phase(fed, tmp_pa
     args = dict(SMALL_ARGS, unlearn_methods="retrain,continue", post_local_steps=1)
     log = []
     s = FCU.protocol(cfg, FCU.Args(**args), fed, out, log=log.append)
-    assert s["rounds"] == SMALL_ARGS["post_rounds"] and set(s["audit"]) == {
+    assert s["figures_of"] == "continue" and set(s["audit"]) == {
         "original", "retrain", "continue"}
+    assert s["phases"]["continue"]["rounds"] == SMALL_ARGS["post_rounds"]
+    assert s["rounds"] == 1 + 1 + SMALL_ARGS["post_rounds"]         # the whole protocol
     assert log == ["phase original: 1 rounds", "phase retrain: 1 rounds",
                    f"phase continue: {SMALL_ARGS['post_rounds']} rounds"]
     s = FCU.protocol(cfg, FCU.Args(**{**args, "post_rounds": 3}), fed, out, quiet=True)
-    assert s["rounds"] == 3 and s["audit"]["continue"]["rounds"] == 3
+    assert s["phases"]["continue"]["rounds"] == 3 and s["audit"]["continue"]["rounds"] == 3
 
 
 def test_mia_loss_is_the_cross_entropy_floored_at_1e_12(fed, monkeypatch):
@@ -601,7 +596,7 @@ def test_mia_loss_is_the_cross_entropy_floored_at_1e_12(fed, monkeypatch):
         p[np.arange(len(idx)), y[idx]] = np.where(np.isin(idx, u.train), 1.5e-12, 1e-13)
         return p
     monkeypatch.setattr(algo, "forward_probs", probs)
-    assert algo.audit_model(algo.init_weights)["mia_auroc"] == 1.0
+    assert algo.audit.model(algo.init_weights)["mia_loss_auroc"] == 1.0
 
 
 def test_speedups_are_plain_ratios_even_for_one_image_clients(tmp_path):
@@ -618,3 +613,50 @@ def test_speedups_are_plain_ratios_even_for_one_image_clients(tmp_path):
     a = s["audit"]
     assert a["retrain"]["grad_samples"] == 1 and a["continue"]["grad_samples"] == 1
     assert s["speedup_vs_retrain_continue"] == 1.0
+
+
+def test_reuse_original_runs_only_the_unlearning_phases(audit, fed, tmp_path):
+    """--reuse-original DIR: the original and retrain phases of an earlier run of the same
+    flags are read, not rerun (nothing of them is written to the new folder), audited the
+    same way, and counted in the totals as reused; the unlearning phases start from
+    DIR's theta_o. Another setting, or a folder without the phase, is refused."""
+    summary, out, _ = audit
+    new = str(tmp_path / "release_bn")
+    args = dict(SMALL_ARGS, forget_client="1", backdoor=True, unlearn_methods="retrain,fcu",
+                unlearn_bn_stats="trained", reuse_original=out)
+    log = []
+    s = FCU.protocol(small_cfg(), FCU.Args(**args), fed, new, log=log.append)
+    assert sorted(os.listdir(new)) == ["config.json", "fcu", "summary.json"]
+    assert log[:2] == [f"phase original: reused from {os.path.join(out, 'original')}",
+                       f"phase retrain: reused from {os.path.join(out, 'retrain')}"]
+    for p in ("original", "retrain"):
+        assert s["audit"][p] == summary["audit"][p]
+        assert s["phases"][p]["reused_from"] == os.path.join(out, p)
+    assert "reused_from" not in s["phases"]["fcu"]
+    ck = torch.load(os.path.join(new, "fcu", "checkpoint.pt"), weights_only=False)
+    theta_o = torch.load(os.path.join(out, "original", "checkpoint.pt"),
+                         weights_only=False)["server"]["weights"]
+    assert all(torch.equal(ck["server"]["state"]["theta_o"][k], v) for k, v in theta_o.items())
+    assert s["audit"]["fcu"]["before_post_training"] != summary["audit"]["fcu"][
+        "before_post_training"]                              # the release's BN statistics
+    with pytest.raises(fedmed.UsageError, match="backdoor"):
+        FCU.protocol(small_cfg(), FCU.Args(**{**args, "backdoor": False}), fed,
+                     str(tmp_path / "x"), quiet=True)
+    with pytest.raises(fedmed.UsageError, match="lr"):
+        FCU.protocol(small_cfg(lr=0.02), FCU.Args(**args), fed, str(tmp_path / "y"), quiet=True)
+    with pytest.raises(fedmed.UsageError, match="does not exist"):
+        FCU.protocol(small_cfg(), FCU.Args(**{**args, "reuse_original": str(tmp_path)}), fed,
+                     str(tmp_path / "z"), quiet=True)
+    y = fed.y.clone()
+    i = fed.clients[0].train[0]
+    y[i] = (y[i] + 1) % fed.num_classes                  # one label changed
+    with pytest.raises(fedmed.UsageError, match="the data"):
+        FCU.protocol(small_cfg(), FCU.Args(**args), dataclasses.replace(fed, y=y),
+                     str(tmp_path / "w"), quiet=True)
+    stale = tmp_path / "stale"                  # a summary of fewer rounds than config.json
+    shutil.copytree(out, stale)
+    sj = stale / "retrain" / "summary.json"
+    sj.write_text(json.dumps({**json.loads(sj.read_text()), "rounds": 1}))
+    with pytest.raises(fedmed.UsageError, match="rounds done"):
+        FCU.protocol(small_cfg(), FCU.Args(**{**args, "reuse_original": str(stale)}), fed,
+                     str(tmp_path / "v"), quiet=True)

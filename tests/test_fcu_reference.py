@@ -11,6 +11,7 @@ tolerance. The unlearning runs T = 7 MCU steps with a fusion every E = 3 (fusion
 steps 3 and 6, the 7th step unfused) so that a fusion skipped, run every step or run at
 the wrong step changes the result.
 """
+import dataclasses
 import itertools
 import json
 import math
@@ -204,7 +205,8 @@ def fedavg(fed, start, clients, rounds, alpha, poison, cost):
 
 def post_train(fed, start, first_round, cost):
     """Post-training (sheet section 3, Phase 3): R_post FedAvg rounds over the K - 1
-    others, Adam lr 1e-3 here, its state carried across rounds per client, weighted CE
+    others, Adam lr 1e-3 here with the release's betas (0.9, 0.9999) and L2 weight decay
+    5e-4, its state carried across rounds per client, weighted CE
     with the remaining clients' inverse class weights, uniform 1/(K - 1) average."""
     rest = [k for k in range(len(fed.clients)) if k != U]
     alpha = inverse_weights(fed, rest)
@@ -219,7 +221,7 @@ def post_train(fed, start, first_round, cost):
                 loss = weighted_ce(m(x), y, alpha)
                 m.zero_grad(set_to_none=True)
                 loss.backward()
-                adam_step(m, adam[k], ARGS["post_lr"])
+                adam_step(m, adam[k], ARGS["post_lr"], betas=(0.9, 0.9999), wd=5e-4)
                 cost[0] += 1
                 cost[1] += len(idx)
             ups.append(state(m))
@@ -270,7 +272,8 @@ def mcu_fgmp(fed, theta_o, theta_0, convention, poison, cost):
     f = the pooled features, f_o, f_d from theta_o, theta_d = theta_0 in eval mode; after
     every E steps FGMP of every conv and the classifier weight (paper: base = theta, donor =
     theta_o, symmetric window, the rest from theta; code: base = theta_o, donor = theta,
-    half-open window, the rest from theta_o); the Adam state carries on.
+    half-open window, the rest from theta_o); the Adam state carries on; uploaded with
+    theta_o's BN running statistics (none estimated on D_f).
 
     torch's Adam, not `adam_step`: Adam divides by |g|, so where a gradient and the weight
     decay cancel, a rounding difference in g flips the step's sign; the same kernels keep
@@ -305,7 +308,17 @@ def mcu_fgmp(fed, theta_o, theta_0, convention, poison, cost):
                 new.update({k: np_fuse(theta_o[k], cur[k], ARGS["fgmp_ratio"], False)
                             for k in FUSED})
             m.load_state_dict(new)
-    return state(m)
+    return start_stats(state(m), theta_o)
+
+
+def start_stats(sd, start):
+    """What leaves u (the rule of issue #19): every BN running statistic (mean, variance,
+    batch count) is the starting model's, none estimated on D_f."""
+    return {k: (start[k].clone() if k.rsplit(".", 1)[1] in BN_STATS else v)
+            for k, v in sd.items()}
+
+
+BN_STATS = ("running_mean", "running_var", "num_batches_tracked")
 
 
 def pga(fed, theta_o, w_u, theta_0_keys, poison, cost, args=ARGS):
@@ -314,7 +327,8 @@ def pga(fed, theta_o, w_u, theta_0_keys, poison, cost, args=ARGS):
     10 models drawn from (seed, "pga-random", i); from w_ref, SGD (lr, momentum 0.9) on
     -CE over D_f, each step followed by the projection onto ||w - w_ref|| <= delta; an
     epoch per fresh permutation (stream (seed, "batches", "pga", epoch, u)); stop before
-    the first minibatch whose training-mode accuracy is below 1/C."""
+    the first minibatch whose training-mode accuracy is below 1/C; uploaded with w_ref's BN
+    running statistics (none estimated on D_f)."""
     n_all = sum(len(c.train) for c in fed.clients)
     n_u = len(fed.clients[U].train)
     ref = {}
@@ -361,8 +375,8 @@ def pga(fed, theta_o, w_u, theta_0_keys, poison, cost, args=ARGS):
                     inside += 1
         if stopped is not None:
             break
-    return state(m), dict(ref=ref, delta=delta, stopped=stopped, projected=projected,
-                          inside=inside)
+    return start_stats(state(m), ref), dict(ref=ref, delta=delta, stopped=stopped,
+                                            projected=projected, inside=inside)
 
 
 def assert_close(got, want, atol=2e-5, rtol=1e-4):
@@ -510,12 +524,41 @@ def hand_metrics(y, p):
             float((pred == y).mean()), float(np.mean(aucs)))
 
 
-def hand_audit(fed, sd):
+def mia_features(fed, sd, idx):
+    """Sheet section 8: per image (loss, entropy, max-probability) of the softmax p,
+    loss = -log max(p_y, 1e-12), entropy = -sum_c p_c log p_c."""
+    p = probs(fed, sd, idx).double()
+    loss = -p[torch.arange(len(idx)), fed.y[idx]].clamp(min=1e-12).log()
+    ent = -(p * p.clamp(min=1e-12).log()).sum(1)
+    return torch.stack([loss, ent, p.max(1).values], 1).numpy()
+
+
+def hand_attack(fed, shadow):
+    """Sheet section 8: a logistic regression (class-balanced, on features standardised
+    with the training rows' mean and population sd) fit on the SHADOW model's (the
+    retrained one) outputs: D_r members, the first half of the test set (positions from
+    the stream (seed, "mia-split")) non-members. Returns (decision function, held-out
+    test positions)."""
+    from sklearn.linear_model import LogisticRegression
+    test = np.concatenate([c.test for c in fed.clients])
+    rest = np.concatenate([c.train for k, c in enumerate(fed.clients) if k != U])
+    perm = fedmed.np_rng(SEED, "mia-split").permutation(len(test))
+    first, held = np.sort(perm[:len(test) // 2]), np.sort(perm[len(test) // 2:])
+    x = np.concatenate([mia_features(fed, shadow, rest), mia_features(fed, shadow, test[first])])
+    t = np.r_[np.ones(len(rest)), np.zeros(len(first))]
+    mu, sd = x.mean(0), x.std(0)
+    lr = LogisticRegression(class_weight="balanced").fit((x - mu) / sd, t)
+    return (lambda f: lr.decision_function((f - mu) / sd)), held
+
+
+def hand_audit(fed, sd, shadow):
     """The audit (sheet section 8 and fcu.py's docstring) of one model: the global test
     set (every client's test images), D_f (u's training images, clean, unaugmented), D_r
-    (the others' training images); the loss-threshold MIA (Yeom et al.): score = -CE,
-    AUROC of D_f against u's test images; the backdoor's attack success on the test images
-    of the other classes, trigger stamped."""
+    (the others' training images); the sheet's attack (fit on `shadow`'s outputs): the
+    share of D_f it calls members and its AUROC of D_f against the held-out test half; the
+    loss-threshold MIA (Yeom et al.): score = -CE, AUROC of D_f against u's test images;
+    the backdoor's attack success on the test images of the other classes, trigger
+    stamped."""
     u = fed.clients[U]
     test = np.concatenate([c.test for c in fed.clients])
     rest = np.concatenate([c.train for k, c in enumerate(fed.clients) if k != U])
@@ -527,7 +570,11 @@ def hand_audit(fed, sd):
     out["forgotten_error"] = 1 - out["forgotten_accuracy"]
     ce = lambda idx: -probs(fed, sd, idx)[torch.arange(len(idx)), fed.y[idx]].clamp(  # noqa
         min=1e-12).log().numpy()
-    out["mia_auroc"] = pair_auroc(-ce(u.train), -ce(u.test))
+    out["mia_loss_auroc"] = pair_auroc(-ce(u.train), -ce(u.test))
+    decide, held = hand_attack(fed, shadow)
+    s_f = decide(mia_features(fed, sd, u.train))
+    out["mia_member_rate"] = float((s_f > 0).mean())
+    out["mia_attack_auroc"] = pair_auroc(s_f, decide(mia_features(fed, sd, test[held])))
     other = test[fed.y.numpy()[test] != TARGET]
     x, _ = images(fed, torch.as_tensor(other))
     s, patch = trigger_patch(x.shape[-1])
@@ -543,12 +590,14 @@ def test_audit_recomputed_from_the_final_and_the_uploaded_models(fed, protocol, 
     unlearning methods, of theta_u (before post-training), recomputed by hand."""
     summary, ck = protocol
     got = summary["audit"][phase]
-    want = hand_audit(fed, ck[phase]["server"]["weights"])
+    shadow = ck["retrain"]["server"]["weights"]
+    want = hand_audit(fed, ck[phase]["server"]["weights"], shadow)
     assert {k: got[k] for k in want} == pytest.approx(want, abs=1e-9)
+    assert summary["mia_shadow"] == "retrain"
     if phase == "original":
         assert "before_post_training" not in got
     else:
-        before = hand_audit(fed, ck[phase]["server"]["state"]["theta_u"])
+        before = hand_audit(fed, ck[phase]["server"]["state"]["theta_u"], shadow)
         assert {k: got["before_post_training"][k] for k in before} == pytest.approx(
             before, abs=1e-9)
     assert summary["forget_client"] == fed.clients[U].name
@@ -567,23 +616,36 @@ def test_what_the_protocol_writes_and_keeps(fed, protocol):
     assert cfg["data"] == {} and cfg["algorithm_args"]["fusion_interval"] == 3
     assert json.load(open(os.path.join(out, "summary.json"))) == json.loads(
         fedmed.dumps(summary))
-    fcu_run = json.load(open(os.path.join(out, "fcu", "summary.json")))
-    for k in ("pooled_balanced_accuracy", "balanced_accuracy", "rounds", "bytes_up"):
-        assert summary[k] == fcu_run[k]
-    assert summary["phase"] == "audit"
+    runs = {p: json.load(open(os.path.join(out, p, "summary.json")))
+            for p in ("original", "retrain", "continue", "pga", "fcu", "fcu_code")}
+    for k in ("pooled_balanced_accuracy", "balanced_accuracy"):   # the figures: FCU's model
+        assert summary[k] == runs["fcu"][k]
+    assert summary["figures_of"] == "fcu" and summary["phase"] == "audit"
+    for k in ("bytes_up", "bytes_down", "seconds", "rounds"):      # the cost: every phase
+        assert summary["phases"] == {p: {k: r[k] for k in ("bytes_up", "bytes_down", "seconds",
+                                                             "rounds")} for p, r in runs.items()}
+        assert summary[k] == pytest.approx(sum(r[k] for r in runs.values()), rel=1e-12)
+    assert summary["rounds"] == 2 * CFG["rounds"] + ARGS["post_rounds"] + 3 * (1 + ARGS["post_rounds"])
     keeps = {p: [k for k, c in enumerate(ck[p]["clients"]) if "last_local" in c["state"]]
              for p in ("original", "retrain", "continue", "pga", "fcu", "fcu_code")}
     assert keeps == {"original": [U], "retrain": [], "continue": [], "pga": [U], "fcu": [],
                      "fcu_code": []}
     assert ck["log"] == [f"phase pga: {1 + ARGS['post_rounds']} rounds"]
     rows = FCU.summary_table(summary).splitlines()
-    names = [r.split()[0] for r in rows[2:-1]]
+    names = [r.split()[0] for r in rows[2:11]]
     assert names == ["original", "retrain", "continue", "pga", "theta_u", "fcu", "theta_u",
                      "fcu_code", "theta_u"]
     pga_row = rows[2 + names.index("pga")]
     assert f"{summary['audit']['pga']['backdoor_success']:.3f}" in pga_row
     assert f"{summary['audit']['pga']['grad_samples']:,}" in pga_row
+    assert rows[11].startswith("MIA: attack fit on the retrain model's outputs")
+    assert [r.split(":")[0] for r in rows[12:16]] == [
+        f"time to accuracy, {m}" for m in ("fcu", "fcu_code", "pga", "continue")]
     assert rows[-1].startswith("FCU speed-up vs retraining")
+
+
+def ck_weights(protocol):
+    return protocol[1]["original"]["server"]["weights"]
 
 
 def fresh_algo(fed, protocol, phase, **kw):
@@ -642,7 +704,7 @@ def test_attack_success_in_eval_mode_and_on_a_single_image(fed, protocol):
     algo.load_model(w, {})
     algo.model.train()
     test = np.concatenate([c.test for c in fed.clients])
-    assert algo.attack_success(test) == pytest.approx(
+    assert algo.audit.attack_success(test) == pytest.approx(
         summary["audit"]["original"]["backdoor_success"], abs=1e-12)
     other = test[fed.y.numpy()[test] != TARGET]
     x, _ = images(fed, torch.as_tensor(other))
@@ -651,4 +713,59 @@ def test_attack_success_in_eval_mode_and_on_a_single_image(fed, protocol):
     with torch.no_grad():
         hit = (net(fed, w, False)(x).argmax(1) == TARGET).numpy()
     assert hit.any()
-    assert algo.attack_success(other[hit][:1]) == 1.0
+    assert algo.audit.attack_success(other[hit][:1]) == 1.0
+
+
+@pytest.mark.parametrize("phase,kw", [
+    ("fcu", {}), ("fcu_code", dict(fgmp_convention="code", fgmp_window="code")), ("pga", {})])
+def test_no_bn_statistic_of_theta_u_depends_on_D_f(fed, protocol, phase, kw):
+    """Issue #19, what of D_f may leave u: with D_f's images changed (inverted) and all
+    else equal, the uploaded theta_u's BN running statistics are the same, those of the
+    model unlearning started from (theta_o; PGA's w_ref), while its trained weights
+    differ. The release's behaviour (--unlearn-bn-stats trained) uploads statistics
+    estimated on D_f: they change with D_f's images."""
+    x = fed.x.clone()
+    idx = torch.as_tensor(fed.clients[U].train)
+    x[idx] = 255 - x[idx]
+    other = dataclasses.replace(fed, x=x)
+    stats = [k for k in ck_weights(protocol) if k.rsplit(".", 1)[1] in BN_STATS]
+    assert len(stats) == 9                               # 3 BN layers x (mean, var, count)
+    for rule in ("start", "trained"):
+        up = []
+        for f in (fed, other):
+            algo, clients = fresh_algo(f, protocol, phase, unlearn_bn_stats=rule, **kw)
+            up.append(algo.pga(clients[U]) if phase == "pga" else algo.mcu_fgmp(clients[U]))
+        start = (algo.reference_model(clients[U]) if phase == "pga"
+                 else protocol[1]["original"]["server"]["weights"])
+        assert not torch.allclose(up[0]["features.0.weight"], up[1]["features.0.weight"])
+        same = [torch.equal(up[0][k], up[1][k]) for k in stats]
+        if rule == "start":
+            assert all(same)
+            assert all(torch.equal(up[0][k], start[k]) for k in stats)
+        else:
+            assert not any(same[:2])           # the first layer's mean and var: D_f's
+
+
+def test_time_to_accuracy_from_retrainings_curve(fed, protocol):
+    """Issue #12's cost: for each method, the first retraining round whose pooled test BA
+    (the loop's evaluation line) reaches the method's final test BA, retraining's sample
+    gradients up to that round (its schedule by hand: the same minibatch sizes every
+    round), over the method's; never reached: the bound retraining's total / method's."""
+    summary, ck = protocol
+    with open(os.path.join(ck["out"], "retrain", "metrics.jsonl")) as f:
+        ba = [m["balanced_accuracy"] for m in map(json.loads, f) if m["client"] == "pooled"]
+    per_round = sum(len(idx) for k in (0, 2) for idx in batches(
+        fed.clients[k].train, torch.Generator().manual_seed(0), steps=CFG["local_steps"]))
+    tta = summary["time_to_accuracy"]
+    assert set(tta) == {"fcu", "fcu_code", "pga", "continue"}
+    for m, t in tta.items():
+        target = summary["audit"][m]["test_balanced_accuracy"]
+        spent = summary["audit"][m]["grad_samples"]
+        hit = [r for r, b in enumerate(ba, 1) if b >= target]
+        assert t["target_test_balanced_accuracy"] == target
+        if hit:
+            assert (t["retrain_round"], t["retrain_grad_samples"]) == (hit[0], hit[0] * per_round)
+            assert t["ratio"] == pytest.approx(hit[0] * per_round / spent)
+        else:
+            assert t["retrain_round"] is None and t["ratio"] is None
+            assert t["ratio_above"] == pytest.approx(CFG["rounds"] * per_round / spent)
