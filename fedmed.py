@@ -340,6 +340,7 @@ class Algorithm:
     name = "fedavg"
     primary_view = "global"           # name of the evaluated model in metrics.jsonl
     quiet = False                     # no progress bar (run.py --quiet); set by the loop
+    adam_betas = (0.9, 0.999)         # --optimizer adam: torch's; a paper's recipe may differ
 
     def __init__(self, cfg: Config, args, fed):
         self.cfg, self.args, self.fed = cfg, args, fed
@@ -565,7 +566,8 @@ class Algorithm:
     def make_optimizer(self, client: ClientState) -> torch.optim.Optimizer:
         params = [p for p in self.model.parameters() if p.requires_grad]
         if self.cfg.optimizer == "adam":
-            opt = torch.optim.Adam(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+            opt = torch.optim.Adam(params, lr=self.cfg.lr, betas=self.adam_betas,
+                                   weight_decay=self.cfg.weight_decay)
         else:
             opt = torch.optim.SGD(params, lr=self.cfg.lr, momentum=self.cfg.momentum,
                                   weight_decay=self.cfg.weight_decay)

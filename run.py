@@ -72,9 +72,9 @@ def _add_dataclass_flags(group, cls, seen: set, only: set | None = None,
         text = HELP.get(f.name, f.metadata.get("help", ""))
         if users:
             text += f" [{', '.join(users[f.name])}]"
-        if kind is bool:
-            group.add_argument(_flag(f.name), action="store_true", default=None,
-                               help=f"{text} (default: {default})")
+        if kind is bool:              # --no-X too: a recipe's True must be undoable
+            group.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction,
+                               default=None, help=f"{text} (default: {default})")
             continue
         recipes = "".join(f"; {d}: {r[f.name]}" for d, r in datasets.RECIPES.items() if f.name in r)
         group.add_argument(_flag(f.name), type=kind, default=None, choices=CHOICES.get(f.name),
