@@ -300,14 +300,25 @@ def register(name: str):
     return deco
 
 
-def load_algorithms() -> None:
-    """Import every module of algorithms/ so that each registers itself."""
-    import importlib
-    import pkgutil
+# The core imports no module of the project: the methods register themselves above
+# (`algorithms.load_all()` imports every file of algorithms/), and the model zoo hands the
+# core its builder here when models.py is imported (algorithms/ imports it).
+_MODEL_FACTORY = None
 
-    import algorithms
-    for mod in pkgutil.iter_modules(algorithms.__path__):
-        importlib.import_module(f"algorithms.{mod.name}")
+
+def set_model_factory(build) -> None:
+    """Plug in the model zoo: build(name, num_classes, weights) -> nn.Module, what the
+    default `Algorithm.build_model` calls (models.py calls this when imported)."""
+    global _MODEL_FACTORY
+    _MODEL_FACTORY = build
+
+
+def model_factory():
+    """The builder models.py plugged in; an error that says so when none did."""
+    if _MODEL_FACTORY is None:
+        raise RuntimeError("no model factory: import models (algorithms.load_all() does) "
+                           "before building an algorithm that uses the model zoo")
+    return _MODEL_FACTORY
 
 
 # ---------------------------------------------------------------- the algorithm
@@ -366,9 +377,9 @@ class Algorithm:
 
     def build_model(self) -> nn.Module:
         """The one working model whose state_dict is what clients train and send (a CLIP
-        method returns its adapter here). Called under the (seed, "init") stream."""
-        import models
-        return models.build(self.cfg.model, self.fed.num_classes, self.cfg.weights)
+        method returns its adapter here). Called under the (seed, "init") stream. By
+        default the model zoo's --model (see `set_model_factory`)."""
+        return model_factory()(self.cfg.model, self.fed.num_classes, self.cfg.weights)
 
     def _private_keys(self, affine: set, stats: set) -> set:
         return {"average": set(), "local": affine | stats, "params_only": stats}[self.cfg.bn]

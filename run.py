@@ -19,6 +19,7 @@ import sys
 import tempfile
 import time
 
+import algorithms
 import datasets
 import fedmed
 import models
@@ -91,7 +92,7 @@ class Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    fedmed.load_algorithms()
+    algorithms.load_all()
     p = Parser(
         prog="run.py", description="FedMed: federated learning for medical image "
         "classification. Trains --algo on --dataset and writes results to --out.")

@@ -45,7 +45,8 @@ def recipe() -> dict:
     """FedLSM's recipe, as run.py applies it (read from the class, so the two agree)."""
     sys.path.insert(0, ROOT)
     import fedmed
-    fedmed.load_algorithms()
+    import algorithms  # noqa: E402 - the methods register themselves
+    algorithms.load_all()
     return dict(fedmed.ALGORITHMS["fedlsm"].recipe)
 
 
@@ -93,7 +94,8 @@ def pseudo_quality(out: str, a, seed: int) -> dict:
     sys.path.insert(0, ROOT)
     import datasets
     import fedmed
-    fedmed.load_algorithms()
+    import algorithms  # noqa: E402 - the methods register themselves
+    algorithms.load_all()
     cfg_rec = json.load(open(os.path.join(out, "config.json")))
     ns = datasets.namespace(**{k: v for k, v in cfg_rec["data"].items() if k != "cache_dir"})
     ns.quiet = True

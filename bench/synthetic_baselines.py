@@ -21,7 +21,8 @@ def main():
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--algos", nargs="+", default=["fedavg", "fedprox", "local", "pooled"])
     a = ap.parse_args()
-    fedmed.load_algorithms()
+    import algorithms  # noqa: E402 - the methods register themselves
+    algorithms.load_all()
     rows = {}
     for algo in a.algos:
         for seed in a.seeds:

@@ -15,7 +15,9 @@ import run
 from fedmed import Config, ServerState, transmit
 from helpers import drop_seconds, one_line_error, read_jsonl
 
-fedmed.load_algorithms()
+import algorithms  # noqa: E402 - the methods register themselves
+
+algorithms.load_all()
 from algorithms.fedal import (FedAL, LabelLeak, acquisition_scores, entropy,  # noqa: E402
                               select_top)
 

@@ -32,7 +32,9 @@ import fedmed
 import models
 from fedmed import Config, ServerState, transmit
 
-fedmed.load_algorithms()
+import algorithms  # noqa: E402 - the methods register themselves
+
+algorithms.load_all()
 from algorithms.fedal import FedAL  # noqa: E402
 
 SEED = 0

@@ -19,7 +19,9 @@ from algorithms import fedlsm  # noqa: E402
 from fedmed import Config, ServerState, transmit  # noqa: E402
 from helpers import one_line_error  # noqa: E402
 
-fedmed.load_algorithms()
+import algorithms  # noqa: E402 - the methods register themselves
+
+algorithms.load_all()
 
 
 # ---------------------------------------------------------------- tiny federations
