@@ -338,7 +338,7 @@ class FedLSM(Algorithm):
         return up
 
     def train(self, client, payload, steps_scale: int = 1) -> int:
-        cfg, a, model = self.cfg, self.args, self.model
+        cfg, a, model = self.budget(), self.args, self.model
         if self.teacher is None:
             self.teacher = copy.deepcopy(model)
         self.teacher.load_state_dict(model.state_dict())              # (1) theta_t <- theta_g
