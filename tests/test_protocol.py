@@ -31,6 +31,7 @@ class Probe(fedmed.ALGORITHMS["fedavg"]):
     def setup(self, server, clients):
         self.seen = {"holdout": [c.name for c in self.holdout], "quiet": self.quiet, "rounds": []}
         super().setup(server, clients)
+        server.state["seen"] = {"holdout": self.seen["holdout"], "quiet": self.quiet}
 
     def begin_round(self, server, clients):
         self.seen["rounds"].append(self.round)
@@ -72,6 +73,7 @@ def test_a_wrapper_runs_its_base_unchanged_for_its_own_rounds(fed, tmp_path, reg
     a = torch.load(tmp_path / "w" / "checkpoint.pt", weights_only=False)
     b = torch.load(tmp_path / "p" / "checkpoint.pt", weights_only=False)
     assert a["server"]["state"]["rounds"] == [0, 1]
+    assert a["server"]["state"]["seen"] == {"holdout": [fed.holdout[0].name], "quiet": True}
     for k, v in b["server"]["weights"].items():
         assert torch.equal(a["server"]["weights"][k], v), k
     for k in ("balanced_accuracy", "pooled_balanced_accuracy", "pooled_kind", "view",
