@@ -300,14 +300,25 @@ def register(name: str):
     return deco
 
 
-def load_algorithms() -> None:
-    """Import every module of algorithms/ so that each registers itself."""
-    import importlib
-    import pkgutil
+# The core imports no module of the project: the methods register themselves above
+# (`algorithms.load_all()` imports every file of algorithms/), and the model zoo hands the
+# core its builder here when models.py is imported (algorithms/ imports it).
+_MODEL_FACTORY = None
 
-    import algorithms
-    for mod in pkgutil.iter_modules(algorithms.__path__):
-        importlib.import_module(f"algorithms.{mod.name}")
+
+def set_model_factory(build) -> None:
+    """Plug in the model zoo: build(name, num_classes, weights) -> nn.Module, what the
+    default `Algorithm.build_model` calls (models.py calls this when imported)."""
+    global _MODEL_FACTORY
+    _MODEL_FACTORY = build
+
+
+def model_factory():
+    """The builder models.py plugged in; an error that says so when none did."""
+    if _MODEL_FACTORY is None:
+        raise RuntimeError("no model factory: import models (algorithms.load_all() does) "
+                           "before building an algorithm that uses the model zoo")
+    return _MODEL_FACTORY
 
 
 # ---------------------------------------------------------------- the algorithm
@@ -330,20 +341,32 @@ def bn_keys(model: nn.Module) -> tuple[set, set]:
 class Algorithm:
     """Default hooks = FedAvg. A method overrides only the step its paper changes.
 
-    The loop calls, each round t: for every sampled client k, broadcast -> transmit ->
-    local_update -> transmit; then aggregate; then predict on every client's test set.
-    `self.round` is the current round, set by the loop before these calls. Whatever must
-    survive --resume lives in `server.state` or `client.state` (both are checkpointed
-    every round), or is derived from `self.round`; never in other attributes.
+    The loop builds the method with `ALGORITHMS[cfg.algo](cfg, args, fed)`, then follows
+    `self.cfg` (the settings the method runs under; config.json records them), hands it
+    the held-out clients with `attach`, calls `setup`, and each round t: `set_round(t)`,
+    `begin_round`, for every sampled client k broadcast -> transmit -> local_update ->
+    transmit; then aggregate; then predict on every client's test set. `self.round` is
+    the current round. Whatever must survive --resume lives in `server.state` or
+    `client.state` (both are checkpointed every round), or is derived from `self.round`;
+    never in other attributes.
+
+    The contract with a protocol (a method that changes the schedule or wraps another):
+      * settings: never assign to the caller's cfg. A schedule that fixes the number of
+        rounds gives a copy (`dataclasses.replace(cfg, rounds=T)`) to this constructor or
+        to Wrapper's; the loop runs self.cfg.rounds. Stages of one run that train under
+        budgets of their own return them from `budget()`; a protocol that runs the loop
+        several times (`protocol`, a classmethod run.py calls instead of `run`) gives
+        each phase its own copy: `run(dataclasses.replace(cfg, rounds=R_phase), ...)`.
+      * a method that wraps another registered method is a `Wrapper` (below).
     """
     Args = None
     name = "fedavg"
     primary_view = "global"           # name of the evaluated model in metrics.jsonl
     quiet = False                     # no progress bar (run.py --quiet); set by the loop
+    adam_betas = (0.9, 0.999)         # --optimizer adam: torch's; a paper's recipe may differ
 
     def __init__(self, cfg: Config, args, fed):
-        self.cfg, self.args, self.fed = cfg, args, fed
-        self.device = torch.device(cfg.device)
+        self._bind(cfg, args, fed)
         with seeded(cfg.seed, "init"):
             self.model = self.build_model().to(self.device)
         self.init_weights = {k: v.detach().clone().cpu() for k, v in self.model.state_dict().items()}
@@ -359,15 +382,39 @@ class Algorithm:
         train_y = np.concatenate([y[c.train] for c in fed.clients]) if fed.clients else y[:0]
         self.alpha = (class_weights(train_y, fed.num_classes).to(self.device)
                       if cfg.class_weights == "inverse" else None)
+
+    def _bind(self, cfg: Config, args, fed) -> None:
+        """What every method holds, whether it owns a model or (a Wrapper) not."""
+        self.cfg, self.args, self.fed = cfg, args, fed
+        self.device = torch.device(cfg.device)
         self.round = 0
         self.clients: list = []                       # set by the loop (setup)
         self.holdout: list = []                       # clients never trained on
 
+    # -- what the loop tells the method --------------------------------------------------
+    def attach(self, holdout: list, quiet: bool) -> None:
+        """Before `setup`: the held-out clients (evaluated, never trained on) and whether
+        to show no progress bars (--quiet)."""
+        self.holdout, self.quiet = holdout, quiet
+
+    def set_round(self, t: int) -> None:
+        """The loop's clock: round t (0-based) begins; called before `begin_round` (a test
+        that drives the hooks calls it too)."""
+        self.round = t
+
+    def budget(self) -> Config:
+        """The settings this round's local training and aggregation follow (optimizer,
+        lr, momentum, weight decay, keep_optimizer, batch size, local epochs / steps,
+        weighting): self.cfg. A protocol whose stages train under budgets of their own
+        returns the stage's settings (made once, `dataclasses.replace(self.cfg, ...)`);
+        `local_batches` also takes one explicitly for a loop of the method's own."""
+        return self.cfg
+
     def build_model(self) -> nn.Module:
         """The one working model whose state_dict is what clients train and send (a CLIP
-        method returns its adapter here). Called under the (seed, "init") stream."""
-        import models
-        return models.build(self.cfg.model, self.fed.num_classes, self.cfg.weights)
+        method returns its adapter here). Called under the (seed, "init") stream. By
+        default the model zoo's --model (see `set_model_factory`)."""
+        return model_factory()(self.cfg.model, self.fed.num_classes, self.cfg.weights)
 
     def _private_keys(self, affine: set, stats: set) -> set:
         return {"average": set(), "local": affine | stats, "params_only": stats}[self.cfg.bn]
@@ -397,9 +444,6 @@ class Algorithm:
         """What the pooled-test figure of `view` measures, in words, for summary.json."""
         if view in self.pooled_kinds:
             return self.pooled_kinds[view]
-        if not hasattr(self, "private_keys"):         # a wrapper owning no model (FedAL)
-            base = getattr(self, "base", None)
-            return base.pooled_kind(view) if base is not None else f"the {view!r} view, joined"
         if view == "global" and not self.private_keys:
             return "one global model on every client's test set, joined"
         if view == "global":
@@ -417,9 +461,6 @@ class Algorithm:
         n_k-average: the held-out rule), and `model-CLIENT` = each client's own model where
         it keeps private tensors. {} where the trained model is not a models.py model
         (the CLIP methods train adapters)."""
-        if not hasattr(self, "init_weights"):         # a wrapper owning no model (FedAL)
-            base = getattr(self, "base", None)
-            return base.export_models(server, clients) if base is not None else {}
         if type(self).build_model is not Algorithm.build_model:
             return {}
         self.load_model(server.weights, self.average_private())
@@ -477,7 +518,7 @@ class Algorithm:
         return self.stream_uploads and type(self).aggregate is Algorithm.aggregate
 
     def upload_weight(self, n: int) -> float:
-        return n if self.cfg.weighting == "samples" else 1
+        return n if self.budget().weighting == "samples" else 1
 
     def begin_aggregate(self, total: float) -> dict:
         """A running aggregate expecting weights summing to `total` (the participants'
@@ -564,21 +605,25 @@ class Algorithm:
 
     def make_optimizer(self, client: ClientState) -> torch.optim.Optimizer:
         params = [p for p in self.model.parameters() if p.requires_grad]
-        if self.cfg.optimizer == "adam":
-            opt = torch.optim.Adam(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        b = self.budget()
+        if b.optimizer == "adam":
+            opt = torch.optim.Adam(params, lr=b.lr, betas=self.adam_betas,
+                                   weight_decay=b.weight_decay)
         else:
-            opt = torch.optim.SGD(params, lr=self.cfg.lr, momentum=self.cfg.momentum,
-                                  weight_decay=self.cfg.weight_decay)
-        if self.cfg.keep_optimizer and "optimizer" in client.state:
+            opt = torch.optim.SGD(params, lr=b.lr, momentum=b.momentum,
+                                  weight_decay=b.weight_decay)
+        if b.keep_optimizer and "optimizer" in client.state:
             opt.load_state_dict(client.state["optimizer"])
         return opt
 
-    def local_batches(self, client: ClientState, gen: torch.Generator, steps_scale: int = 1):
+    def local_batches(self, client: ClientState, gen: torch.Generator, steps_scale: int = 1,
+                      budget: Config | None = None):
         """Minibatch index tensors for this round: E epochs of fresh permutations, or
-        tau minibatches (cycling through permutations) when --local-steps is set (see
-        `minibatches`)."""
-        return minibatches(client.train, gen, self.cfg.batch_size, epochs=self.cfg.local_epochs,
-                           steps=self.cfg.local_steps * steps_scale)
+        tau minibatches (cycling through permutations) when --local-steps is set, under
+        `budget` (default: `self.budget()`; see `minibatches`)."""
+        b = budget if budget is not None else self.budget()
+        return minibatches(client.train, gen, b.batch_size, epochs=b.local_epochs,
+                           steps=b.local_steps * steps_scale)
 
     def train(self, client: ClientState, payload: dict, steps_scale: int = 1) -> int:
         """Local SGD on the client's labelled images; returns the number of steps.
@@ -603,7 +648,7 @@ class Algorithm:
         if not bool(finite):
             raise Diverged(f"round {self.round + 1}, client {client.name}: the training loss "
                            "became NaN or infinite")
-        if cfg.keep_optimizer:           # the loop moves it to OUT/optimizer/ (see page_out)
+        if self.budget().keep_optimizer:     # the loop moves it to OUT/optimizer/ (page_out)
             client.state["optimizer"] = opt.state_dict()
         return steps
 
@@ -641,6 +686,95 @@ def minibatches(train, gen: torch.Generator, B: int, *, epochs: int = 1, steps: 
             yield idx
         if steps and done >= steps:
             return
+
+
+class Wrapper(Algorithm):
+    """A protocol that runs inside ONE run of the loop around another registered method,
+    its `base` (FedAL: active-learning cycles around --base-algo), and owns no model.
+
+    What a wrapper provides, in its __init__(cfg, args, fed):
+      1. `Wrapper.__init__(self, cfg, args, fed, rounds=T)` first (after checking its own
+         args): no model is built; `rounds`, where the wrapper's schedule fixes the
+         number of rounds, goes into its own copy of the settings, self.cfg, which the
+         loop runs and config.json records (the caller's cfg is never changed);
+      2. its base method, an ordinary instance built through its own constructor (with
+         self.cfg, its own args, and whatever view of the federation the wrapper gives
+         it), handed over with `self.wrap(base)`;
+      3. only the hooks it changes (e.g. begin_round, local_update), each calling the
+         base's.
+    What the core does for it: every other hook, the streaming aggregation included, is
+    the base's; the loop's clock (`set_round`) and what it hands over before setup
+    (`attach`: the held-out clients, --quiet) reach the base as well as the wrapper; the
+    evaluated view (`primary_view`), the wording of the pooled lines and the exported
+    models are the base's."""
+
+    def __init__(self, cfg: Config, args, fed, rounds: int | None = None):
+        self._bind(cfg if rounds is None else dataclasses.replace(cfg, rounds=rounds), args, fed)
+        self.base: Algorithm | None = None
+
+    def wrap(self, base: Algorithm) -> None:
+        self.base = base
+        self.primary_view = base.primary_view
+
+    def attach(self, holdout: list, quiet: bool) -> None:
+        super().attach(holdout, quiet)
+        self.base.attach(holdout, quiet)
+
+    def set_round(self, t: int) -> None:
+        super().set_round(t)
+        self.base.set_round(t)
+
+    def budget(self) -> Config:
+        return self.base.budget()
+
+    def setup(self, server: ServerState, clients: list) -> None:
+        self.clients = clients
+        self.base.setup(server, clients)
+
+    def begin_round(self, server: ServerState, clients: list) -> None:
+        self.base.begin_round(server, clients)
+
+    def participants(self, server: ServerState, sampled: list) -> list:
+        return self.base.participants(server, sampled)
+
+    def broadcast(self, server: ServerState, client: ClientState) -> dict:
+        return self.base.broadcast(server, client)
+
+    def local_update(self, client: ClientState, payload: dict) -> dict:
+        return self.base.local_update(client, payload)
+
+    def streams(self) -> bool:
+        return type(self).aggregate is Wrapper.aggregate and self.base.streams()
+
+    def aggregate(self, server: ServerState, uploads: dict) -> None:
+        self.base.aggregate(server, uploads)
+
+    def upload_weight(self, n: int) -> float:
+        return self.base.upload_weight(n)
+
+    def begin_aggregate(self, total: float) -> dict:
+        return self.base.begin_aggregate(total)
+
+    def fold(self, acc: dict, upload: dict) -> None:
+        self.base.fold(acc, upload)
+
+    def finish_aggregate(self, server: ServerState, acc: dict) -> None:
+        self.base.finish_aggregate(server, acc)
+
+    def predict(self, server: ServerState, client: ClientState, idx: np.ndarray):
+        return self.base.predict(server, client, idx)
+
+    def line_extra(self, server: ServerState, client: ClientState) -> dict:
+        return self.base.line_extra(server, client)
+
+    def summary_extra(self, server: ServerState, lines: list) -> dict:
+        return self.base.summary_extra(server, lines)
+
+    def pooled_kind(self, view: str) -> str:
+        return self.base.pooled_kind(view)
+
+    def export_models(self, server: ServerState, clients: list) -> dict:
+        return self.base.export_models(server, clients)
 
 
 def _cpu_state(model: nn.Module) -> dict:
@@ -1069,11 +1203,11 @@ def run(cfg: Config, args, fed, out: str, *, resume: bool = False, data_args: di
         raise UsageError(f"--last-k must be at least 1 (got {last_k})")
     clients = make_clients(fed)
     algo = ALGORITHMS[cfg.algo](cfg, args, fed)
-    algo.quiet = quiet                                # e.g. no feature-extraction bar in setup
+    cfg = algo.cfg                # what the method runs (a protocol's schedule fixes rounds)
     holdout = [ClientState(-1 - i, c.name, np.asarray(c.train), np.asarray(c.test))
                for i, c in enumerate(fed.holdout)]
     server = ServerState()
-    algo.holdout = holdout
+    algo.attach(holdout, quiet)                       # quiet: e.g. no feature bar in setup
     algo.setup(server, clients)
     record = {"config": dataclasses.asdict(cfg),
               "algorithm_args": dataclasses.asdict(args) if args is not None else {},
@@ -1128,7 +1262,7 @@ def _rounds(cfg, algo, server, clients, holdout, record, out, stop_after, log, s
     last = None
     _RoundsDone[out] = start
     for t in range(start, cfg.rounds):
-        algo.round = t
+        algo.set_round(t)
         t0 = time.perf_counter()
         algo.begin_round(server, clients)
         sampled = [clients[k] for k in sample_clients(cfg.seed, t, len(clients), cfg.fraction)]

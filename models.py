@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+import fedmed
 from fedmed import UsageError
 
 
@@ -315,6 +316,9 @@ def fetch(name: str, log=print) -> Path:
     _imagenet(name, 2)                                  # torchvision downloads into the cache
     log(f"{path} is in place; use --model {name} --weights imagenet")
     return path
+
+
+fedmed.set_model_factory(build)                     # the core's default --model builder
 
 
 def main(argv=None) -> int:

@@ -19,6 +19,7 @@ import sys
 import tempfile
 import time
 
+import algorithms
 import datasets
 import fedmed
 import models
@@ -72,9 +73,9 @@ def _add_dataclass_flags(group, cls, seen: set, only: set | None = None,
         text = HELP.get(f.name, f.metadata.get("help", ""))
         if users:
             text += f" [{', '.join(users[f.name])}]"
-        if kind is bool:
-            group.add_argument(_flag(f.name), action="store_true", default=None,
-                               help=f"{text} (default: {default})")
+        if kind is bool:              # --no-X too: a recipe's True must be undoable
+            group.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction,
+                               default=None, help=f"{text} (default: {default})")
             continue
         recipes = "".join(f"; {d}: {r[f.name]}" for d, r in datasets.RECIPES.items() if f.name in r)
         group.add_argument(_flag(f.name), type=kind, default=None, choices=CHOICES.get(f.name),
@@ -91,7 +92,7 @@ class Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    fedmed.load_algorithms()
+    algorithms.load_all()
     p = Parser(
         prog="run.py", description="FedMed: federated learning for medical image "
         "classification. Trains --algo on --dataset and writes results to --out.")

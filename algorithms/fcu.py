@@ -423,9 +423,13 @@ class FCU(Algorithm):
                              f"{theirs['rounds']}; finish it with --resume first")
         return ck
 
+    def budget(self):
+        """The core's contract (fedmed.Algorithm.budget): post-training rounds train under
+        post_cfg (Adam, its steps, state carried, its weighting), every other round under
+        the run's settings; self.cfg is never swapped."""
+        return self.post_cfg if self.stage() == "post" else self.train_cfg
+
     def begin_round(self, server, clients):
-        stage = self.stage()
-        self.cfg = self.post_cfg if stage == "post" else self.train_cfg
         self.alpha = self.alpha_all if self.phase in ("original", "audit") else self.alpha_rest
         self.theta_o = server.state.get("theta_o")     # the trained model u holds
 
@@ -469,8 +473,8 @@ class FCU(Algorithm):
         if self.stage() != "post":
             return super().make_optimizer(client)
         opt = torch.optim.Adam([p for p in self.model.parameters() if p.requires_grad],
-                               lr=self.cfg.lr, betas=(0.9, self.args.post_beta2),
-                               weight_decay=self.cfg.weight_decay)
+                               lr=self.post_cfg.lr, betas=(0.9, self.args.post_beta2),
+                               weight_decay=self.post_cfg.weight_decay)
         if "optimizer" in client.state:
             opt.load_state_dict(client.state["optimizer"])
         return opt

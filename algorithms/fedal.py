@@ -42,12 +42,14 @@ of the phase, before aggregation. Baseline acquisitions with the same schedule
 least-confidence 1 - max p_bar; margin (smallest p_bar(1) - p_bar(2) first), with
 p_bar = (p_loc + p_glob) / 2; ensemble-entropy (S1)-(S3) is FedAL.
 
-How FedAL wraps the base method: by composition. `self.base` is an ordinary instance of
-the base class (ALGORITHMS[--base-algo]) built on a view of the federation in which the
-labels of U are masked, with the base's own hyperparameters (--base-args "mu=0.01");
-every hook of the loop is delegated to it, and FedAL adds two things: the AL phase in
-`begin_round`, and, in `local_update`, the scoring of U_k with theta_k right after the
-client's last local update of a phase. Chosen over a dynamically built subclass because
+How FedAL wraps the base method: by composition, through the core's contract for a
+protocol (fedmed.Wrapper). `self.base` is an ordinary instance of the base class
+(ALGORITHMS[--base-algo]) built on a view of the federation in which the labels of U are
+masked, with the base's own hyperparameters (--base-args "mu=0.01"); the core delegates
+every hook of the loop to it, and FedAL adds two things: the AL phase in `begin_round`,
+and, in `local_update`, the scoring of U_k with theta_k right after the client's last
+local update of a phase. The schedule's T rounds are FedAL's own copy of the settings
+(self.cfg, which the loop runs); the caller's cfg is left as it was. Chosen over a dynamically built subclass because
 the base keeps its own `args` and its own `fed` (the masked view), so nothing of the
 protocol and of the method can collide, and a reader sees in one place which calls reach
 the base. A base that replaces the participants (pooled) has no per-client local update
@@ -89,8 +91,8 @@ import numpy as np
 import torch
 
 import fedmed
-from fedmed import (Algorithm, ClientState, Config, ServerState, UsageError, class_weights,
-                    np_rng, register)
+from fedmed import (Algorithm, ClientState, Config, ServerState, UsageError, Wrapper,
+                    class_weights, np_rng, register)
 
 ACQUISITIONS = ("ensemble-entropy", "global-entropy", "local-entropy", "random",
                 "least-confidence", "margin")
@@ -277,13 +279,10 @@ def parse_base_args(Base, text: str):
 
 
 @register("fedal")
-class FedAL(Algorithm):
+class FedAL(Wrapper):
     Args = Args
 
     def __init__(self, cfg: Config, args: Args, fed):
-        # FedAL owns no model: the base method does, so Algorithm.__init__ is not called.
-        self.cfg, self.args, self.device = cfg, args, torch.device(cfg.device)
-        self.clients: list = []
         a = args
         if not 0 < a.al_initial <= 1:
             raise UsageError(f"--al-initial must lie in (0, 1] (got {a.al_initial})")
@@ -314,9 +313,10 @@ class FedAL(Algorithm):
         if any(c.label_set is not None for c in fed.clients):
             raise UsageError("--algo fedal: --partition labelset hides classes that a client's "
                              "annotators cannot label; use another --partition")
+        T = (a.al_cycles + 1) * a.al_rounds_per_cycle
+        super().__init__(cfg, args, fed, rounds=T)    # the schedule fixes the rounds
+        rounds_given, cfg = cfg.rounds, self.cfg
         self.R_c, self.A = a.al_rounds_per_cycle, a.al_cycles
-        T = (self.A + 1) * self.R_c
-        rounds_given, cfg.rounds = cfg.rounds, T      # the schedule fixes the rounds
         self.beta = (a.al_budget - a.al_initial) / self.A if self.A else 0.0
 
         # the initial split; the dataset's unlabelled images join U_k when the simulated
@@ -355,7 +355,7 @@ class FedAL(Algorithm):
         view_clients = [datasets.ClientSplit(c.name, L, c.test, U, c.label_set)
                         for c, (L, U) in zip(fed.clients, splits)]
         self.fed = dataclasses.replace(fed, y=self.labels, clients=view_clients)
-        self.base = Base(cfg, base_args, self.fed)
+        self.wrap(Base(cfg, base_args, self.fed))
         names = [c.name for c in fed.clients]
         self.info = {
             "protocol": "FedAL (Deng, Yang, Suzuki, JID 2024) has no public code: every "
@@ -382,7 +382,7 @@ class FedAL(Algorithm):
 
     @staticmethod
     def _wrappable(cls) -> bool:
-        return (isinstance(cls, type) and issubclass(cls, Algorithm) and not issubclass(cls, FedAL)
+        return (isinstance(cls, type) and issubclass(cls, Algorithm) and not issubclass(cls, Wrapper)
                 and cls.participants is Algorithm.participants)
 
     @classmethod
@@ -391,27 +391,6 @@ class FedAL(Algorithm):
         if Base is not None and hasattr(Base, "default_image_size"):
             return Base.default_image_size(parse_base_args(Base, args.base_args))
         return None
-
-    # the loop sets these on the protocol; they belong to the base method
-    @property
-    def round(self) -> int:
-        return self.base.round
-
-    @round.setter
-    def round(self, t: int) -> None:
-        self.base.round = t
-
-    @property
-    def holdout(self) -> list:
-        return self.base.holdout
-
-    @holdout.setter
-    def holdout(self, clients: list) -> None:
-        self.base.holdout = clients
-
-    @property
-    def primary_view(self) -> str:
-        return self.base.primary_view
 
     # -- schedule -----------------------------------------------------------------------
     def target(self, k: int, c: int) -> int:
@@ -433,10 +412,9 @@ class FedAL(Algorithm):
 
     # -- the loop's hooks ---------------------------------------------------------------
     def setup(self, server: ServerState, clients: list) -> None:
-        self.clients = clients
         for c, (L, U) in zip(clients, self.initial):
             c.train, c.unlabeled = L.copy(), U.copy()
-        self.base.setup(server, clients)
+        super().setup(server, clients)
         server.state["al"] = {"oracle_log": [], "acquisitions": []}
 
     def begin_round(self, server: ServerState, clients: list) -> None:
@@ -452,13 +430,7 @@ class FedAL(Algorithm):
         if self.cfg.class_weights == "inverse":        # alpha_c = N / N_c over the L_k
             y_L = self.labels[torch.as_tensor(np.concatenate([k.train for k in clients]))]
             self.base.alpha = class_weights(y_L.numpy(), self.fed.num_classes).to(self.base.device)
-        self.base.begin_round(server, clients)
-
-    def participants(self, server, sampled):
-        return self.base.participants(server, sampled)
-
-    def broadcast(self, server, client):
-        return self.base.broadcast(server, client)
+        super().begin_round(server, clients)
 
     def local_update(self, client, payload):
         upload = self.base.local_update(client, payload)
@@ -468,12 +440,6 @@ class FedAL(Algorithm):
                 p_loc = self.base.forward_probs(client.unlabeled)
             client.state["al_p_local"] = torch.from_numpy(p_loc)
         return upload
-
-    def aggregate(self, server, uploads):
-        self.base.aggregate(server, uploads)
-
-    def predict(self, server, client, idx):
-        return self.base.predict(server, client, idx)
 
     # -- the AL phase -------------------------------------------------------------------
     def _needs_local_scores(self, client: ClientState) -> bool:

@@ -55,8 +55,20 @@ pos_weight_c = #neg_c / #pos_c (with --class-weights none: no message, pos_weigh
 Defaults (public code, ISIC / CXR): n_u 50 / 500, n_c 200 / 2000, b = 4, EMA decay 0.999,
 tau_p 0.95, tau_hi / tau_lo 0.85 / 0.01, U: 0.7 / 0.005, alpha 0.2, lambda_UDE 0.1,
 local iterations 30 / 10 (our --local-steps), Adam lr 1e-4, betas (0.9, 0.9999), weight
-decay 5e-4, batch 64 (60 + 4 + 4), 50 rounds, DenseNet-121 (ImageNet), 224 px.
+decay 5e-4 (L2, torch.optim.Adam's), constant lr, batch 64 (60 + 4 + 4), the optimiser
+state of each client carried from round to round (the code reloads it after loading
+theta_g), 50 rounds, DenseNet-121 (ImageNet), 224 px.
 Evaluation: the global model.
+
+The recipe (`recipe`, applied by run.py to the flags the user leaves unset; a flag given
+wins, --no-keep-optimizer included; config.json records what ran, the betas and the
+batch split under algorithm_info): --optimizer adam --lr 1e-4 --weight-decay 5e-4
+--local-steps 30 (ISIC) --batch-size 64 --keep-optimizer, betas (0.9, 0.9999) whenever
+the optimiser is Adam. "Batch 64 (60 + 4 + 4)" in this code's terms: the code's
+batch_size 64 is split into 64 - b = 60 images of P plus b = --batch-u = 4 of U and 4 of
+Cf (68 images in one step), so --batch-size is that batch_size and P gives
+--batch-size minus --batch-u. Not in the recipe: the rounds (50), the model and image
+size (DenseNet-121, 224 px), which stay the run's flags.
 
 Privacy: q_k (and, multi-label, the once-only label counts) reveal each client's class
 distribution to the server.
@@ -81,8 +93,8 @@ Deviations:
    that rare class on other clients' unlabelled images, its pseudo labels raised its
    q_{k,c}, and AWPA fed the row back (see README, FedLSM);
  * batches come from a fresh per-round stream rng(seed, round, client) (the code walks
-   the same permutation prefix every round, sheet pitfall 1); the optimiser, learning
-   rate, model and budget are the run's --optimizer / --lr / --model / --local-steps;
+   the same permutation prefix every round, sheet pitfall 1); the code's
+   ReduceLROnPlateau is never stepped there (no validation hook), so the lr is constant;
  * a class no client saw this round keeps its previous classifier row (the sheet's
    fallback, n_k weights, is --empty-class samples);
  * with a label_set of None (partitions other than labelset), L_k = the classes with a
@@ -239,6 +251,10 @@ def _cycle(pool: np.ndarray, size: int, gen: torch.Generator):
 @register("fedlsm")
 class FedLSM(Algorithm):
     Args = Args
+    # the public code's training recipe (configs/isic), applied by run.py to unset flags
+    recipe = {"optimizer": "adam", "lr": 1e-4, "weight_decay": 5e-4, "batch_size": 64,
+              "local_steps": 30, "keep_optimizer": True}
+    adam_betas = (0.9, 0.9999)                                        # its Adam's (beta1, beta2)
 
     def __init__(self, cfg, args, fed):
         super().__init__(cfg, args, fed)
@@ -252,6 +268,9 @@ class FedLSM(Algorithm):
             raise UsageError("--n-u and --n-c must be >= 0, --ema-decay in [0, 1] and "
                              "--mix-alpha > 0")
         self.head = self._head_keys()
+        self.info = {"batch": {"P": cfg.batch_size - a.batch_u, "U": a.batch_u, "Cf": a.batch_u}}
+        if cfg.optimizer == "adam":
+            self.info["adam_betas"] = list(self.adam_betas)
         self.teacher = None
         self.pos_weight = None                                        # multi-label, from setup
 
@@ -319,7 +338,7 @@ class FedLSM(Algorithm):
         return up
 
     def train(self, client, payload, steps_scale: int = 1) -> int:
-        cfg, a, model = self.cfg, self.args, self.model
+        cfg, a, model = self.budget(), self.args, self.model
         if self.teacher is None:
             self.teacher = copy.deepcopy(model)
         self.teacher.load_state_dict(model.state_dict())              # (1) theta_t <- theta_g

@@ -26,7 +26,9 @@ sys.path.insert(0, ROOT)
 import datasets  # noqa: E402
 import fedmed  # noqa: E402
 
-fedmed.load_algorithms()
+import algorithms  # noqa: E402 - the methods register themselves
+
+algorithms.load_all()
 from algorithms.fcu import FCU  # noqa: E402
 
 KEYS = ("test_balanced_accuracy", "forgotten_accuracy", "mia_member_rate", "mia_attack_auroc",

@@ -1,6 +1,13 @@
 """FedLSM against its two baselines on isic2019-mini with the labelset partition (not a
 test; prints a table). 5 clients, 3 annotated classes each (the FedLSM paper's ISIC
 setting), small CNN from scratch at 32 px, the same budget and optimiser for every method:
+FedLSM's recipe (`FedLSM.recipe`, the public code's: Adam lr 1e-4, weight decay 5e-4,
+30 local steps, batch 64 = 60 of P + 4 of U + 4 of Cf for FedLSM, 64 labelled images for
+the baselines, each client's optimiser state carried across rounds); FedLSM takes it from
+run.py's recipe (no budget flag is passed), the baselines as flags of the same values
+(their Adam keeps torch's betas; FedLSM's are (0.9, 0.9999)). --local-steps / --lr /
+--batch-size given here replace the recipe for every method, and --extra passes any
+other run.py flag (e.g. --extra --model mobilenet_v2 --weights imagenet):
 
   partial  fedavg trained on each client's annotated images only (the lower bound)
   fedlsm   FedLSM (algorithms/fedlsm.py) on the same clients
@@ -12,9 +19,9 @@ class-wise aggregation and n_k = all images alone).
 Each run is one command of run.py (printed); finished runs (summary.json present) are
 reused, so the script can be stopped and restarted.
 
-    python bench/fedlsm_isic.py [--seeds 0 1 2] [--rounds 30] [--local-steps 10]
-        [--methods partial fedlsm oracle] [--out runs/bench-fedlsm-isic]
-        [--jobs 3 --threads 1] [--extra ...]
+    python bench/fedlsm_isic.py [--seeds 0 1 2] [--rounds 30] [--local-steps 30]
+        [--image-size 64] [--methods partial fedlsm oracle] [--out runs/bench-fedlsm-isic]
+        [--jobs 3 --threads 1] [--extra --model mobilenet_v2 --weights imagenet ...]
 """
 import argparse
 import json
@@ -34,12 +41,36 @@ METHODS = {"partial": ["--algo", "fedavg"],
 DEFAULT = ["partial", "fedlsm", "oracle"]
 
 
+def recipe() -> dict:
+    """FedLSM's recipe, as run.py applies it (read from the class, so the two agree)."""
+    sys.path.insert(0, ROOT)
+    import fedmed
+    import algorithms  # noqa: E402 - the methods register themselves
+    algorithms.load_all()
+    return dict(fedmed.ALGORITHMS["fedlsm"].recipe)
+
+
+def budget(method, a) -> list:
+    """The optimiser and budget flags of one run: FedLSM's recipe, passed as flags to the
+    baselines (FedLSM's own run reads it from run.py), --local-steps / --lr /
+    --batch-size of this script where given."""
+    given = {"local_steps": a.local_steps, "lr": a.lr, "batch_size": a.batch_size}
+    flags = {k: v for k, v in given.items() if v is not None}
+    if METHODS[method][1] != "fedlsm":
+        flags = {**recipe(), **flags}
+    out = []
+    for k, v in flags.items():
+        flag = "--" + k.replace("_", "-")
+        out += ([flag] if v is True else [f"--no-{flag[2:]}"] if v is False else [flag, str(v)])
+    return out
+
+
 def command(method, seed, a) -> list:
     return ([sys.executable, os.path.join(ROOT, "run.py")] + METHODS[method]
             + ["--dataset", "isic2019", "--data-dir", a.data_dir, "--partition", "labelset",
                "--clients", "5", "--labels-per-client", "3", "--image-size", str(a.image_size),
-               "--rounds", str(a.rounds), "--local-steps", str(a.local_steps),
-               "--batch-size", "64", "--lr", "0.01", "--seed", str(seed), "--quiet",
+               "--rounds", str(a.rounds)] + budget(method, a)
+            + ["--seed", str(seed), "--quiet",
                "--out", os.path.join(a.out, f"{method}-s{seed}")] + a.extra)
 
 
@@ -63,7 +94,8 @@ def pseudo_quality(out: str, a, seed: int) -> dict:
     sys.path.insert(0, ROOT)
     import datasets
     import fedmed
-    fedmed.load_algorithms()
+    import algorithms  # noqa: E402 - the methods register themselves
+    algorithms.load_all()
     cfg_rec = json.load(open(os.path.join(out, "config.json")))
     ns = datasets.namespace(**{k: v for k, v in cfg_rec["data"].items() if k != "cache_dir"})
     ns.quiet = True
@@ -92,7 +124,9 @@ def main():
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--methods", nargs="+", default=DEFAULT, choices=list(METHODS))
     ap.add_argument("--rounds", type=int, default=30)
-    ap.add_argument("--local-steps", type=int, default=10)
+    ap.add_argument("--local-steps", type=int, default=None, help="(default: the recipe's, 30)")
+    ap.add_argument("--lr", type=float, default=None, help="(default: the recipe's, 1e-4)")
+    ap.add_argument("--batch-size", type=int, default=None, help="(default: the recipe's, 64)")
     ap.add_argument("--image-size", type=int, default=32)
     ap.add_argument("--data-dir", default=os.path.join(ROOT, "..", "shared", "data", "isic2019-mini"))
     ap.add_argument("--out", default=os.path.join(ROOT, "runs", "bench-fedlsm-isic"))
@@ -144,7 +178,8 @@ def main():
     keys = [("ba", "client BA"), ("pba", "pooled BA"), ("auc", "client AUROC"), ("pauc", "pooled AUROC")]
     sd = lambda v: statistics.stdev(v) if len(v) > 1 else 0.0  # noqa: E731
     print(f"\nisic2019-mini, labelset 5 clients x 3 classes, {a.image_size} px, {a.rounds} rounds x "
-          f"{a.local_steps} steps, seeds {a.seeds}: mean +- sd over seeds (last round)")
+          f"{a.local_steps or recipe()['local_steps']} steps, seeds {a.seeds}: mean +- sd over "
+          "seeds (last round)")
     print(f"{'method':<19}" + "".join(f"{name:>18}" for _, name in keys))
     mean = {}
     for method, rs in rows.items():

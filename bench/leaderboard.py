@@ -103,7 +103,8 @@ def clip_weights(groups: list, args_cls) -> str | None:
 
 def plan(algos: list | None, groups: list) -> tuple[list, dict]:
     """(rows [(name, algo, flags)], {algorithm: why it is left out})."""
-    fedmed.load_algorithms()
+    import algorithms  # noqa: E402 - the methods register themselves
+    algorithms.load_all()
     given = {d: toks for d, toks in groups}
     rows = list(BASE_ROWS)
     notes, clip_checked = {}, {}

@@ -87,7 +87,8 @@ def main():
     ap.add_argument("--image-size", type=int, default=32)
     ap.add_argument("--clients", type=int, default=5)
     a = ap.parse_args()
-    fedmed.load_algorithms()
+    import algorithms  # noqa: E402 - the methods register themselves
+    algorithms.load_all()
     fed = datasets.make_synthetic(0, a.clients, a.image_size)
     cfg = Config(**{**datasets.RECIPES["synthetic"], "rounds": a.rounds})   # as `python run.py`
     print(f"synthetic federation: {len(fed.clients)} clients, {sum(len(c.train) for c in fed.clients)} "

@@ -74,7 +74,8 @@ def child(k: int, path: str, model: str = "resnet18", root: str = ROOT) -> None:
 
     import datasets
     import fedmed
-    fedmed.load_algorithms()
+    import algorithms  # noqa: E402 - the methods register themselves
+    algorithms.load_all()
     fedmed.Algorithm.stream_uploads = path != "list"
     per, size = 6, 32                                     # 4 train + 2 test images each
     g = torch.Generator().manual_seed(0)

@@ -37,8 +37,7 @@ def main():
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
-    load = getattr(algorithms, "load_all", None) or fedmed.load_algorithms
-    load()
+    algorithms.load_all()
     rows: dict = {}
     for seed in a.seeds:
         fed = datasets.load(datasets.namespace(), seed=seed)

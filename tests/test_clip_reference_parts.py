@@ -23,7 +23,9 @@ from helpers import register_clip_config  # noqa: E402
 import fedmed  # noqa: E402
 from fedmed import Config, ServerState  # noqa: E402
 
-fedmed.load_algorithms()
+import algorithms  # noqa: E402 - the methods register themselves
+
+algorithms.load_all()
 
 TINY = {"embed_dim": 32,
         "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},

@@ -440,8 +440,9 @@ def test_image_classifier_loads_a_whole_clip_checkpoint(tiny, tmp_path):
 def test_images_are_decoded_at_the_clip_models_input_size(tiny):
     """run.py decodes images at --clip-model's input resolution (the default model's
     when no flags were parsed)."""
+    import algorithms
     import fedmed as fm
-    fm.load_algorithms()
+    algorithms.load_all()
     cls = fm.ALGORITHMS["fedclip"]
     assert cls.default_image_size(ca.ClipArgs(clip_model="fedmed-tiny-units")) == 32
     assert cls.default_image_size(None) == 224                     # ViT-B-32

@@ -13,7 +13,9 @@ import run
 from fedmed import Config, UsageError
 from helpers import read_jsonl
 
-fedmed.load_algorithms()
+import algorithms  # noqa: E402 - the methods register themselves
+
+algorithms.load_all()
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,9 @@ import run
 from fedmed import Config, ServerState, transmit
 from helpers import one_line_error, read_jsonl
 
-fedmed.load_algorithms()
+import algorithms  # noqa: E402 - the methods register themselves
+
+algorithms.load_all()
 from algorithms import fcu  # noqa: E402
 from algorithms.fcu import FCU  # noqa: E402
 import unlearning_audit as ua  # noqa: E402

@@ -27,7 +27,9 @@ import fedmed
 import models
 from fedmed import Config, torch_rng
 
-fedmed.load_algorithms()
+import algorithms  # noqa: E402 - the methods register themselves
+
+algorithms.load_all()
 from algorithms.fcu import FCU  # noqa: E402
 
 SEED = 5

@@ -13,9 +13,11 @@ import datasets
 import fedmed
 import run
 from fedmed import Config, ServerState, transmit
-from helpers import drop_seconds, one_line_error, read_jsonl
+from helpers import drop_seconds, one_line_error, read_json, read_jsonl
 
-fedmed.load_algorithms()
+import algorithms  # noqa: E402 - the methods register themselves
+
+algorithms.load_all()
 from algorithms.fedal import (FedAL, LabelLeak, acquisition_scores, entropy,  # noqa: E402
                               select_top)
 
@@ -39,7 +41,7 @@ def make_fedal(fed, cfg_kw=None, **kw):
 
 def train_round(algo, server, clients, t):
     """Round t through the hooks in the loop's order (all clients take part)."""
-    algo.round = t
+    algo.set_round(t)
     algo.begin_round(server, clients)
     uploads = {}
     for c in algo.participants(server, clients):
@@ -139,7 +141,7 @@ def test_acquisition_moves_exactly_the_top_b_images(fed):
         order = sorted(range(len(s)), key=lambda i: (-s[i], c.unlabeled[i]))[:b[c.id]]
         expect[c.id] = (set(c.train.tolist()), set(c.unlabeled[order].tolist()),
                         set(c.unlabeled.tolist()))
-    algo.round = 1
+    algo.set_round(1)
     algo.begin_round(server, clients)
     for c in clients:
         L0, S, U0 = expect[c.id]
@@ -159,7 +161,7 @@ def test_every_baseline_acquires_b_per_client(fed, acq):
     train_round(algo, server, clients, 0)
     before = [len(c.train) for c in clients]
     b = [algo.acquisition_size(c, 1) for c in clients]
-    algo.round = 1
+    algo.set_round(1)
     algo.begin_round(server, clients)
     assert [len(c.train) for c in clients] == [x + y for x, y in zip(before, b)]
     assert algo.oracle.queries == sum(b)
@@ -280,7 +282,7 @@ def test_all_labelled_equals_fedavg_bit_for_bit(tmp_path):
 
 def test_scoring_is_repeatable_and_leaves_bn_buffers_alone(fed):
     algo, server, clients = make_fedal(fed)
-    algo.round = 0
+    algo.set_round(0)
     algo.begin_round(server, clients)
     c = clients[0]
     payload, _ = transmit(algo.broadcast(server, c))
@@ -309,7 +311,7 @@ def test_local_scores_are_kept_only_until_the_acquisition(fed):
     assert not any("al_p_local" in c.state for c in clients)       # not the phase's last update
     train_round(algo, server, clients, 1)
     assert all("al_p_local" in c.state for c in clients)
-    algo.round = 2
+    algo.set_round(2)
     algo.begin_round(server, clients)                              # acquisition 1
     assert not any("al_p_local" in c.state for c in clients)
     rec = server.state["al"]["acquisitions"][0]
@@ -320,7 +322,7 @@ def test_reinit_restarts_the_base_method(fed):
     algo, server, clients = make_fedal(fed, al_reinit=True)
     train_round(algo, server, clients, 0)
     assert not same_weights(server.weights, algo.base.init_weights)
-    algo.round = 1
+    algo.set_round(1)
     algo.begin_round(server, clients)
     assert same_weights(server.weights, algo.base.init_weights) and algo.oracle.queries > 0
 
@@ -366,7 +368,7 @@ def test_semi_supervised_base_sees_no_label_on_u(fed):
     assert not algo.labels.strict and (algo.fed.y[U] == -1).all()
     train_round(algo, server, clients, 0)
     b = [algo.acquisition_size(c, 1) for c in clients]
-    algo.round = 1
+    algo.set_round(1)
     algo.begin_round(server, clients)
     assert algo.oracle.queries == sum(b) > 0
     assert (algo.fed.y[torch.as_tensor(clients[0].train)] >= 0).all()
@@ -517,7 +519,7 @@ def test_the_protocol_delegates_begin_round_to_the_base(fed, monkeypatch):
     monkeypatch.setitem(fedmed.ALGORITHMS, "probe", Probe)
     algo, server, clients = make_fedal(fed, base_algo="probe")
     for t in (0, 1):
-        algo.round = t
+        algo.set_round(t)
         algo.begin_round(server, clients)
     assert calls == [0, 1]
 
@@ -631,3 +633,33 @@ def test_a_client_without_any_ground_truth_is_refused(fed):
     for p0 in (1.0, 0.2):
         with pytest.raises(fedmed.UsageError, match=c0.name):
             FedAL(Config(algo="fedal"), FedAL.Args(al_initial=p0, al_budget=1.0), f2)
+
+
+# ---------------------------------------------------------------- issue #19: the protocol contract
+
+def test_fedal_is_a_wrapper_and_leaves_the_callers_settings_alone(fed, tmp_path, monkeypatch):
+    """FedAL goes through the core's documented constructor for a wrapper
+    (fedmed.Wrapper.__init__ with rounds = T = (A + 1) R_c), needs no property shims for
+    the loop's attributes, and a run leaves the caller's cfg as it was while the loop runs
+    T rounds, recorded in config.json; the base method gets the held-out clients, the
+    clock and --quiet from the core."""
+    calls = []
+    real = fedmed.Wrapper.__init__
+    monkeypatch.setattr(fedmed.Wrapper, "__init__",
+                        lambda self, *a, **kw: calls.append(kw) or real(self, *a, **kw))
+    cfg = Config(algo="fedal", model="cnn", batch_size=16, local_steps=2, rounds=7)
+    algo = FedAL(cfg, FedAL.Args(**SMALL), fed)
+    assert isinstance(algo, fedmed.Wrapper) and calls == [{"rounds": 3}]
+    assert cfg.rounds == 7 and algo.cfg.rounds == 3 and algo.base.cfg.rounds == 3
+    assert not {"round", "holdout", "primary_view"} & set(vars(FedAL))
+    assert algo.info["rounds"] == 3 and "(7)" in algo.info["rounds_rule"]
+    hold = [fedmed.ClientState(-1, "h", np.zeros(0, np.int64), np.zeros(0, np.int64))]
+    algo.attach(hold, True)
+    algo.set_round(2)
+    assert (algo.base.holdout, algo.base.quiet, algo.base.round) == (hold, True, 2)
+
+    before = dataclasses.asdict(cfg)
+    s = fedmed.run(cfg, FedAL.Args(**SMALL), fed, str(tmp_path / "r"), quiet=True)
+    assert dataclasses.asdict(cfg) == before
+    assert s["rounds"] == 3 and read_json(tmp_path / "r" / "config.json")["config"]["rounds"] == 3
+    assert sorted({m["round"] for m in read_jsonl(tmp_path / "r" / "metrics.jsonl")}) == [1, 2, 3]

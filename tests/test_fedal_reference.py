@@ -32,7 +32,9 @@ import fedmed
 import models
 from fedmed import Config, ServerState, transmit
 
-fedmed.load_algorithms()
+import algorithms  # noqa: E402 - the methods register themselves
+
+algorithms.load_all()
 from algorithms.fedal import FedAL  # noqa: E402
 
 SEED = 0
@@ -160,7 +162,7 @@ def test_two_rounds_and_one_acquisition_equal_the_sheet_recomputed(fed, tmp_path
 
     # FL phase 0 (one round): theta_k and p_loc per client, then the aggregation
     alpha0 = class_weights_of(fed, L)
-    algo.round = 0
+    algo.set_round(0)
     algo.begin_round(server, clients)
     assert close(algo.base.alpha, alpha0)
     thetas, p_loc, uploads = [], [], {}
@@ -205,7 +207,7 @@ def test_two_rounds_and_one_acquisition_equal_the_sheet_recomputed(fed, tmp_path
         U[k] = np.setdiff1d(U[k], S)
 
     # FL phase 1, round 1: the acquisition happens in begin_round, then one round
-    algo.round = 1
+    algo.set_round(1)
     algo.begin_round(server, clients)
     for k, c in enumerate(clients):
         assert np.array_equal(c.train, L[k]) and np.array_equal(c.unlabeled, U[k]), c.name

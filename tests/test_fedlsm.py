@@ -19,7 +19,9 @@ from algorithms import fedlsm  # noqa: E402
 from fedmed import Config, ServerState, transmit  # noqa: E402
 from helpers import one_line_error  # noqa: E402
 
-fedmed.load_algorithms()
+import algorithms  # noqa: E402 - the methods register themselves
+
+algorithms.load_all()
 
 
 # ---------------------------------------------------------------- tiny federations
@@ -626,3 +628,95 @@ def test_ude_compat_uses_ground_truth_only(fed):
     algo.args.ude_compat = False                            # the described behaviour
     y_u, m_u, _, _ = algo._mix_targets(Y, t, Y, t, L)
     assert m_u.tolist() == [True, True, True] and y_u[1].tolist() == torch.eye(6)[out].tolist()
+
+
+# ---------------------------------------------------------------- issue #19: the recipe
+
+def resolved(monkeypatch, tmp_path, *flags):
+    """(cfg, args) as run.py resolves `--algo fedlsm` with `flags` (no data is read)."""
+    seen = {}
+
+    def fake_train(ns, cfg, cls, args, out, rounds_given):
+        seen.update(cfg=cfg, args=args)
+        return 0
+    monkeypatch.setattr(run, "_train", fake_train)
+    assert run.main(["--algo", "fedlsm", "--quiet", "--out", str(tmp_path / "o"), *flags]) == 0
+    return seen["cfg"], seen["args"]
+
+
+def test_the_recipe_is_the_public_codes_and_user_flags_win(monkeypatch, tmp_path):
+    """Sheet section 7 (ISIC): Adam lr 1e-4, weight decay 5e-4, 30 local iterations, batch
+    64 = 60 of P + 4 of U + 4 of Cf (--batch-size 64 with --batch-u 4), each client's
+    optimiser state carried across rounds; betas (0.9, 0.9999). A flag given wins,
+    --no-keep-optimizer included."""
+    cfg, args = resolved(monkeypatch, tmp_path)
+    assert (cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.batch_size, cfg.local_steps,
+            cfg.keep_optimizer) == ("adam", 1e-4, 5e-4, 64, 30, True)
+    assert cfg.batch_size - args.batch_u == 60 and args.batch_u == 4
+    assert fedlsm.FedLSM.adam_betas == (0.9, 0.9999)
+    cfg, _ = resolved(monkeypatch, tmp_path, "--optimizer", "sgd", "--lr", "0.05", "--weight-decay", "0",
+                      "--batch-size", "16", "--local-steps", "2", "--no-keep-optimizer")
+    assert (cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.batch_size, cfg.local_steps,
+            cfg.keep_optimizer) == ("sgd", 0.05, 0.0, 16, 2, False)
+    cfg, _ = resolved(monkeypatch, tmp_path, "--keep-optimizer")
+    assert cfg.keep_optimizer is True
+    seen = {}                                  # another algorithm: no recipe of FedLSM's
+    monkeypatch.setattr(run, "_train", lambda ns, cfg, *rest: seen.update(cfg=cfg) or 0)
+    assert run.main(["--quiet", "--out", str(tmp_path / "o")]) == 0
+    assert (seen["cfg"].optimizer, seen["cfg"].lr, seen["cfg"].keep_optimizer) == ("sgd", 0.01, False)
+
+
+def test_the_recipe_runs_and_config_json_records_it(tmp_path):
+    """The optimiser that ran under the recipe: Adam with the recipe's betas and weight
+    decay, its state carried (the second round's Adam continues at step 2 x tau), and
+    config.json names all of it."""
+    npz = write_npz(tmp_path / "toy.npz")
+    out = str(tmp_path / "out")
+    rc = run.main(["--dataset", "medmnist", "--data-dir", str(npz), "--partition", "labelset",
+                   "--clients", "3", "--labels-per-client", "2", "--rounds", "2",
+                   "--local-steps", "2", "--batch-size", "16", "--n-u", "8", "--n-c", "20",
+                   "--quiet", "--cache-dir", "none", "--out", out, "--algo", "fedlsm"])
+    assert rc == 0
+    rec = json.load(open(os.path.join(out, "config.json")))
+    c = rec["config"]
+    assert (c["optimizer"], c["lr"], c["weight_decay"], c["keep_optimizer"]) == ("adam", 1e-4, 5e-4, True)
+    assert rec["algorithm_info"] == {"adam_betas": [0.9, 0.9999], "batch": {"P": 12, "U": 4, "Cf": 4}}
+    ck = fedmed.load_checkpoint(os.path.join(out, "checkpoint.pt"))
+    for saved in ck["clients"]:
+        ref = saved["state"][fedmed.OPT_REF]
+        st = torch.load(os.path.join(out, fedmed.OPT_DIR, ref["file"]), weights_only=True)
+        assert st["param_groups"][0]["betas"] == (0.9, 0.9999)
+        assert st["param_groups"][0]["weight_decay"] == 5e-4
+        assert {float(v["step"]) for v in st["state"].values()} == {4.0}   # 2 rounds x 2 steps
+
+
+def test_the_isic_bench_runs_fedlsm_with_its_recipe_and_the_baselines_with_the_same(
+        monkeypatch, tmp_path):
+    """bench/fedlsm_isic.py: FedLSM's command passes no optimiser or budget flag (run.py
+    applies the recipe), the baselines' pass the recipe's values, and --extra flags (the
+    lead's --model / --weights) reach run.py last."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import fedlsm_isic
+    import argparse
+    a = argparse.Namespace(data_dir="/data", image_size=64, rounds=3, local_steps=None, lr=None,
+                           batch_size=None, out=str(tmp_path), extra=["--model", "cnn"])
+    lsm, base = fedlsm_isic.command("fedlsm", 0, a), fedlsm_isic.command("partial", 0, a)
+    for flag in ("--lr", "--optimizer", "--batch-size", "--local-steps", "--keep-optimizer",
+                 "--weight-decay"):
+        assert flag not in lsm and flag in base
+    assert lsm[-2:] == ["--model", "cnn"] and base[-2:] == ["--model", "cnn"]
+    seen = {}
+    monkeypatch.setattr(run, "_train", lambda ns, cfg, *rest: seen.update(cfg=cfg) or 0)
+    for cmd in (lsm, base):                    # both resolve to the same optimiser and budget
+        argv = list(cmd[2:])                   # the same flags on synthetic data
+        i = argv.index("--data-dir")
+        del argv[i:i + 2]
+        argv[argv.index("--dataset") + 1] = "synthetic"
+        assert run.main(argv) == 0, argv
+        c = seen["cfg"]
+        assert (c.optimizer, c.lr, c.weight_decay, c.batch_size, c.local_steps, c.keep_optimizer,
+                c.model) == ("adam", 1e-4, 5e-4, 64, 30, True, "cnn")
+    a.local_steps, a.lr = 5, 0.01              # given to the bench: every method's
+    for m in ("fedlsm", "partial"):
+        cmd = fedlsm_isic.command(m, 0, a)
+        assert cmd[cmd.index("--local-steps") + 1] == "5" and cmd[cmd.index("--lr") + 1] == "0.01"

@@ -28,6 +28,9 @@ probability it thresholds lies within 1e-4 of a threshold, so float rounding can
 a decision on any CPU. The EMA decay is 0.5 so that the teacher differs visibly from
 theta_g after the first step.
 """
+import copy
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -39,7 +42,9 @@ import fedmed
 import models
 from fedmed import Config, ServerState, transmit
 
-fedmed.load_algorithms()
+import algorithms  # noqa: E402 - the methods register themselves
+
+algorithms.load_all()
 
 C, S = 5, 16                                  # classes, image side
 LABEL_SETS = ([0, 1], [1, 2], [2, 3])         # nobody annotates class 4
@@ -204,8 +209,13 @@ def probs(model, x, multilabel):
     return torch.sigmoid(z) if multilabel else F.softmax(z, dim=1)
 
 
-def reference_client(fed, cfg, a, theta_g, k, pos_weight, ce_alpha, multilabel, th):
-    """One local update of client k (sheet section 3, steps 1-4, and section 4)."""
+def reference_client(fed, cfg, a, theta_g, k, pos_weight, ce_alpha, multilabel, th,
+                     rnd=ROUND, opt_state=None):
+    """One local update of client k in round `rnd` (sheet section 3, steps 1-4, and
+    section 4). With cfg.optimizer "adam": the recipe's optimiser (sheet section 7), Adam
+    with betas (0.9, 0.9999) and L2 weight decay, continuing from `opt_state` (the
+    client's optimiser state after its previous round) when given; the returned upload
+    carries the state after this round under "opt"."""
     client = fed.clients[k]
     L = client.label_set
     idx = np.r_[client.train, client.unlabeled]                       # labelled, then unlabelled
@@ -221,9 +231,9 @@ def reference_client(fed, cfg, a, theta_g, k, pos_weight, ce_alpha, multilabel, 
         p = probs(student, images(fed, idx), multilabel)
     if multilabel:
         miss = [c for c in range(C) if c not in L]
-        H = (-(p[:, miss] * torch.log(p[:, miss]))).mean(1)
+        H = (-torch.special.xlogy(p[:, miss], p[:, miss])).mean(1)        # 0 log 0 = 0
     else:
-        H = -(p * torch.log(p)).sum(1)
+        H = -torch.special.xlogy(p, p).sum(1)
     order = torch.argsort(H, descending=True)
     srt = H[order]
     for cut in (a.n_u, len(H) - a.n_c):                                # pools not on a tie
@@ -232,11 +242,17 @@ def reference_client(fed, cfg, a, theta_g, k, pos_weight, ce_alpha, multilabel, 
     Cf = sorted(order[len(H) - a.n_c:].tolist())
     P = sorted(set(range(len(idx))) - set(U))
     B_P = cfg.batch_size - a.batch_u
-    gen = fedmed.torch_rng(SEED, "batches", ROUND, k)
-    lam_rng = fedmed.np_rng(SEED, "mixup", ROUND, k)
+    gen = fedmed.torch_rng(SEED, "batches", rnd, k)
+    lam_rng = fedmed.np_rng(SEED, "mixup", rnd, k)
     sP, sU, sC = Stream(P, B_P, gen), Stream(U, a.batch_u, gen), Stream(Cf, a.batch_u, gen)
-    opt = torch.optim.SGD(student.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                          weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adam":
+        opt = torch.optim.Adam(student.parameters(), lr=cfg.lr, betas=(0.9, 0.9999),
+                               weight_decay=cfg.weight_decay)
+        if opt_state is not None:
+            opt.load_state_dict(copy.deepcopy(opt_state))
+    else:
+        opt = torch.optim.SGD(student.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                              weight_decay=cfg.weight_decay)
     q = torch.zeros(C, dtype=torch.long)
     q_pseudo = torch.zeros(C, dtype=torch.long)                        # its pseudo part
     seen = {"pseudo": 0, "none": 0, "mixed": 0}
@@ -295,7 +311,8 @@ def reference_client(fed, cfg, a, theta_g, k, pos_weight, ce_alpha, multilabel, 
             for name, bt in teacher.named_buffers():
                 bt.copy_(sb[name])
     up = {"w": {n: v.detach().clone() for n, v in student.state_dict().items()},
-          "n": len(idx), "q": q, "q_pseudo": q_pseudo}                 # (4)
+          "n": len(idx), "q": q, "q_pseudo": q_pseudo,                 # (4)
+          "opt": copy.deepcopy(opt.state_dict())}
     return up, teacher, seen
 
 
@@ -484,3 +501,63 @@ def test_awpa_with_one_upload_and_a_class_counted_once(tmp_path):
         want = reference_awpa(theta_g, ups)
         for key, v in want.items():
             assert torch.allclose(server.weights[key].double(), v.double(), **TOL), key
+
+
+def test_two_rounds_of_the_recipe_optimiser_carry_each_clients_adam_state(tmp_path):
+    """Sheet section 7, the recipe's optimiser: Adam lr, betas (0.9, 0.9999), L2 weight
+    decay 5e-4, each client's state carried into its next round (the public code reloads
+    it after loading theta_g). Two rounds recomputed here (steps (1)-(4), AWPA, the second
+    round's Adam continuing from the first's moments and step counts) against the hooks,
+    against fedmed.run (whose loop keeps the state in files between rounds), and the
+    optimiser that ran: its class, betas, weight decay and step count."""
+    fed = single_label_fed()
+    path = theta_g_file(tmp_path, False)
+    theta_g = torch.load(path, weights_only=True)
+    Lsm = fedmed.ALGORITHMS["fedlsm"]
+    r = Lsm.recipe
+    cfg = Config(algo="fedlsm", model="cnn", weights=path, rounds=2, batch_size=8,
+                 local_steps=3, lr=r["lr"], optimizer=r["optimizer"], weight_decay=r["weight_decay"],
+                 keep_optimizer=r["keep_optimizer"], seed=SEED)
+    a = Lsm.Args(n_u=4, n_c=6, batch_u=2, ema_decay=0.5, **thresholds(fed, theta_g, False))
+    th = Thresholds()
+    states, ups_by_round, g = [None] * 3, [], theta_g
+    for rnd in range(2):
+        ups = [reference_client(fed, cfg, a, g, k, None, None, False, th, rnd,
+                                states[k])[0] for k in range(3)]
+        states = [u["opt"] for u in ups]
+        ups_by_round.append(ups)
+        g = reference_awpa(g, ups)
+    assert th.closest > 1e-4, "a probability sits on a threshold: change the data seed"
+
+    algo = Lsm(cfg, a, fed)
+    clients = fedmed.make_clients(fed)
+    server = ServerState()
+    algo.setup(server, clients)
+    for rnd, want_ups in enumerate(ups_by_round):
+        algo.round = rnd
+        uploads = {}
+        for c, want in zip(clients, want_ups):
+            payload, _ = transmit(algo.broadcast(server, c))
+            uploads[c.id], _ = transmit(algo.local_update(c, payload))
+            for key, v in want["w"].items():
+                assert torch.allclose(uploads[c.id]["w"][key].double(), v.double(), **TOL), \
+                    (rnd, c.name, key)
+            st = c.state["optimizer"]
+            assert st["param_groups"][0]["betas"] == (0.9, 0.9999)
+            assert st["param_groups"][0]["weight_decay"] == 5e-4
+            assert all(float(v["step"]) == 3 * (rnd + 1) for v in st["state"].values())
+            for i, v in want["opt"]["state"].items():
+                assert torch.allclose(st["state"][i]["exp_avg_sq"], v["exp_avg_sq"], rtol=1e-3,
+                                      atol=1e-12), (rnd, c.name, i)
+        algo.aggregate(server, uploads)
+    for key, v in g.items():
+        assert torch.allclose(server.weights[key].double(), v.double(), **TOL), key
+    assert isinstance(algo.make_optimizer(clients[0]), torch.optim.Adam)
+
+    fedmed.run(cfg, a, fed, str(tmp_path / "run"), quiet=True)
+    ck = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    for key, v in g.items():
+        assert torch.allclose(ck["server"]["weights"][key].double(), v.double(), **TOL), key
+    assert json.load(open(tmp_path / "run" / "config.json"))["algorithm_info"] == {
+        "adam_betas": [0.9, 0.9999], "batch": {"P": 6, "U": 2, "Cf": 2}}
+

@@ -14,7 +14,9 @@ import run
 from fedmed import Config
 from helpers import drop_seconds, one_line_error, read_jsonl
 
-fedmed.load_algorithms()
+import algorithms  # noqa: E402 - the methods register themselves
+
+algorithms.load_all()
 
 
 @pytest.fixture(scope="module")

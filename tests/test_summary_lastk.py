@@ -10,7 +10,9 @@ import fedmed
 import run
 from helpers import one_line_error, read_jsonl
 
-fedmed.load_algorithms()
+import algorithms  # noqa: E402 - the methods register themselves
+
+algorithms.load_all()
 
 
 def cli(tmp_path, *flags, name="out"):
