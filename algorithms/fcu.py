@@ -316,7 +316,6 @@ class FCU(Algorithm):
         names = [c.name for c in fed.clients]
         self.u = resolve_client(args.forget_client, names)
         self.phase = args.phase
-        self.train_cfg = cfg
         self.post_cfg = dataclasses.replace(
             cfg, optimizer="adam", lr=args.post_lr, local_steps=args.post_local_steps,
             keep_optimizer=True, weighting=args.post_weighting,
@@ -395,7 +394,7 @@ class FCU(Algorithm):
     def setup(self, server, clients):
         super().setup(server, clients)
         self.audit = ua.Audit(self, self.u, self.target, self.args.backdoor_patch,
-                              self.train_cfg.seed)
+                              self.cfg.seed)
         if self.phase in ("continue", "pga", "fcu", "fcu_code"):
             ck = self.read_original(self.args.from_run)
             server.weights = {k: v.clone() for k, v in ck["server"]["weights"].items()}
@@ -414,7 +413,7 @@ class FCU(Algorithm):
         ck = fedmed.load_checkpoint(path, "FCU")
         with open(os.path.join(folder, "config.json")) as fh:
             theirs = json.load(fh)["config"]
-        ours = dataclasses.asdict(self.train_cfg)
+        ours = dataclasses.asdict(self.cfg)
         if any(theirs.get(k) != v for k, v in ours.items() if k != "rounds"):
             raise UsageError(f"{folder} was trained with other settings; start the unlearning "
                              "phases from an original run of the same flags")
@@ -427,7 +426,7 @@ class FCU(Algorithm):
         """The core's contract (fedmed.Algorithm.budget): post-training rounds train under
         post_cfg (Adam, its steps, state carried, its weighting), every other round under
         the run's settings; self.cfg is never swapped."""
-        return self.post_cfg if self.stage() == "post" else self.train_cfg
+        return self.post_cfg if self.stage() == "post" else self.cfg
 
     def begin_round(self, server, clients):
         self.alpha = self.alpha_all if self.phase in ("original", "audit") else self.alpha_rest
@@ -507,7 +506,7 @@ class FCU(Algorithm):
 
     def mcu_fgmp(self, client) -> dict:
         """Phase 2 at u: T Adam steps on L_MCU, FGMP every E steps; returns theta_u."""
-        a, seed = self.args, self.train_cfg.seed
+        a, seed = self.args, self.cfg.seed
         theta_o = self.theta_o
         ref_o, ref_d = self.frozen(theta_o), self.frozen(self.init_weights)
         head = self.model.get_submodule(self.head_name)
@@ -518,7 +517,7 @@ class FCU(Algorithm):
         opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad],
                                lr=a.unlearn_lr, betas=(0.9, 0.9999), weight_decay=5e-4)
         gen = torch_rng(seed, "batches", "unlearn", client.id)
-        batches = fedmed.minibatches(client.train, gen, self.train_cfg.batch_size,
+        batches = fedmed.minibatches(client.train, gen, self.cfg.batch_size,
                                      steps=a.unlearn_steps)           # T steps
         with seeded(seed, "unlearn", client.id):
             for step, idx in enumerate(batches):
@@ -553,7 +552,7 @@ class FCU(Algorithm):
 
     def reference_model(self, client) -> dict:
         """PGA's w_ref from theta_o and u's last local model (algorithms/pga.py)."""
-        if self.train_cfg.weighting == "samples":
+        if self.cfg.weighting == "samples":
             n, n_u = sum(c.n for c in self.clients), client.n
         else:
             n, n_u = len(self.clients), 1
@@ -566,7 +565,7 @@ class FCU(Algorithm):
 
         def random_models():
             for i in range(10):
-                with seeded(self.train_cfg.seed, "pga-random", i):
+                with seeded(self.cfg.seed, "pga-random", i):
                     yield self.build_model().state_dict()
         return pga.radius(ref, keys, random_models(), self.args.pga_radius)
 
@@ -574,7 +573,7 @@ class FCU(Algorithm):
         """Phase 2 at u with Halimi et al.'s projected gradient ascent (algorithms/pga.py)
         on D_f, one epoch per fresh permutation (stream (seed, "batches", "pga", epoch,
         u)); returns theta_u."""
-        a, cfg = self.args, self.train_cfg
+        a, cfg = self.args, self.cfg
         ref = self.reference_model(client)
         delta = self.pga_radius(ref)
         self.load_model(ref, {})
