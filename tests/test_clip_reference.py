@@ -558,7 +558,9 @@ def test_fedmedclip_reference(tiny, fed, tmp_path, cache, variant):
         return L_contr + L_mlp + o["lam"] * L_sim                       # (7)
 
     def tol(k, lr, steps):
-        return 3 * lr * steps if k in chaotic else 0.05 * lr        # float noise: < 5% of a step
+        # float noise: < 10% of one Adam step (5.2% measured on the 40-160 image synthetic
+        # clients; any change of the method moves a weight by about one step, lr)
+        return 3 * lr * steps if k in chaotic else 0.1 * lr
 
     fams = {}
     for r in range(ROUNDS):

@@ -492,9 +492,11 @@ def test_every_acquisition_uses_the_local_model_of_its_phase(fed):
 
 
 def test_local_scores_only_where_the_next_acquisition_takes_an_image(fed):
-    """p0 = 2%, B = 3%, A = 2 on clients of 107, 109 and 94 images: b_k(1) = 1, 1, 0 and
+    """p0 = 2%, B = 3.4%, A = 2 on clients of 93, 98 and 83 images: n_k(0) = 2, 2, 2,
+    n_k(1) = round(2.7% N_k) = 3, 3, 2 and n_k(2) = 3, 3, 3, so b_k(1) = 1, 1, 0 and
     b_k(2) = 0, 0, 1. theta_k is scored exactly where b_k(next acquisition) > 0."""
-    algo, server, clients = make_fedal(fed, al_initial=0.02, al_budget=0.03)
+    assert [len(c.train) for c in fed.clients] == [93, 98, 83]
+    algo, server, clients = make_fedal(fed, al_initial=0.02, al_budget=0.034)
     b = [[algo.acquisition_size(c, 1) for c in clients]]
     n0 = [len(c.train) for c in clients]
     train_round(algo, server, clients, 0)

@@ -39,6 +39,7 @@ def test_unparsable_value_is_one_line_not_the_usage_block(tmp_path, capsys, no_d
 @pytest.mark.parametrize("flags,needles", [
     (["--data-dir", "/tmp"], ["--data-dir", "synthetic"]),
     (["--dataset", "synthetic-multilabel", "--color-constancy"], ["--color-constancy"]),
+    (["--test-fraction", "0.3"], ["--test-fraction", "synthetic", "150"]),
     (["--dataset", "imagefolder", "--data-dir", "/tmp", "--model", "nope"], ["--model", "'nope'"]),
     (["--dataset", "imagefolder", "--data-dir", "/tmp", "--weights", "/nonexistent/w.pt"],
      ["--weights", "/nonexistent/w.pt"]),
