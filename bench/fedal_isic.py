@@ -45,6 +45,7 @@ def phase_means(out, R_c, k=2):
         if m["client"] != "pooled" and not m.get("holdout") and m.get("view") == view:
             by_round.setdefault(m["round"], []).append(m["balanced_accuracy"])
     last = max(by_round)
+    k = min(k, R_c)                                       # within the phase
     return [statistics.mean(statistics.mean(by_round[r]) for r in range(e - k + 1, e + 1))
             for e in range(R_c, last + 1, R_c)]
 
