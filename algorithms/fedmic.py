@@ -198,10 +198,10 @@ def kd_losses(zT, zS, HT, AHS, task_T, task_S, *, compat: bool = False,
     D = task_T + task_S
     if not attached:
         D = D.detach()                               # [ours] (pitfall 4)
-    red = "mean" if compat else "batchmean"          # 'batchmean' [ours] (pitfall 3)
-    logpT, logpS = F.log_softmax(zT, dim=1), F.log_softmax(zS, dim=1)
-    LT_d = F.kl_div(logpT, logpS.detach(), reduction=red, log_target=True) / D   # KL(p_S||p_T)
-    LS_d = F.kl_div(logpS, logpT.detach(), reduction=red, log_target=True) / D   # KL(p_T||p_S)
+    div = zT.numel() if compat else len(zT)          # 'batchmean' [ours]; the code's 'mean'
+    logpT, logpS = F.log_softmax(zT, dim=1), F.log_softmax(zS, dim=1)   # (pitfall 3)
+    LT_d = F.kl_div(logpT, logpS.detach(), reduction="sum", log_target=True) / div / D  # KL(p_S||p_T)
+    LS_d = F.kl_div(logpS, logpT.detach(), reduction="sum", log_target=True) / div / D  # KL(p_T||p_S)
     Lh_T = F.mse_loss(HT, AHS.detach()) / D          # updates the teacher
     Lh_S = F.mse_loss(HT.detach(), AHS) / D          # updates the student and the adapter
     return task_T + LT_d + Lh_T, task_S + LS_d + Lh_S
@@ -215,14 +215,12 @@ def logits_and_features(model: nn.Module, at: str, x: torch.Tensor):
         z = model(x)
     finally:
         hook.remove()
-    return z, seen[0].flatten(1)
+    return z, seen[0]
 
 
 def width(model: nn.Module, at: str) -> int:
     """The width of the features entering `at` (its Linear's in_features)."""
-    m = model.get_submodule(at)
-    lin = m if isinstance(m, nn.Linear) else [x for x in m.modules() if isinstance(x, nn.Linear)][0]
-    return lin.in_features
+    return [m for m in model.get_submodule(at).modules() if isinstance(m, nn.Linear)][0].in_features
 
 
 # ---------------------------------------------------------------- the algorithm
@@ -242,7 +240,10 @@ class FedMIC(Algorithm):
         the teacher's backbone and weights."""
         if cfg.model not in FEATURE_AT:
             raise no_adapter(cfg.model, "--model")
-        models.check(args.teacher_model, args.teacher_weights, image_size)
+        try:
+            models.check(args.teacher_model, args.teacher_weights, image_size)
+        except UsageError as e:
+            raise UsageError(f"the teacher (--teacher-model / --teacher-weights): {e}") from None
 
     def __init__(self, cfg, args, fed):
         args = args if args is not None else Args()
@@ -341,8 +342,7 @@ class FedMIC(Algorithm):
             if self.args.error_feedback:
                 server.state["residual"][k] = dW - reconstruct(update[k], dW)
         apply_update(server.weights, update)                       # (BCAST) the server's S-bar
-        versions = [c.state["version"] for c in self.clients if "version" in c.state]
-        oldest = min(versions) if versions else self.round
+        oldest = min(c.state["version"] for c in self.clients if "version" in c.state)
         server.state["queue"] = [b for b in server.state["queue"] if b["round"] >= oldest]
         server.state["queue"].append({"round": self.round, "update": update})
         server.state["ranks_down"] = {"round": self.round, "ranks": ranks}
@@ -378,14 +378,13 @@ class FedMIC(Algorithm):
         return opt
 
     def train(self, client, payload, steps_scale: int = 1) -> int:
-        self.teacher.train()
-        self.adapter.train()
+        self.teacher.train()                       # the student: Algorithm.train
         return super().train(client, payload, steps_scale)
 
     # -- evaluation -------------------------------------------------------------------
     def predict(self, server, client, idx):
         p_student = super().predict(server, client, idx)           # S-bar (+ private BN)
-        if client.id < 0 or "teacher" not in client.state:         # held out: no teacher
+        if client.id < 0:                                          # held out: no teacher
             return {"personal": p_student, "global": p_student}
         self.teacher.load_state_dict(client.state["teacher"])
         student, self.model = self.model, self.teacher             # forward_probs reads self.model

@@ -102,6 +102,17 @@ def test_rank_edge_cases_full_energy_and_zero():
     assert r == 0 and entry["s"].numel() == 0 and torch.equal(rec, Z) and torch.isfinite(rec).all()
 
 
+def test_factors_as_large_as_the_matrix_are_sent_as_the_matrix():
+    """r (m + n + 1) >= m n: the dense dW (2 x 3 at rank 1: 6 numbers either way); one
+    rank less and the factors are sent."""
+    M = low_rank(2, 3, [1.0]).float()
+    entry, r = fedmic.compress(M, 0.9)
+    assert r == 1 and torch.equal(entry["dense"], M)
+    M = low_rank(2, 4, [1.0]).float()                 # 7 < 8 numbers
+    entry, r = fedmic.compress(M, 0.9)
+    assert r == 1 and entry["U"].shape == (2, 1)
+
+
 def test_exact_recovery_of_a_rank_3_matrix_and_the_conv_reshape():
     """Sheet 11.2: singular values (3, 2, 1), T = 0.999: r = 3 and relative error < 1e-5;
     a conv kernel (out, in, kh, kw) is compressed as out x in*kh*kw and comes back in its
@@ -140,6 +151,15 @@ def test_the_schedule_end_points():
     assert T[0] == pytest.approx(a + (b - a) / R) and T[-1] == pytest.approx(b)
     assert all(x <= y for x, y in zip(T, T[1:])) and T[0] < T[-1]
     assert fedmic.energy_threshold(2, 4, 0.5, 0.5) == 0.5
+
+
+def test_the_run_records_its_schedule_and_its_pair(fed):
+    algo, _, _ = make(fed, cfg_of(rounds=4), energy_start=0.6, energy_end=0.8)
+    assert algo.info["energy"] == pytest.approx([0.65, 0.7, 0.75, 0.8])
+    assert (algo.info["teacher"], algo.info["student"], algo.info["d_T"], algo.info["d_S"]) == \
+        ("cnn", "cnn", 128, 128) and "extension" not in algo.info
+    algo.set_round(2)
+    assert algo.energy() == pytest.approx(0.75)
 
 
 # ---------------------------------------------------------------- 4: bytes
@@ -246,7 +266,7 @@ def test_the_detached_denominator_gradient():
         HT, AHS = HT0.clone().requires_grad_(), AHS0.clone().requires_grad_()
         tT, tS = F.cross_entropy(zT, y), F.cross_entropy(zS, y)
         if constant:                                  # D by hand, a constant
-            D = float(tT + tS)
+            D = float((tT + tS).detach())
             L = (tT + tS + (F.kl_div(zT.log_softmax(1), zS.softmax(1).detach(), reduction="batchmean")
                             + F.kl_div(zS.log_softmax(1), zT.softmax(1).detach(), reduction="batchmean")
                             + F.mse_loss(HT, AHS.detach()) + F.mse_loss(HT.detach(), AHS)) / D)
@@ -398,29 +418,36 @@ def test_the_teacher_is_the_personal_view_and_the_student_the_global_one(fed):
 
 
 def test_error_feedback_keeps_what_compression_dropped(fed):
-    """EXTENSION (--error-feedback): the client's residual is what it compressed minus
-    what it sent, M - rec(C(M)), M = dW + the previous residual; the server's alike."""
+    """EXTENSION (--error-feedback): over two rounds, the client's residual is what it
+    compressed minus what it sent, M - rec(C(M)) with M = dW + the previous residual, and
+    the server's alike with M = the averaged update + its previous residual."""
     algo, server, clients = make(fed, energy_start=0.3, energy_end=0.3, error_feedback=True)
+    assert algo.info["extension"].startswith("error feedback")
     c = clients[0]
-    algo.set_round(0)
-    payload, _ = transmit(algo.broadcast(server, c))
-    before = {k: v.clone() for k, v in payload["student"].items()}
-    up = algo.local_update(c, payload)
-    sd = algo.model.state_dict()
-    res = c.state["residual"]
-    for k in algo.sync_keys:
-        sent = fedmic.reconstruct(up["update"][k], before[k])
-        assert torch.allclose(sent + res[k], sd[k] - before[k], atol=1e-6)
-    assert any(r.abs().sum() > 0 for r in res.values())
-    w0 = {k: server.weights[k].clone() for k in algo.sync_keys}
-    algo.aggregate(server, {0: up})
-    for k in algo.sync_keys:
-        dW = fedmic.reconstruct(up["update"][k], before[k])
-        assert torch.allclose(server.weights[k] - w0[k] + server.state["residual"][k], dW, atol=1e-6)
+    res_c, res_s = {}, {}
+    for t in range(2):
+        algo.set_round(t)
+        payload, _ = transmit(algo.broadcast(server, c))
+        up = algo.local_update(c, payload)
+        before = {k: v.clone() for k, v in c.state["student"].items()}
+        sd = algo.model.state_dict()
+        for k in algo.sync_keys:
+            sent = fedmic.reconstruct(up["update"][k], before[k])
+            M = sd[k] - before[k] + res_c.get(k, 0)
+            assert torch.allclose(sent + c.state["residual"][k], M, atol=1e-6), (t, k)
+        res_c = {k: v.clone() for k, v in c.state["residual"].items()}
+        assert any(r.abs().sum() > 0 for r in res_c.values())
+        w0 = {k: server.weights[k].clone() for k in algo.sync_keys}
+        algo.aggregate(server, {0: up})
+        for k in algo.sync_keys:
+            M = fedmic.reconstruct(up["update"][k], before[k]) + res_s.get(k, 0)
+            assert torch.allclose(server.weights[k] - w0[k] + server.state["residual"][k], M,
+                                  atol=1e-6), (t, k)
+        res_s = {k: v.clone() for k, v in server.state["residual"].items()}
     a2, s2, c2 = make(fed, energy_start=0.3, energy_end=0.3)
     a2.set_round(0)
     p2, _ = transmit(a2.broadcast(s2, c2[0]))
-    a2.local_update(c2[0], p2)
+    a2.aggregate(s2, {0: a2.local_update(c2[0], p2)})
     assert "residual" not in c2[0].state and s2.state["residual"] == {}
 
 
@@ -443,6 +470,61 @@ def test_a_multilabel_federation_is_refused():
     f = datasets.make_synthetic_multilabel(seed=0, clients=2, image_size=16)
     with pytest.raises(fedmed.UsageError, match="single-label"):
         fedmed.ALGORITHMS["fedmic"](cfg_of(), fedmic.Args(teacher_model="cnn"), f)
+
+
+def test_features_are_the_head_input_and_no_hook_is_left(fed):
+    """H = the input of the head (before MobileNetV2's dropout): its width is d, the logits
+    are the head applied to it, and no forward hook stays on the model."""
+    import models
+    m = models.build("mobilenet_v2", 3)
+    m.eval()
+    x = torch.randn(2, 3, 32, 32)
+    z, H = fedmic.logits_and_features(m, "classifier", x)
+    assert H.shape == (2, 1280) == (2, fedmic.width(m, "classifier"))
+    assert torch.allclose(z, m.classifier(H), atol=1e-6)
+    assert not m.classifier._forward_pre_hooks
+    algo, _, _ = make(fed, teacher_model="resnet18")
+    assert (algo.d_T, algo.d_S) == (512, 128) and algo.adapter.weight.shape == (512, 128)
+
+
+def test_the_task_loss_follows_the_run(fed):
+    """(4a): the class-weighted CE (alpha_c = N / N_c), or the focal loss with --loss focal."""
+    g = torch.Generator().manual_seed(9)
+    z, y = torch.randn(6, fed.num_classes, generator=g), torch.tensor([0, 1, 2, 3, 4, 5])
+    algo, _, _ = make(fed)
+    a = algo.alpha
+    ce = -(a[y] * z.log_softmax(1)[torch.arange(6), y]).sum() / a[y].sum()
+    assert torch.allclose(algo.task(z, y), ce, atol=1e-6)
+    algo, _, _ = make(fed, cfg_of(loss="focal", focal_gamma=2.0))
+    p = z.softmax(1)[torch.arange(6), y]
+    focal = (-(a[y]) * (1 - p) ** 2 * p.log()).mean()
+    assert torch.allclose(algo.task(z, y), focal, atol=1e-6)
+
+
+def test_keep_optimizer_carries_the_state_of_the_three_models(fed):
+    algo, server, clients = make(fed, cfg_of(keep_optimizer=True))
+    c = clients[0]
+    for t in range(2):
+        algo.set_round(t)
+        payload, _ = transmit(algo.broadcast(server, c))
+        algo.aggregate(server, {0: algo.local_update(c, payload)})
+    steps = {float(v["step"]) for v in c.state["optimizer"]["state"].values()}
+    assert steps == {4.0}
+    n = sum(1 for m in (algo.teacher, algo.model, algo.adapter) for _ in m.parameters())
+    assert len(c.state["optimizer"]["state"]) == n
+
+
+def test_the_teacher_trains_in_train_mode_after_an_evaluation(fed):
+    """predict leaves the teacher in eval mode; the next local update trains it with
+    batch statistics (its BN running means move)."""
+    algo, server, clients = make(fed)
+    c = clients[0]
+    algo.predict(server, c, c.test[:4])
+    before = {k: v.clone() for k, v in c.state["teacher"].items()}
+    algo.set_round(0)
+    payload, _ = transmit(algo.broadcast(server, c))
+    algo.local_update(c, payload)
+    assert not torch.equal(c.state["teacher"]["features.1.running_mean"], before["features.1.running_mean"])
 
 
 # ---------------------------------------------------------------- command line
@@ -474,6 +556,7 @@ def test_the_command_line_runs_and_writes_both_views(tmp_path):
     (["--energy-start", "0.99", "--energy-end", "0.9"], "above --energy-end"),
     (["--teacher-model", "vgg"], "--teacher-model vgg"),
     (["--model", "clip:ViT-B-32"], "--model clip:ViT-B-32"),
+    (["--teacher-weights", "/nonexistent/t.pt"], "the teacher (--teacher-model"),
 ])
 def test_bad_input_is_one_line_exit_2_before_data(tmp_path, capsys, monkeypatch, flags, needle):
     """T_start / T_end outside (0, 1], start above end, a pair without an adapter shape:

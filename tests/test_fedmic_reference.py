@@ -152,6 +152,7 @@ def test_one_round_equals_the_sheet_recomputed_by_hand(fed, weighting):
     algo.setup(server, clients)
     algo.set_round(0)
     alpha = alpha_of(fed)
+    algo.predict(server, clients[0], clients[0].test[:4])        # leaves the teacher in eval
     uploads, refs = {}, []
     for k, c in enumerate(clients):
         payload, _ = transmit(algo.broadcast(server, c))
