@@ -95,6 +95,10 @@ def test_rank_edge_cases_full_energy_and_zero():
     assert fedmic.energy_rank(torch.tensor([1.0, 1.0]), 0.5) == 1
     assert fedmic.energy_rank(torch.tensor([1.0, 1.0]), 0.51) == 2
     assert fedmic.energy_rank(torch.tensor([2.0, 1.0]), 0.8) == 1          # 4/5 reaches 0.8
+    assert fedmic.energy_rank(torch.tensor([2.0]), 0.9) == 1               # a 1 x n matrix
+    row = torch.randn(1, 5)
+    entry, r = fedmic.compress(row, 0.9)
+    assert r == 1 and torch.equal(fedmic.reconstruct(entry, row), row)
     Z = torch.zeros(7, 5)
     assert fedmic.energy_rank(torch.linalg.svdvals(Z), 0.95) == 0
     entry, r = fedmic.compress(Z, 0.95)
@@ -233,7 +237,7 @@ def test_kd_matches_its_formula_on_toy_logits(compat):
     kl_TS = (pT * (pT.log() - pS.log())).sum() / div
     mse = ((HT - AHS) ** 2).mean()
     D = tT + tS
-    L_T, L_S = fedmic.kd_losses(zT, zS, HT, AHS, tT, tS, compat=compat)
+    L_T, L_S = fedmic.kd_losses(zT, zS, HT, AHS, tT, tS, **({"compat": True} if compat else {}))
     assert torch.allclose(L_T, tT + kl_ST / D + mse / D, atol=1e-6)
     assert torch.allclose(L_S, tS + kl_TS / D + mse / D, atol=1e-6)
 
@@ -271,7 +275,8 @@ def test_the_detached_denominator_gradient():
                             + F.kl_div(zS.log_softmax(1), zT.softmax(1).detach(), reduction="batchmean")
                             + F.mse_loss(HT, AHS.detach()) + F.mse_loss(HT.detach(), AHS)) / D)
         else:
-            L = sum(fedmic.kd_losses(zT, zS, HT, AHS, tT, tS, attached=attached))
+            L = sum(fedmic.kd_losses(zT, zS, HT, AHS, tT, tS,      # the default: detached
+                                     **({"attached": True} if attached else {})))
         return torch.autograd.grad(L, [zT, zS, HT, AHS])
     for a, b in zip(grads(False), grads(False, constant=True)):
         assert torch.allclose(a, b, atol=1e-6)
@@ -464,6 +469,12 @@ def test_one_optimiser_over_teacher_student_and_adapter(fed):
     a = fedmic.Args()
     assert (a.energy_start, a.energy_end, a.teacher_model, a.kd_compat,
             a.attached_denominator, a.error_feedback) == (0.95, 0.98, "mobilenet_v2", False, False, False)
+
+
+def test_the_constructor_checks_the_pair_too(fed):
+    """Outside run.py (a script building the method) the same one-line errors."""
+    with pytest.raises(fedmed.UsageError, match="the teacher"):
+        make(fed, teacher_weights="/nonexistent/t.pt")
 
 
 def test_a_multilabel_federation_is_refused():
