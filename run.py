@@ -240,6 +240,8 @@ def check_before_data(cfg: Config, args, ns: argparse.Namespace, given: set) -> 
                                  f"its own model); drop {_flag(name)}")
     else:
         models.check(cfg.model, cfg.weights, ns.image_size)
+    if hasattr(cls, "check_before_data"):             # a method's own checks that need cfg
+        cls.check_before_data(cfg, args, ns.image_size)   # (FedMIC: its teacher/student pair)
     if args is not None and hasattr(args, "clip_model"):
         import clip_adapters
         spec = clip_adapters.resolve_model(args.clip_model)

@@ -13,6 +13,9 @@ local, pooled, then every other registered algorithm that applies:
     the tag's file already on this machine); otherwise they are left out with a note;
   * facmic only with --holdout-client (its target domain);
   * fedlsm only on a label-set federation (--partition labelset, synthetic-multilabel);
+  * fedmic with --model as its shared student and its own teacher (--teacher-model,
+    mobilenet_v2 unless given; --teacher-weights imagenet passes ImageNet weights); its
+    row's figures are the personalised teachers' (its primary view);
   * fcu and fedal are protocols with their own measures (bench/fcu_audit.py,
     bench/fedal_isic.py), left out with a note.
 A row that run.py refuses (exit 2) is left out with its one-line error as the note.
