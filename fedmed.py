@@ -596,15 +596,24 @@ class Algorithm:
 
     def loss(self, model: nn.Module, batch, payload: dict, client: ClientState) -> torch.Tensor:
         x, y = batch
-        logits = model(x)
+        return self.task_loss(model(x), y)
+
+    def task_loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The run's task loss (--loss, --class-weights): weighted CE, focal, or masked BCE
+        on multi-label data."""
         if self.multilabel:                           # y [B, C], -1 = missing label
             return masked_bce(logits, y, self.alpha)
         if self.cfg.loss == "focal":
             return focal_loss(logits, y, self.alpha, self.cfg.focal_gamma)
         return F.cross_entropy(logits, y, weight=self.alpha)
 
+    def train_parameters(self) -> list:
+        """What the local optimiser updates (a method training more than self.model, e.g.
+        FedMIC's teacher and adapter, returns those too)."""
+        return [p for p in self.model.parameters() if p.requires_grad]
+
     def make_optimizer(self, client: ClientState) -> torch.optim.Optimizer:
-        params = [p for p in self.model.parameters() if p.requires_grad]
+        params = self.train_parameters()
         b = self.budget()
         if b.optimizer == "adam":
             opt = torch.optim.Adam(params, lr=b.lr, betas=self.adam_betas,

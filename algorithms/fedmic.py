@@ -94,7 +94,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import models
-from fedmed import Algorithm, UsageError, focal_loss, register, seeded, weighted_average
+from fedmed import Algorithm, UsageError, register, seeded, weighted_average
 
 
 def _h(text: str) -> dict:
@@ -348,34 +348,20 @@ class FedMIC(Algorithm):
         server.state["ranks_down"] = {"round": self.round, "ranks": ranks}
 
     # -- local training: (4) ----------------------------------------------------------
-    def task(self, logits, y):
-        """(4a) the run's task loss (weighted CE by default, focal with --loss focal)."""
-        if self.cfg.loss == "focal":
-            return focal_loss(logits, y, self.alpha, self.cfg.focal_gamma)
-        return F.cross_entropy(logits, y, weight=self.alpha)
-
     def loss(self, model, batch, payload, client):
         x, y = batch
         zT, HT = logits_and_features(self.teacher, self.at_T, x)
         zS, HS = logits_and_features(self.model, self.at_S, x)
         L_T, L_S = kd_losses(zT.float(), zS.float(), HT.float(), self.adapter(HS).float(),
-                             self.task(zT.float(), y), self.task(zS.float(), y),
+                             self.task_loss(zT.float(), y), self.task_loss(zS.float(), y),
                              compat=self.args.kd_compat, attached=self.args.attached_denominator)
         return L_T + L_S                                           # (4d)
 
-    def make_optimizer(self, client):
+    def train_parameters(self) -> list:
         """One optimiser over the teacher's, the student's and the adapter's parameters
         (the same lr for all three, sheet section 7)."""
-        params = [p for m in (self.teacher, self.model, self.adapter)
-                  for p in m.parameters() if p.requires_grad]
-        b = self.budget()
-        if b.optimizer == "adam":
-            opt = torch.optim.Adam(params, lr=b.lr, betas=self.adam_betas, weight_decay=b.weight_decay)
-        else:
-            opt = torch.optim.SGD(params, lr=b.lr, momentum=b.momentum, weight_decay=b.weight_decay)
-        if b.keep_optimizer and "optimizer" in client.state:
-            opt.load_state_dict(client.state["optimizer"])
-        return opt
+        return [p for m in (self.teacher, self.model, self.adapter)
+                for p in m.parameters() if p.requires_grad]
 
     def train(self, client, payload, steps_scale: int = 1) -> int:
         self.teacher.train()                       # the student: Algorithm.train

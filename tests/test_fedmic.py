@@ -505,11 +505,11 @@ def test_the_task_loss_follows_the_run(fed):
     algo, _, _ = make(fed)
     a = algo.alpha
     ce = -(a[y] * z.log_softmax(1)[torch.arange(6), y]).sum() / a[y].sum()
-    assert torch.allclose(algo.task(z, y), ce, atol=1e-6)
+    assert torch.allclose(algo.task_loss(z, y), ce, atol=1e-6)
     algo, _, _ = make(fed, cfg_of(loss="focal", focal_gamma=2.0))
     p = z.softmax(1)[torch.arange(6), y]
     focal = (-(a[y]) * (1 - p) ** 2 * p.log()).mean()
-    assert torch.allclose(algo.task(z, y), focal, atol=1e-6)
+    assert torch.allclose(algo.task_loss(z, y), focal, atol=1e-6)
 
 
 def test_keep_optimizer_carries_the_state_of_the_three_models(fed):
