@@ -1113,7 +1113,8 @@ RESUMABLE = {"rounds", "device"}
 
 def comparable_config(record: dict) -> dict:
     cfg = {k: v for k, v in record["config"].items() if k not in RESUMABLE}
-    return {"config": cfg, "algorithm_args": record["algorithm_args"], "data": record["data"]}
+    return {"config": cfg, "algorithm_args": record["algorithm_args"], "data": record["data"],
+            **({"layers": record["layers"]} if record.get("layers") else {})}
 
 
 class Progress:
@@ -1203,15 +1204,19 @@ def make_clients(fed) -> list:
 
 def run(cfg: Config, args, fed, out: str, *, resume: bool = False, data_args: dict | None = None,
         stop_after: int | None = None, quiet: bool = False, log=print,
-        argv: list | None = None, last_k: int = 5) -> dict:
+        argv: list | None = None, last_k: int = 5, layer=None) -> dict:
     """Train `cfg.algo` on federation `fed` for cfg.rounds rounds, writing results to
     `out`; returns the summary (last round, and the mean over the last `last_k` rounds).
     The ONE round loop of the project. `out` is locked against other processes while it
-    runs."""
+    runs. `layer`, when given, wraps the method (`layer(algo)` returns a Wrapper, e.g. the
+    DP layer of privacy.py); the wrapper's `layer_record` goes into config.json and is
+    part of what --resume must match."""
     if last_k < 1:
         raise UsageError(f"--last-k must be at least 1 (got {last_k})")
     clients = make_clients(fed)
     algo = ALGORITHMS[cfg.algo](cfg, args, fed)
+    if layer is not None:
+        algo = layer(algo)
     cfg = algo.cfg                # what the method runs (a protocol's schedule fixes rounds)
     holdout = [ClientState(-1 - i, c.name, np.asarray(c.train), np.asarray(c.test))
                for i, c in enumerate(fed.holdout)]
@@ -1226,6 +1231,7 @@ def run(cfg: Config, args, fed, out: str, *, resume: bool = False, data_args: di
               "versions": versions(), "git_commit": git_commit(),
               "algorithm_info": getattr(algo, "info", {}),   # e.g. a protocol's derived settings
               "data_identity": data_identity(fed),
+              "layers": getattr(algo, "layer_record", {}),
               "argv": list(sys.argv[1:] if argv is None else argv)}   # the command as typed
     with locked(out):
         return _loop(cfg, algo, server, clients, holdout, record, out, resume, stop_after,
@@ -1303,8 +1309,9 @@ def _rounds(cfg, algo, server, clients, holdout, record, out, stop_after, log, s
             del upload, payload
         if stream and any(uploads.values()):
             algo.finish_aggregate(server, acc)
-        elif any(uploads.values()):
-            algo.aggregate(server, {k: u for k, u in uploads.items() if u})
+        elif any(uploads.values()) or getattr(algo, "aggregate_empty", False):
+            algo.aggregate(server, {k: u for k, u in uploads.items() if u})   # (DP: noise
+                                                                              # even if none)
         if any(uploads.values()):
             bad = first_nonfinite(server.weights)
             if bad:

@@ -23,6 +23,7 @@ import algorithms
 import datasets
 import fedmed
 import models
+import privacy
 import results
 from fedmed import Config, UsageError
 
@@ -99,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--algo", default="fedavg",
                    help="algorithm: " + ", ".join(sorted(fedmed.ALGORITHMS)) + " (default: fedavg)")
     datasets.add_arguments(p)
+    privacy.add_arguments(p)
     seen: set = set()
     _add_dataclass_flags(p.add_argument_group("training"), Config, seen)
     o = p.add_argument_group("output")
@@ -393,6 +395,15 @@ def _main(argv, made: dict) -> int:
     cls = fedmed.ALGORITHMS[cfg.algo]
     args = _fill(cls.Args, ns) if cls.Args is not None else None
     check_before_data(cfg, args, ns, given)
+    dp = privacy.settings(ns, cfg, given)               # client-level DP (None: off)
+    ns.layer = None
+    if dp is not None:
+        privacy.check_eligible(cls)
+        cfg.weighting = "uniform"                       # DP-FedAvg: every client alike
+        if ns.dp_plan:
+            print(privacy.plan_text(dp))
+            return 0
+        ns.layer = lambda algo: privacy.DPLayer(algo, dp)
     ns.given_flags = given                             # datasets.build: flags a partition ignores
     out = ns.out or os.path.join("runs", f"{cfg.algo}-{ns.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
     _OUT["out"] = out
@@ -566,7 +577,7 @@ def _train(ns, cfg, cls, args, out, rounds_given) -> int:
     else:
         summary = fedmed.run(cfg, args, fed, out, resume=ns.resume, data_args=data_args,
                              stop_after=ns.stop_after, quiet=ns.quiet, argv=ns.argv,
-                             last_k=ns.last_k)
+                             last_k=ns.last_k, layer=ns.layer)
     if summary:
         print(fedmed.results_table(summary))
         if hasattr(cls, "summary_table"):              # e.g. FedAL's label-efficiency curve
@@ -574,6 +585,11 @@ def _train(ns, cfg, cls, args, out, rounds_given) -> int:
         print(f"mean balanced accuracy over clients {summary['balanced_accuracy']:.4f}, "
               f"pooled {summary['pooled_balanced_accuracy']:.4f}; bytes up "
               f"{summary['bytes_up']:,}, down {summary['bytes_down']:,}; results in {out}")
+        if "privacy" in summary:
+            p = summary["privacy"]
+            print(f"privacy: client-level (epsilon, delta) = ({p['epsilon']:.3f}, {p['delta']:g}) "
+                  f"after {p['rounds']} rounds (z = {p['noise_multiplier']:g}, S = {p['clip']:g}, "
+                  f"q = {p['q']:g}; RDP accountant, order {p['order']:g}, {p['conversion']})")
         j = summary.get("last_k")
         if j:
             print(f"mean of the last {j} rounds: balanced accuracy "

@@ -1,0 +1,337 @@
+"""Client-level DP-FedAvg and its RDP accountant (privacy.py; shared/methods/privacy.md).
+
+Sheet section 11, tests 1-4: clipping (1), the no-op equivalence (2), noise calibration
+(3), the accountant (4: q = 1 closed form, monotonicity, an independent reference
+implementation, the inverse search); plus a reference step that recomputes one whole DP
+round (equations (1)-(3) of privacy.py's docstring) from what each client's method
+produced, Poisson sampling, resume, and the one-line errors.
+"""
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import datasets
+import fedmed
+import privacy
+import run
+from helpers import drop_seconds, one_line_error, read_jsonl
+
+import algorithms  # noqa: E402 - the methods register themselves
+
+algorithms.load_all()
+
+
+def cli(tmp_path, *flags, name="out", rounds=3):
+    out = str(tmp_path / name)
+    base = ["--image-size", "16", "--clients", "3", "--rounds", str(rounds), "--local-steps",
+            "2", "--batch-size", "16", "--quiet", "--out", out]
+    return run.main(base + list(flags)), out
+
+
+def server_weights(out):
+    return torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)["server"]["weights"]
+
+
+# ---------------------------------------------------------------- 1. clipping
+
+def test_clip_uses_the_global_norm_keeps_direction_and_leaves_small_updates_alone():
+    g = torch.Generator().manual_seed(0)
+    d = {"a": torch.randn(30, generator=g), "b": torch.randn(4, 5, generator=g)}
+    flat = torch.cat([v.flatten().double() for v in d.values()])
+    norm = float(flat.norm())
+    S = norm * 0.9                     # each tensor alone is below S, together above
+    assert all(float(v.norm()) > 0 for v in d.values())
+    clipped, got_norm, f = privacy.clip_update(d, S)
+    assert got_norm == pytest.approx(norm, rel=1e-12)
+    assert f == pytest.approx(S / norm, rel=1e-12)
+    out = torch.cat([clipped[k].flatten().double() for k in d])
+    assert float(out.norm()) <= S * (1 + 1e-6)
+    assert float(out.norm()) == pytest.approx(S, rel=1e-6)
+    cos = float(out @ flat) / (float(out.norm()) * norm)
+    assert cos == pytest.approx(1.0, abs=1e-6)                 # same direction
+    same, _, f1 = privacy.clip_update(d, norm * 1.01)           # under S: untouched
+    assert f1 == 1.0 and all(torch.equal(same[k], d[k]) for k in d)
+    per_tensor_ok = {k: v for k, v in d.items() if float(v.norm()) < S}
+    assert per_tensor_ok, "the case needs a tensor below S that is still scaled"
+    for k in per_tensor_ok:                                    # not a per-tensor clip
+        assert not torch.equal(clipped[k], d[k])
+
+
+# ---------------------------------------------------------------- 2. no-op equivalence
+
+def test_no_clip_and_no_noise_is_uniform_fedavg_bit_for_bit_and_each_knob_alone_differs(tmp_path):
+    rc, plain = cli(tmp_path, "--weighting", "uniform", name="plain")
+    assert rc == 0
+    rc, noop = cli(tmp_path, "--dp-clip", "inf", "--dp-noise", "0", name="noop")
+    assert rc == 0
+    w1, w2 = server_weights(plain), server_weights(noop)
+    for k in w1:
+        if k.endswith("num_batches_tracked"):      # never leaves a client under DP
+            assert int(w2[k]) == 0 and int(w1[k]) > 0
+            continue
+        assert torch.equal(w1[k], w2[k]), k
+    a = read_jsonl(os.path.join(plain, "metrics.jsonl"))
+    b = read_jsonl(os.path.join(noop, "metrics.jsonl"))
+    for m, n in zip(a, b):            # the upload lacks the integer BN counters: fewer bytes
+        up_dp, up_plain = n.pop("bytes_up"), m.pop("bytes_up")
+        assert 0 < up_dp < up_plain
+    strip = [{k: v for k, v in m.items() if not k.startswith("dp_")} for m in b]
+    assert drop_seconds(strip) == drop_seconds(a)
+    norms = [m["dp_norm"] for m in read_jsonl(os.path.join(noop, "metrics.jsonl"))
+             if "dp_norm" in m]
+    assert len(norms) == 3 * 3 and min(norms) > 0        # every client, every round
+    rc, noisy = cli(tmp_path, "--dp-clip", str(max(norms) * 10), "--dp-noise", "0.01",
+                    name="noisy")
+    assert rc == 0
+    rc, clipped = cli(tmp_path, "--dp-clip", str(max(norms) / 2), "--dp-noise", "0",
+                      name="clipped")
+    assert rc == 0
+    for other in (noisy, clipped):
+        w3 = server_weights(other)
+        assert not all(torch.equal(w1[k], w3[k]) for k in w1 if not k.endswith("tracked"))
+
+
+# ---------------------------------------------------------------- 3. noise calibration
+
+def _layer(fed, q=1.0, z=1.5, S=0.8, seed=5):
+    cfg = fedmed.Config(algo="fedavg", rounds=4, seed=seed, weighting="uniform", fraction=q)
+    base = fedmed.ALGORITHMS["fedavg"](cfg, None, fed)
+    dp = privacy.DPSettings(clip=S, noise=z, delta=1e-5, q=q, rounds=4)
+    layer = privacy.DPLayer(base, dp)
+    layer.attach([], True)
+    server = fedmed.ServerState()
+    clients = fedmed.make_clients(fed)
+    layer.setup(server, clients)
+    return layer, server, clients
+
+
+def test_noise_on_the_mean_has_std_z_s_over_qk_and_its_own_stream_per_round():
+    from scipy.stats import chi2
+    fed = datasets.make_synthetic(seed=0, clients=4, image_size=16)
+    q, z, S = 0.5, 1.5, 0.8
+    layer, server, clients = _layer(fed, q=q, z=z, S=S)
+    K = len(clients)
+    keys = [k for k in layer.base.shared_keys if server.weights[k].is_floating_point()]
+    draws = []
+    for t in (0, 1):
+        layer.set_round(t)
+        w_t = {k: v.clone() for k, v in server.weights.items()}
+        ups = {c.id: {"w": {k: w_t[k] for k in keys}, "n": 1} for c in clients[:2]}  # Delta = 0
+        layer.aggregate(server, ups)                    # |P_t| = 2 = qK: w_t's share is 0
+        draws.append(torch.cat([(server.weights[k].double() - w_t[k].double()).flatten()
+                                for k in keys]))
+        for k in w_t:
+            server.weights[k] = w_t[k]                  # round 1 starts from the same w
+    x = torch.cat(draws)
+    n, sigma = x.numel(), z * S / (q * K)
+    assert n >= 1e5
+    stat = float((x ** 2).sum()) / sigma ** 2           # ~ chi2(n) (the mean is known, 0)
+    assert chi2.ppf(0.0005, n) < stat < chi2.ppf(0.9995, n)
+    assert abs(float(x.mean())) < 4 * sigma / math.sqrt(n)
+    assert not torch.equal(draws[0], draws[1])          # another round, other noise
+    layer.set_round(0)                                  # the same round: the same noise
+    w_t = {k: v.clone() for k, v in server.weights.items()}
+    layer.aggregate(server, {c.id: {"w": {k: w_t[k] for k in keys}, "n": 1} for c in clients[:2]})
+    again = torch.cat([(server.weights[k].double() - w_t[k].double()).flatten() for k in keys])
+    assert torch.allclose(again, draws[0], atol=1e-12)
+
+
+# ---------------------------------------------------------------- 4. the accountant
+
+def test_rdp_for_q_one_is_the_gaussian_closed_form():
+    for z in (0.5, 1.0, 3.0):
+        r = privacy.rdp(1.0, z, 17)
+        expect = np.array([17 * (a / (2 * z * z)) for a in privacy.ORDERS])
+        assert np.array_equal(r, expect)
+
+
+def test_fractional_series_meets_the_integer_formula_and_both_meet_a_hand_sum():
+    """At integer orders the binomial sum (Mironov et al. 2019, Section 3.2) is recomputed
+    here with math.comb; the fractional series (Section 3.3) just off an integer order
+    must agree with it (the RDP curve is continuous in the order)."""
+    q, z = 0.3, 1.2
+    for a in (2, 3, 7):
+        hand = math.log(sum(math.comb(a, k) * (1 - q) ** (a - k) * q ** k
+                            * math.exp((k * k - k) / (2 * z * z)) for k in range(a + 1))) / (a - 1)
+        assert privacy.rdp_step(q, z, a) == pytest.approx(hand, rel=1e-12)
+        near = privacy.rdp_step(q, z, a + 1e-7)
+        assert near == pytest.approx(hand, rel=1e-5)
+
+
+def test_epsilon_falls_with_z_and_delta_and_grows_with_rounds_and_q():
+    e = lambda q, z, T, d: privacy.epsilon(q, z, T, d)[0]   # noqa: E731
+    assert e(0.5, 0.8, 10, 1e-5) > e(0.5, 1.0, 10, 1e-5) > e(0.5, 2.0, 10, 1e-5)
+    assert e(0.5, 1.0, 10, 1e-6) > e(0.5, 1.0, 10, 1e-5) > e(0.5, 1.0, 10, 1e-3)
+    assert e(0.5, 1.0, 5, 1e-5) < e(0.5, 1.0, 10, 1e-5) < e(0.5, 1.0, 40, 1e-5)
+    assert e(0.1, 1.0, 10, 1e-5) < e(0.5, 1.0, 10, 1e-5) < e(1.0, 1.0, 10, 1e-5)
+    assert privacy.epsilon(1.0, 1.0, 10, 1e-5, conversion="classic")[0] > e(1.0, 1.0, 10, 1e-5)
+
+
+def test_accountant_matches_opacus_to_1e6_relative():
+    """An independent reference implementation (Opacus's RDP analysis), installed for
+    the tests only (requirements-test.txt), never a dependency of the project."""
+    pytest.importorskip("opacus", reason="Opacus is the test's reference accountant: "
+                        "pip install -r requirements-test.txt")
+    from opacus.accountants.analysis import rdp as ref
+    orders = list(privacy.ORDERS)
+    for q in (1.0, 0.5, 0.05, 0.001):
+        for z in (0.4, 1.0, 3.0):
+            for T in (1, 50):
+                r_ref = np.asarray(ref.compute_rdp(q=q, noise_multiplier=z, steps=T, orders=orders))
+                r = privacy.rdp(q, z, T)
+                assert np.allclose(r, r_ref, rtol=1e-6, atol=1e-12), (q, z, T)
+                for delta in (1e-3, 1e-5, 1e-8):
+                    with np.errstate(all="ignore"):
+                        import warnings
+                        with warnings.catch_warnings():
+                            warnings.simplefilter("ignore")
+                            e_ref, o_ref = ref.get_privacy_spent(orders=orders, rdp=r_ref,
+                                                                 delta=delta)
+                    e, o = privacy.epsilon(q, z, T, delta)
+                    assert e == pytest.approx(e_ref, rel=1e-6), (q, z, T, delta)
+                    assert o == o_ref
+
+
+def test_inverse_search_returns_the_smallest_z_that_meets_the_target():
+    for q, T, target in ((1.0, 20, 8.0), (0.5, 40, 3.0), (0.2, 100, 1.5)):
+        z = privacy.noise_for_epsilon(target, q, T, 1e-5)
+        assert privacy.epsilon(q, z, T, 1e-5)[0] <= target
+        assert privacy.epsilon(q, z - 1e-3, T, 1e-5)[0] > target
+    with pytest.raises(ValueError, match="cannot be reached"):
+        privacy.noise_for_epsilon(0.05, 1.0, 10, 1e-5)
+
+
+# ---------------------------------------------------------------- a whole DP round by hand
+
+@pytest.mark.parametrize("fraction,S,z", [(1.0, 0.5, 0.7), (0.5, 2.0, 1.0)])
+def test_one_dp_round_by_hand(tmp_path, monkeypatch, fraction, S, z):
+    """Equations (1)-(3) of privacy.py: P_t drawn by hand (each client with probability
+    q from the (seed, "dp-sample", t) stream); each participant's update from what its
+    method (FedAvg) produced, Delta_k = w_k - w_t over every float shared tensor, clipped
+    by the global norm; w_{t+1} = w_t + (sum_k Delta_k + N(0, z^2 S^2)) / (qK) with the
+    noise drawn from (seed, "dp-noise", t) in sorted key order; the next broadcast is
+    w_{t+1}; the server's num_batches_tracked never moves; metrics.jsonl's dp_epsilon is
+    the accountant's after t + 1 rounds."""
+    seen = {}
+    orig = fedmed.Algorithm.local_update
+
+    def record(self, client, payload):
+        up = orig(self, client, payload)
+        seen[self.round, client.id] = ({k: v.clone() for k, v in payload["w"].items()},
+                                       {k: v.clone() for k, v in up["w"].items()})
+        return up
+    monkeypatch.setattr(fedmed.Algorithm, "local_update", record)
+    seed, K = 4, 4
+    rc, out = cli(tmp_path, "--clients", str(K), "--seed", str(seed), "--fraction", str(fraction),
+                  "--dp-clip", str(S), "--dp-noise", str(z), rounds=2)
+    assert rc == 0
+    w = None
+    for t in range(2):
+        u = fedmed.np_rng(seed, "dp-sample", t).random(K)
+        P = [k for k in range(K) if fraction >= 1 or u[k] < fraction]
+        assert sorted(k for (r, k) in seen if r == t) == P
+        if fraction < 1 and t == 0:
+            assert len(P) != fraction * K, "the case must exercise the fixed denominator"
+        w_t = seen[t, P[0]][0]
+        if w is not None:
+            for k in w:
+                assert torch.allclose(w_t[k].double(), w[k], atol=1e-6), (t, k)
+        keys = sorted(k for k in w_t if w_t[k].is_floating_point())
+        total = {k: torch.zeros(w_t[k].shape, dtype=torch.float64) for k in keys}
+        for k in P:
+            before, after = seen[t, k]
+            d = {key: after[key].double() - before[key].double() for key in keys}
+            norm = math.sqrt(sum(float((v ** 2).sum()) for v in d.values()))
+            f = min(1.0, S / norm)
+            for key in keys:
+                total[key] += d[key] * f
+        g = torch.Generator().manual_seed(fedmed.derive_seed(seed, "dp-noise", t))
+        for key in keys:
+            total[key] += torch.randn(w_t[key].shape, generator=g, dtype=torch.float64) * z * S
+        w = {key: w_t[key].double() + total[key] / (fraction * K) for key in keys}
+        for key in w:                   # a noisy variance is clamped at 0 (post-processing)
+            if key.endswith("running_var"):
+                w[key] = w[key].clamp(min=0.0)
+    final = server_weights(out)
+    for key in w:
+        assert torch.allclose(final[key].double(), w[key], atol=1e-6), key
+    for key, v in final.items():
+        if key.endswith("num_batches_tracked"):
+            assert int(v) == 0
+    lines = read_jsonl(os.path.join(out, "metrics.jsonl"))
+    for t in range(2):
+        eps = privacy.epsilon(fraction, z, t + 1, 1e-5)[0]
+        assert all(m["dp_epsilon"] == pytest.approx(eps, rel=1e-9)
+                   for m in lines if m["round"] == t + 1 and m["client"] != "pooled")
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    assert summary["privacy"]["epsilon"] == pytest.approx(
+        privacy.epsilon(fraction, z, 2, 1e-5)[0], rel=1e-9)
+    assert summary["privacy"]["rounds"] == 2 and summary["privacy"]["q"] == fraction
+
+
+def test_a_round_with_no_participant_still_releases_noise():
+    fed = datasets.make_synthetic(seed=0, clients=3, image_size=16)
+    layer, server, clients = _layer(fed, q=0.5, z=1.0, S=1.0)
+    w_t = {k: v.clone() for k, v in server.weights.items()}
+    layer.set_round(0)
+    layer.aggregate(server, {})
+    moved = [k for k in w_t if not torch.equal(w_t[k], server.weights[k])]
+    assert moved and all(server.weights[k].is_floating_point() for k in moved)
+
+
+def test_dp_stop_and_resume_equals_uninterrupted(tmp_path):
+    flags = ["--fraction", "0.67", "--dp-clip", "1.0", "--dp-noise", "0.8"]
+    rc, full = cli(tmp_path, *flags, name="full", rounds=3)
+    assert rc == 0
+    rc, part = cli(tmp_path, *flags, "--stop-after", "2", name="part", rounds=3)
+    assert rc == 0
+    rc, _ = cli(tmp_path, *flags, "--resume", name="part", rounds=3)
+    assert rc == 0
+    a, b = server_weights(full), server_weights(part)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert drop_seconds(read_jsonl(os.path.join(full, "metrics.jsonl"))) == \
+        drop_seconds(read_jsonl(os.path.join(part, "metrics.jsonl")))
+    rc, _ = cli(tmp_path, "--fraction", "0.67", "--dp-clip", "1.0", "--dp-noise", "0.9",
+                "--resume", name="part", rounds=4)
+    assert rc == 2                                      # another mechanism: refused
+
+
+# ---------------------------------------------------------------- plan and bad input
+
+def test_dp_plan_prints_the_accountants_epsilon_and_trains_nothing(tmp_path, capsys):
+    out = str(tmp_path / "never")
+    rc = run.main(["--rounds", "30", "--fraction", "0.5", "--dp-noise", "1.3", "--dp-plan",
+                   "--out", out])
+    text = capsys.readouterr().out
+    assert rc == 0 and not os.path.exists(out)
+    eps = privacy.epsilon(0.5, 1.3, 30, 1e-5)[0]
+    assert f"spends epsilon = {eps:.4f} at delta = 1e-05" in text
+    rc = run.main(["--rounds", "30", "--dp-clip", "1", "--dp-epsilon", "5", "--dp-plan",
+                   "--out", out])
+    text = capsys.readouterr().out
+    z = privacy.noise_for_epsilon(5, 1.0, 30, 1e-5)
+    assert rc == 0 and f"z = {z:.4f}, the smallest that reaches epsilon 5" in text
+
+
+@pytest.mark.parametrize("flags,needle", [
+    (["--dp-clip", "0"], "--dp-clip must be positive"),
+    (["--dp-clip", "-1"], "--dp-clip must be positive"),
+    (["--dp-clip", "1", "--dp-noise", "-0.5"], "--dp-noise must be"),
+    (["--dp-clip", "1", "--dp-delta", "0"], "--dp-delta must lie in (0, 1)"),
+    (["--dp-clip", "1", "--dp-delta", "1"], "--dp-delta must lie in (0, 1)"),
+    (["--dp-clip", "1", "--dp-epsilon", "0.01"], "--dp-epsilon: epsilon 0.01 cannot be reached"),
+    (["--dp-clip", "1", "--dp-epsilon", "2", "--dp-noise", "1"], "exclude each other"),
+    (["--dp-noise", "1"], "--dp-noise needs --dp-clip"),
+    (["--dp-clip", "inf"], "--dp-clip inf bounds nothing"),
+    (["--dp-clip", "1", "--weighting", "samples"], "--weighting samples does not apply"),
+    (["--dp-clip", "1", "--algo", "local"], "--dp-clip does not apply to --algo local"),
+    (["--dp-clip", "1", "--algo", "fedmic"], "--dp-clip does not apply to --algo fedmic"),
+])
+def test_bad_privacy_flags_are_one_line_errors(tmp_path, capsys, flags, needle):
+    out = str(tmp_path / "never")
+    rc = run.main(["--rounds", "3", "--out", out] + flags)
+    one_line_error(capsys, rc, needle, out=out)
