@@ -60,7 +60,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import math
+import time
 
 import numpy as np
 import torch
@@ -232,6 +234,200 @@ def poisson_sample(seed: int, t: int, K: int, q: float) -> list:
     return [k for k in range(K) if u[k] < q]
 
 
+# ---------------------------------------------------------------- secure aggregation
+
+# Pairwise-mask secure aggregation (Bonawitz et al., CCS 2017), sheet section 3, as a
+# SIMULATION: every secret comes from a seeded stream, the key agreement is textbook
+# Diffie-Hellman in the multiplicative group mod the Mersenne prime 2^127 - 1 (not a
+# vetted group), and nothing is encrypted. The arithmetic (quantisation, masks mod M,
+# Shamir t-of-n recovery, dequantisation) is exact.
+PRIME = 2 ** 127 - 1                  # Shamir's field and the DH group's modulus
+GENERATOR = 3
+BLOCK = 15                            # bytes per field element when sharing a byte string
+
+
+def _field_int(rng: np.random.Generator) -> int:
+    """A uniform element of [1, PRIME) from a numpy stream (four 32-bit draws)."""
+    while True:
+        v = 0
+        for w in rng.integers(0, 2 ** 32, size=4, dtype=np.uint64):
+            v = (v << 32) | int(w)
+        v &= (1 << 127) - 1
+        if 0 < v < PRIME:
+            return v
+
+
+def shamir_share(secret: int, t: int, n: int, rng: np.random.Generator) -> list:
+    """n shares (x, f(x)), x = 1..n, of `secret` in GF(PRIME): f has degree t - 1,
+    f(0) = secret, its other coefficients uniform from `rng` (Shamir 1979)."""
+    if not 0 <= secret < PRIME:
+        raise ValueError("a Shamir secret must lie in [0, 2^127 - 1)")
+    if not 1 <= t <= n:
+        raise ValueError(f"threshold t must lie in [1, n] (got t={t}, n={n})")
+    coef = [secret] + [_field_int(rng) for _ in range(t - 1)]
+    out = []
+    for x in range(1, n + 1):
+        y = 0
+        for c in reversed(coef):                      # Horner
+            y = (y * x + c) % PRIME
+        out.append((x, y))
+    return out
+
+
+def shamir_reconstruct(shares: list) -> int:
+    """f(0) by Lagrange interpolation over the given shares (exactly t are needed;
+    fewer give an unrelated value, which the caller must refuse beforehand)."""
+    xs = [x for x, _ in shares]
+    if len(set(xs)) != len(xs):
+        raise ValueError("two shares with the same x")
+    secret = 0
+    for i, (xi, yi) in enumerate(shares):
+        num, den = 1, 1
+        for j, xj in enumerate(xs):
+            if j != i:
+                num = num * (-xj) % PRIME
+                den = den * (xi - xj) % PRIME
+        secret = (secret + yi * num * pow(den, PRIME - 2, PRIME)) % PRIME
+    return secret
+
+
+def shamir_share_bytes(secret: bytes, t: int, n: int, rng: np.random.Generator) -> list:
+    """A byte string in blocks of 15 bytes (each below the prime), the first element
+    its length; share i is (x_i, [share of every element])."""
+    elems = [len(secret)] + [int.from_bytes(secret[k:k + BLOCK], "big")
+                             for k in range(0, len(secret), BLOCK)]
+    per = [shamir_share(e, t, n, rng) for e in elems]
+    return [(x + 1, [per[e][x][1] for e in range(len(elems))]) for x in range(n)]
+
+
+def shamir_reconstruct_bytes(shares: list) -> bytes:
+    elems = [shamir_reconstruct([(x, ys[e]) for x, ys in shares])
+             for e in range(len(shares[0][1]))]
+    length, blocks = elems[0], elems[1:]
+    if length > BLOCK * len(blocks):
+        raise ValueError("the shares do not reconstruct a valid byte string")
+    out = b""
+    for k, v in enumerate(blocks):
+        size = min(BLOCK, length - BLOCK * k)
+        if v >= 256 ** size:
+            raise ValueError("the shares do not reconstruct a valid byte string")
+        out += v.to_bytes(size, "big")
+    return out
+
+
+def quantise(x: np.ndarray, c: float, levels: int, rng: np.random.Generator) -> np.ndarray:
+    """x clipped to [-c, c], mapped to {0..Q}: floor((x + c) Q / (2c) + u), u ~ U[0, 1)
+    from `rng` (stochastic rounding: unbiased)."""
+    x = np.clip(np.asarray(x, dtype=np.float64), -c, c)
+    u = rng.random(x.shape)
+    return np.floor((x + c) * (levels / (2 * c)) + u).astype(np.int64)
+
+
+def dequantise_sum(total: np.ndarray, c: float, levels: int, count: int) -> np.ndarray:
+    """sum_i x_i ~= (2c/Q) sum_i x~_i - count c: the offset c is removed once per term
+    (sheet pitfall 7), `count` = the number of quantised inputs summed."""
+    return total.astype(np.float64) * (2 * c / levels) - count * c
+
+
+def prg(seed: int, d: int, modulus: int) -> np.ndarray:
+    """d uniform integers in [0, modulus) expanded from `seed` (any size of int) by
+    numpy's Philox counter-based generator."""
+    key = hashlib.sha256(seed.to_bytes(32, "little")).digest()
+    bits = np.random.Philox(key=np.frombuffer(key[:16], dtype=np.uint64))
+    return np.random.Generator(bits).integers(0, modulus, size=d, dtype=np.uint64)
+
+
+class SecAggRound:
+    """One round of pairwise-mask secure aggregation among the clients `ids`.
+
+    Setup (Bonawitz et al. rounds 0-1): client i draws a DH secret sk_i and a self-mask
+    seed b_i from the stream (seed, "secagg", t, i), publishes pk_i = g^sk_i, and
+    Shamir-shares sk_i and b_i (t-of-n) with the others; the pair seed of i and j is
+    s_ij = pk_j^sk_i = pk_i^sk_j (mod p).
+    Masking (round 2): y_i = x~_i + PRG(b_i) + sum_{j>i} PRG(s_ij) - sum_{j<i} PRG(s_ij) mod M.
+    Unmasking (round 3): from the sum over the received y_i, the server removes PRG(b_i)
+    of every received i (b_i rebuilt from t shares) and, for every j whose y never came,
+    the masks PRG(s_ij) it shared with each received i (sk_j rebuilt from t shares); with
+    fewer than t clients answering, it raises and returns nothing."""
+
+    def __init__(self, seed: int, t: int, ids: list, threshold: int, modulus: int, d: int):
+        self.ids, self.threshold, self.modulus, self.d = sorted(ids), threshold, modulus, d
+        n = len(self.ids)
+        if n and not 1 <= threshold <= n:
+            raise ValueError(f"secagg threshold {threshold} needs 1..{n} clients")
+        self.sk, self.b, self.pk, self.shares = {}, {}, {}, {}
+        for i in self.ids:
+            rng = fedmed.np_rng(seed, "secagg", t, i)
+            self.sk[i], self.b[i] = _field_int(rng), _field_int(rng)
+            self.pk[i] = pow(GENERATOR, self.sk[i], PRIME)
+            # shares[i][j]: what client j holds of client i's two secrets
+            sk_sh = shamir_share(self.sk[i], threshold, n, rng)
+            b_sh = shamir_share(self.b[i], threshold, n, rng)
+            self.shares[i] = {j: (sk_sh[m], b_sh[m]) for m, j in enumerate(self.ids)}
+
+    def pair_seed(self, i: int, j: int, sk_i: int | None = None) -> int:
+        return pow(self.pk[j], self.sk[i] if sk_i is None else sk_i, PRIME)
+
+    def mask(self, i: int, xq: np.ndarray) -> np.ndarray:
+        M = self.modulus
+        y = (xq.astype(np.uint64) + prg(self.b[i], self.d, M)) % M
+        for j in self.ids:
+            if j == i:
+                continue
+            m = prg(self.pair_seed(i, j), self.d, M)
+            y = (y + m) % M if j > i else (y + M - m) % M
+        return y
+
+    def unmask(self, received: dict, answering: list) -> np.ndarray:
+        """sum_{i in received} x~_i mod M from the masked inputs `received` {i: y_i},
+        with the shares of the clients in `answering` (those still online)."""
+        M = self.modulus
+        helpers = [j for j in self.ids if j in set(answering) and j in received]
+        if len(helpers) < self.threshold:
+            raise SecAggAbort(f"secure aggregation aborted: {len(helpers)} clients answered, "
+                              f"{self.threshold} are needed to unmask")
+        helpers = helpers[:self.threshold]
+        total = np.zeros(self.d, dtype=np.uint64)
+        for i in sorted(received):
+            total = (total + received[i]) % M
+        released = {}                                 # peer -> kind of share released
+        for i in sorted(received):                    # survivors: their self masks
+            b = shamir_reconstruct([self.shares[i][h][1] for h in helpers])
+            released[i] = "b"
+            total = (total + M - prg(b, self.d, M)) % M
+        for j in self.ids:                            # dropped: their pair masks
+            if j in received:
+                continue
+            if released.get(j) == "b":
+                raise AssertionError("a survivor released both shares of one peer")
+            sk_j = shamir_reconstruct([self.shares[j][h][0] for h in helpers])
+            released[j] = "sk"
+            for i in sorted(received):
+                m = prg(pow(self.pk[i], sk_j, PRIME), self.d, M)   # s_ij = pk_i^sk_j
+                # y_i holds +PRG(s_ij) when j > i and -PRG(s_ij) when j < i
+                total = (total + M - m) % M if j > i else (total + m) % M
+        return total
+
+    def setup_bytes(self, i: int) -> tuple[int, int]:
+        """(up, down) bytes of client i's setup messages through fedmed.transmit: its
+        public key up; its n - 1 share pairs up (to be forwarded); the others' public keys
+        and their share pairs for it down."""
+        def blob(v: int) -> torch.Tensor:
+            return torch.tensor(list(v.to_bytes(16, "little")), dtype=torch.uint8)
+        others = [j for j in self.ids if j != i]
+        up = fedmed.transmit({"pk": blob(self.pk[i]),
+                              "shares": {j: [blob(self.shares[i][j][0][1]),
+                                             blob(self.shares[i][j][1][1])] for j in others}})[1]
+        down = fedmed.transmit({"pk": {j: blob(self.pk[j]) for j in others},
+                                "shares": {j: [blob(self.shares[j][i][0][1]),
+                                               blob(self.shares[j][i][1][1])] for j in others}})[1]
+        return up, down
+
+
+class SecAggAbort(RuntimeError):
+    """Too few clients answered to unmask: the round is not aggregated."""
+
+
 # ---------------------------------------------------------------- the layer
 
 @dataclasses.dataclass
@@ -268,70 +464,195 @@ class DPSettings:
 ELIGIBLE_HINT = ("fedavg, fedprox, fedclip, facmic, clip_linear --probe fedavg")
 
 
-def check_eligible(cls) -> None:
+def check_eligible(cls, flag: str = "--dp-clip") -> None:
     """A one-line error for a method whose upload is not its shared weights averaged by
-    the core's rule (DP's sensitivity analysis covers only that)."""
+    the core's rule (DP's sensitivity analysis and the secure sum cover only that)."""
     name = next((n for n, c in fedmed.ALGORITHMS.items() if c is cls), cls.__name__)
     if (issubclass(cls, fedmed.Wrapper) or cls.aggregate is not fedmed.Algorithm.aggregate
             or name in ("local", "pooled", "clip_zeroshot")):
-        raise UsageError(f"--dp-clip does not apply to --algo {name}: client-level DP covers "
+        raise UsageError(f"{flag} does not apply to --algo {name}: client-level DP and secure "
+                         "aggregation cover "
                          f"methods that upload their weights and average them ({ELIGIBLE_HINT}); "
                          "drop the --dp-* flags or choose one of those")
 
 
-class DPLayer(fedmed.Wrapper):
-    """DP-FedAvg around one method (its `base`): the base trains; this layer samples the
-    participants, clips each upload, and replaces the aggregation by the noisy
-    fixed-denominator sum (equations (1)-(4) of the module docstring)."""
+@dataclasses.dataclass
+class SecAggSettings:
+    modulus: int = 2 ** 32            # M (Flower's default)
+    levels: int = 2 ** 22             # Q (Flower's default)
+    clip_range: float = 8.0           # c (Flower's default; S when DP is on)
+    threshold: int | None = None      # t (None: floor(n/2) + 1 of the round's n)
+
+    def record(self) -> dict:
+        return {"modulus": self.modulus, "levels": self.levels, "clip_range": self.clip_range,
+                "threshold": self.threshold if self.threshold else "floor(n/2) + 1",
+                "note": "simulation: seeded secrets, textbook DH mod 2^127 - 1, no encryption"}
+
+
+class PrivacyLayer(fedmed.Wrapper):
+    """Client-level DP-FedAvg and/or pairwise-mask secure aggregation, with simulated
+    client dropouts, around one method (its `base`): the base trains; this layer samples
+    the participants (Poisson under DP), clips each update (DP), quantises and masks it
+    (--secagg), and replaces the aggregation by the (noisy, fixed-denominator under DP)
+    sum (equations (1)-(4) of the module docstring; secure aggregation: SecAggRound).
+
+    Dropouts (--dropout-prob p): a participant fails with probability p, stream
+    (seed, "dropout", t, k); with probability 1/2 before uploading (after the setup of
+    secure aggregation: its masks are in the others' inputs and are removed with its
+    shares) and otherwise after uploading (its input arrives; it answers no unmasking
+    request). The round completes with the rest."""
 
     aggregate_empty = True            # noise is released even in a round nobody was sampled
 
-    def __init__(self, base: fedmed.Algorithm, dp: DPSettings):
+    def __init__(self, base: fedmed.Algorithm, dp: DPSettings | None,
+                 secagg: SecAggSettings | None = None, dropout: float = 0.0):
         fedmed.Wrapper.__init__(self, base.cfg, base.args, base.fed)
         self.wrap(base)
-        self.dp = dp
+        self.dp, self.secagg, self.dropout = dp, secagg, dropout
         self.info = getattr(base, "info", {})
-        self.layer_record = {"privacy": dp.record()}
-        self._norms: dict = {}
+        self.layer_record = {"privacy": dp.record() if dp else None,
+                             "secagg": secagg.record() if secagg else None,
+                             "dropout_prob": dropout}
+        self._lines: dict = {}
+        self._sa = None
+        self._totals = {"secagg_seconds": 0.0}
+
+    def setup(self, server, clients):
+        super().setup(server, clients)
+        self.keys = [k for k in sorted(server.weights) if k in self.base.shared_keys
+                     and server.weights[k].is_floating_point()]
+        if self.secagg:
+            K, sa = len(clients), self.secagg
+            if K * sa.levels >= sa.modulus:           # sheet pitfall 8: the sum would wrap
+                raise UsageError(f"--secagg: {K} clients x Q = {sa.levels} levels reach the "
+                                 f"modulus M = {sa.modulus}; the sum could wrap around: lower "
+                                 "--secagg-bits")
+            if sa.threshold is not None and sa.threshold > K:
+                raise UsageError(f"--secagg-threshold {sa.threshold} is above the number of "
+                                 f"clients ({K}); give at most {K}")
 
     def streams(self) -> bool:
         return False
 
+    def _fails(self, client) -> str | None:
+        if not self.dropout:
+            return None
+        u = fedmed.np_rng(self.cfg.seed, "dropout", self.round, client.id).random(2)
+        if u[0] >= self.dropout:
+            return None
+        return "before_upload" if u[1] < 0.5 else "after_upload"
+
+    def begin_round(self, server, clients):
+        self._lines, self._sa = {}, None
+        self.base.begin_round(server, clients)
+
     def participants(self, server, sampled):                                  # (1)
-        ks = poisson_sample(self.cfg.seed, self.round, len(self.clients), self.dp.q)
-        return self.base.participants(server, [self.clients[k] for k in ks])
+        if self.dp:
+            ks = poisson_sample(self.cfg.seed, self.round, len(self.clients), self.dp.q)
+            sampled = [self.clients[k] for k in ks]
+        chosen = self.base.participants(server, sampled)
+        if self.secagg and chosen:                    # setup: keys and shares of P_t
+            t0 = time.perf_counter()
+            n = len(chosen)
+            thr = self.secagg.threshold or n // 2 + 1
+            self._sa = None if thr > n else SecAggRound(
+                self.cfg.seed, self.round, [c.id for c in chosen], thr, self.secagg.modulus,
+                sum(server.weights[k].numel() for k in self.keys))
+            for c in chosen:
+                if self._sa is None:
+                    self._line(c)["secagg"] = (f"not run: {n} participants, threshold {thr}")
+                    continue
+                up, down = self._sa.setup_bytes(c.id)
+                self._line(c).update(secagg_bytes_up=up, secagg_bytes_down=down)
+            self._totals["secagg_seconds"] += time.perf_counter() - t0
+        return chosen
+
+    def _line(self, client) -> dict:
+        return self._lines.setdefault(client.id, {})
 
     def local_update(self, client, payload):                                 # (2)
+        fails = self._fails(client)
+        if fails:
+            self._line(client)["dropout"] = fails
+        if fails == "before_upload":
+            return {}
         w_t = payload.get("w", {})
         up = self.base.local_update(client, payload)
         if not up:
             return up
         if set(up) - {"w", "n"} or set(up["w"]) != set(w_t):
-            raise UsageError(f"--dp-clip: --algo {self.cfg.algo} uploaded more than its "
-                             "broadcast weights; client-level DP does not cover it")
-        floats = [k for k in sorted(w_t) if w_t[k].is_floating_point()]
-        delta = {k: up["w"][k].double() - w_t[k].double() for k in floats}
-        clipped, norm, f = clip_update(delta, self.dp.clip)
-        self._norms[client.id] = (norm, f < 1.0)
-        w = {k: (w_t[k].double() + clipped[k]).to(w_t[k].dtype) if f < 1.0 else up["w"][k]
-             for k in floats}
-        return {"w": w, "n": 1}
+            raise UsageError(f"--algo {self.cfg.algo} uploaded more than its broadcast "
+                             "weights; client-level DP and secure aggregation do not cover it")
+        delta = {k: up["w"][k].double() - w_t[k].double() for k in self.keys}
+        norm, f = update_norm(delta), 1.0
+        if self.dp:
+            delta, norm, f = clip_update(delta, self.dp.clip)
+        self._line(client).update(dp_norm=norm, dp_clipped=f < 1.0)
+        if not self.secagg:
+            w = {k: (w_t[k].double() + delta[k]).to(w_t[k].dtype) if f < 1.0 else up["w"][k]
+                 for k in self.keys}
+            return {"w": w, "n": 1}
+        if self._sa is None:                          # fewer participants than t: no round
+            return {}
+        t0 = time.perf_counter()
+        x = torch.cat([delta[k].flatten() for k in self.keys]).numpy()
+        rng = fedmed.np_rng(self.cfg.seed, "secagg-round", self.round, client.id)
+        xq = quantise(x, self._range(), self.secagg.levels, rng)
+        y = self._sa.mask(client.id, xq).astype(np.uint32).view(np.int32)
+        self._totals["secagg_seconds"] += time.perf_counter() - t0
+        return {"y": torch.from_numpy(y.copy()), "n": 1}
+
+    def _range(self) -> float:
+        return self.dp.clip if self.dp else self.secagg.clip_range
+
+    def _secure_sum(self, uploads) -> tuple[dict, int] | None:
+        """sum_{i received} Delta_i (dequantised) as {key: tensor}, and the count."""
+        t0 = time.perf_counter()
+        received = {cid: u["y"].numpy().view(np.uint32).astype(np.uint64)
+                    for cid, u in uploads.items()}
+        answering = [cid for cid in received
+                     if self._lines.get(cid, {}).get("dropout") != "after_upload"]
+        try:
+            total = self._sa.unmask(received, answering)
+        except SecAggAbort as e:
+            for cid in received:
+                self._lines.setdefault(cid, {})["secagg"] = str(e)
+            return None
+        for h in answering:                           # each answers with len(P_t) shares
+            self._lines.setdefault(h, {})["secagg_bytes_up"] = (
+                self._lines[h].get("secagg_bytes_up", 0) + fedmed.transmit(
+                    {"shares": torch.zeros(len(self._sa.ids), 16, dtype=torch.uint8)})[1])
+        s = dequantise_sum(total, self._range(), self.secagg.levels, len(received))
+        out, pos = {}, 0
+        for k in self.keys:
+            n = self.base.init_weights[k].numel()
+            out[k] = torch.from_numpy(s[pos:pos + n].copy()).view(self.base.init_weights[k].shape)
+            pos += n
+        self._totals["secagg_seconds"] += time.perf_counter() - t0
+        return out, len(received)
 
     def aggregate(self, server, uploads):                                    # (3)
-        K, q = len(self.clients), self.dp.q
-        denom = q * K
-        keys = [k for k in sorted(server.weights) if k in self.base.shared_keys
-                and server.weights[k].is_floating_point()]
-        acc = {k: torch.zeros_like(server.weights[k], dtype=torch.float64) for k in keys}
-        scale = 1.0 / denom
-        for cid in sorted(uploads):                   # the core's fold: sum_k w_k / (qK)
-            for k in keys:
-                acc[k].add_(uploads[cid]["w"][k].double().mul(scale))
-        rest = 1.0 - len(uploads) / denom             # fixed denominator: w_t's share
-        if rest != 0.0:
-            for k in keys:
-                acc[k].add_(server.weights[k].double().mul(rest))
-        if self.dp.noise > 0:
+        keys = self.keys
+        if self.secagg:
+            got = self._secure_sum(uploads) if uploads and self._sa else None
+            if got is None and not self.dp:
+                return                                # nothing was aggregated: w_t stays
+            total, count = got if got else ({k: torch.zeros(server.weights[k].shape,
+                                                            dtype=torch.float64) for k in keys}, 0)
+            denom = self.dp.q * len(self.clients) if self.dp else count
+            acc = {k: server.weights[k].double() + total[k] / denom for k in keys}
+        else:
+            denom = self.dp.q * len(self.clients)
+            acc = {k: torch.zeros_like(server.weights[k], dtype=torch.float64) for k in keys}
+            scale = 1.0 / denom
+            for cid in sorted(uploads):               # the core's fold: sum_k w_k / (qK)
+                for k in keys:
+                    acc[k].add_(uploads[cid]["w"][k].double().mul(scale))
+            rest = 1.0 - len(uploads) / denom         # fixed denominator: w_t's share
+            if rest != 0.0:
+                for k in keys:
+                    acc[k].add_(server.weights[k].double().mul(rest))
+        if self.dp and self.dp.noise > 0:
             noise = gaussian_noise({k: acc[k].shape for k in keys},
                                    self.dp.noise * self.dp.clip / denom, self.cfg.seed, self.round)
             for k in keys:
@@ -343,22 +664,28 @@ class DPLayer(fedmed.Wrapper):
 
     def line_extra(self, server, client):
         extra = dict(self.base.line_extra(server, client))
-        eps, _ = self.dp.spent(self.round + 1)                              # (4)
-        extra["dp_epsilon"] = eps
-        if client.id in self._norms:
-            norm, clipped = self._norms[client.id]
-            extra.update(dp_norm=norm, dp_clipped=clipped)
+        if self.dp:
+            extra["dp_epsilon"] = self.dp.spent(self.round + 1)[0]           # (4)
+        extra.update(self._lines.get(client.id, {}))
         return extra
-
-    def begin_round(self, server, clients):
-        self._norms = {}
-        self.base.begin_round(server, clients)
 
     def summary_extra(self, server, lines):
         out = dict(self.base.summary_extra(server, lines))
-        eps, order = self.dp.spent()
-        out["privacy"] = {**self.dp.record(), "rounds": self.dp.rounds, "epsilon": eps,
-                          "order": order, "orders": [float(a) for a in ORDERS]}
+        if self.dp:
+            eps, order = self.dp.spent()
+            out["privacy"] = {**self.dp.record(), "rounds": self.dp.rounds, "epsilon": eps,
+                              "order": order, "orders": [float(a) for a in ORDERS]}
+        view = lines[0].get("view") if lines else None
+        one = [m for m in lines if m.get("client") != "pooled" and m.get("view") == view]
+        if self.secagg:
+            out["secagg"] = {**self.secagg.record(),
+                             "bytes_up": int(sum(m.get("secagg_bytes_up", 0) for m in one)),
+                             "bytes_down": int(sum(m.get("secagg_bytes_down", 0) for m in one)),
+                             "aborted_rounds": len({m["round"] for m in one if "secagg" in m}),
+                             "seconds_this_process": self._totals["secagg_seconds"]}
+        if self.dropout:
+            out["dropouts"] = {kind: sum(1 for m in one if m.get("dropout") == kind)
+                               for kind in ("before_upload", "after_upload")}
         return out
 
 
@@ -378,12 +705,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="delta of the (epsilon, delta) guarantee (default 1e-5)")
     g.add_argument("--rdp-conversion", default=None, choices=CONVERSIONS,
                    help="RDP -> (eps, delta): balle (Balle et al. 2020, default) | classic")
+    g.add_argument("--secagg", action="store_true",
+                   help="pairwise-mask secure aggregation of the updates (a simulation: seeded "
+                        "secrets), Shamir-shared seeds recover dropped clients")
+    g.add_argument("--secagg-threshold", type=int, default=None, metavar="T",
+                   help="Shamir threshold t (default floor(n/2) + 1 of the round's n)")
+    g.add_argument("--secagg-bits", type=int, default=None, metavar="B",
+                   help="quantisation levels Q = 2^B (default 22), modulus M = 2^32")
+    g.add_argument("--secagg-range", type=float, default=None, metavar="C",
+                   help="coordinates clipped to [-C, C] before quantising (default 8; under "
+                        "--dp-clip it is S)")
+    g.add_argument("--dropout-prob", type=float, default=None, metavar="P",
+                   help="simulate a participant failing with probability P (before or after "
+                        "uploading); the round completes with the rest")
     g.add_argument("--dp-plan", action="store_true",
                    help="print the (epsilon, delta) the configured run would spend (or the z "
                         "that reaches --dp-epsilon) and exit without reading data")
 
 
 FLAGS = ("dp_clip", "dp_noise", "dp_epsilon", "dp_delta", "rdp_conversion", "dp_plan")
+SECAGG_FLAGS = ("secagg", "secagg_threshold", "secagg_bits", "secagg_range")
 
 
 def settings(ns: argparse.Namespace, cfg: fedmed.Config, given: set) -> DPSettings | None:
@@ -411,9 +752,6 @@ def settings(ns: argparse.Namespace, cfg: fedmed.Config, given: set) -> DPSettin
                          "finite --dp-clip, or --dp-noise 0 for a dry run that logs the norms")
     if ns.dp_epsilon is not None and not (ns.dp_epsilon > 0 and math.isfinite(ns.dp_epsilon)):
         raise UsageError(f"--dp-epsilon must be a positive number (got {ns.dp_epsilon})")
-    if "weighting" in given and cfg.weighting != "uniform":
-        raise UsageError("--weighting samples does not apply with --dp-clip: DP-FedAvg weights "
-                         "every client alike (n_k weights raise the sensitivity); drop --weighting")
     conversion = ns.rdp_conversion or "balle"
     q, T = cfg.fraction, cfg.rounds
     if ns.dp_epsilon is not None:
@@ -427,6 +765,44 @@ def settings(ns: argparse.Namespace, cfg: fedmed.Config, given: set) -> DPSettin
     return DPSettings(clip=math.inf if ns.dp_clip is None else ns.dp_clip, noise=z,
                       delta=delta, q=q, rounds=T, conversion=conversion,
                       target_epsilon=ns.dp_epsilon)
+
+
+def layer_settings(ns: argparse.Namespace, cfg: fedmed.Config, given: set):
+    """(DPSettings | None, SecAggSettings | None, dropout probability) from the flags, or
+    None when no flag of the privacy layer is given; checked before any data is read."""
+    dp = settings(ns, cfg, given)
+    sa_used = [f for f in SECAGG_FLAGS if f in given]
+    if sa_used and not ns.secagg:
+        raise UsageError(f"--{sa_used[0].replace('_', '-')} needs --secagg; add it or drop the flag")
+    secagg = None
+    if ns.secagg:
+        bits = 22 if ns.secagg_bits is None else ns.secagg_bits
+        if not 1 <= bits <= 31:
+            raise UsageError(f"--secagg-bits must lie in 1..31 (got {bits}; the modulus is 2^32)")
+        if ns.secagg_range is not None and dp is not None:
+            raise UsageError("--secagg-range does not apply with --dp-clip (the range is the clip "
+                             "norm S, so nothing is clipped twice); drop --secagg-range")
+        c = 8.0 if ns.secagg_range is None else ns.secagg_range
+        if not (c > 0 and math.isfinite(c)):
+            raise UsageError(f"--secagg-range must be a positive number (got {c})")
+        if ns.secagg_threshold is not None and ns.secagg_threshold < 1:
+            raise UsageError(f"--secagg-threshold must be at least 1 (got {ns.secagg_threshold})")
+        if dp is not None and math.isinf(dp.clip):
+            raise UsageError("--secagg needs a finite --dp-clip (its range is S)")
+        secagg = SecAggSettings(levels=2 ** bits, clip_range=c, threshold=ns.secagg_threshold)
+    p = ns.dropout_prob
+    if p is not None and not 0 <= p < 1:
+        raise UsageError(f"--dropout-prob must lie in [0, 1) (got {p})")
+    if p and dp is None and secagg is None:
+        raise UsageError("--dropout-prob is simulated by the privacy layer; add --dp-clip or "
+                         "--secagg (other methods: not yet)")
+    if dp is None and secagg is None:
+        return None
+    if "weighting" in given and cfg.weighting != "uniform":
+        raise UsageError("--weighting samples does not apply with --dp-clip or --secagg: every "
+                         "client is weighted alike (n_k weights raise the sensitivity); drop "
+                         "--weighting")
+    return dp, secagg, p or 0.0
 
 
 def plan_text(dp: DPSettings) -> str:

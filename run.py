@@ -395,15 +395,18 @@ def _main(argv, made: dict) -> int:
     cls = fedmed.ALGORITHMS[cfg.algo]
     args = _fill(cls.Args, ns) if cls.Args is not None else None
     check_before_data(cfg, args, ns, given)
-    dp = privacy.settings(ns, cfg, given)               # client-level DP (None: off)
+    layer = privacy.layer_settings(ns, cfg, given)     # DP / secure aggregation (None: off)
     ns.layer = None
-    if dp is not None:
-        privacy.check_eligible(cls)
-        cfg.weighting = "uniform"                       # DP-FedAvg: every client alike
+    if layer is not None:
+        dp, secagg, dropout = layer
+        privacy.check_eligible(cls, "--dp-clip" if dp else "--secagg")
+        cfg.weighting = "uniform"                       # every client alike
         if ns.dp_plan:
+            if dp is None:
+                raise UsageError("--dp-plan needs --dp-noise or --dp-epsilon")
             print(privacy.plan_text(dp))
             return 0
-        ns.layer = lambda algo: privacy.DPLayer(algo, dp)
+        ns.layer = lambda algo: privacy.PrivacyLayer(algo, dp, secagg, dropout)
     ns.given_flags = given                             # datasets.build: flags a partition ignores
     out = ns.out or os.path.join("runs", f"{cfg.algo}-{ns.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
     _OUT["out"] = out

@@ -101,7 +101,7 @@ def _layer(fed, q=1.0, z=1.5, S=0.8, seed=5):
     cfg = fedmed.Config(algo="fedavg", rounds=4, seed=seed, weighting="uniform", fraction=q)
     base = fedmed.ALGORITHMS["fedavg"](cfg, None, fed)
     dp = privacy.DPSettings(clip=S, noise=z, delta=1e-5, q=q, rounds=4)
-    layer = privacy.DPLayer(base, dp)
+    layer = privacy.PrivacyLayer(base, dp)
     layer.attach([], True)
     server = fedmed.ServerState()
     clients = fedmed.make_clients(fed)
@@ -334,4 +334,165 @@ def test_dp_plan_prints_the_accountants_epsilon_and_trains_nothing(tmp_path, cap
 def test_bad_privacy_flags_are_one_line_errors(tmp_path, capsys, flags, needle):
     out = str(tmp_path / "never")
     rc = run.main(["--rounds", "3", "--out", out] + flags)
+    one_line_error(capsys, rc, needle, out=out)
+
+
+# ---------------------------------------------------------------- 5-8. secure aggregation
+
+M, Q = 2 ** 32, 2 ** 22
+
+
+def _masked(n=5, t=3, d=64, seed=0, top=False):
+    sa = privacy.SecAggRound(seed, 0, list(range(n)), t, M, d)
+    rng = np.random.default_rng(seed)
+    xq = {i: (np.full(d, Q, dtype=np.int64) if top else rng.integers(0, Q + 1, d)) for i in range(n)}
+    return sa, xq, {i: sa.mask(i, xq[i]) for i in range(n)}
+
+
+@pytest.mark.parametrize("top", [False, True])
+def test_masks_cancel_exactly_and_hide_each_input(top):
+    """Sheet test 5: the pairwise masks cancel, sum_i (y_i - PRG(b_i)) = sum_i x~_i
+    (mod M) exactly (each y_i also carries its self mask PRG(b_i), which the server
+    removes after rebuilding b_i), with every input at its largest value Q too (masked
+    values then spread up to the modulus); no y_i equals its x~_i; the server's
+    unmasking returns the exact sum."""
+    sa, xq, y = _masked(top=top)
+    total = sum((v.astype(np.uint64) + M - privacy.prg(sa.b[i], 64, M)) % M
+                for i, v in y.items()) % M
+    assert np.array_equal(total, sum(xq.values()).astype(np.uint64) % M)
+    assert max(int(v.max()) for v in y.values()) > M - M // 8     # values near M occur
+    for i in y:
+        assert not np.array_equal(y[i], xq[i])
+    assert np.array_equal(sa.unmask(y, list(y)), sum(xq.values()).astype(np.uint64) % M)
+
+
+def test_pair_seeds_agree_between_the_two_ends():
+    sa, _, _ = _masked()
+    for i in range(5):
+        for j in range(5):
+            if i != j:
+                assert sa.pair_seed(i, j) == sa.pair_seed(j, i)
+
+
+def test_every_dropout_set_up_to_n_minus_t_is_recovered_and_more_is_refused():
+    """Sheet test 7, n = 5, t = 3: every set of clients dropped after the setup (their
+    inputs never arrive) of size <= 2 gives exactly the survivors' sum; 3 raise and
+    return nothing."""
+    import itertools
+    n, t = 5, 3
+    sa, xq, y = _masked(n=n, t=t)
+    for size in range(0, n + 1):
+        for dropped in itertools.combinations(range(n), size):
+            alive = [i for i in range(n) if i not in dropped]
+            received = {i: y[i] for i in alive}
+            if size <= n - t:
+                got = sa.unmask(received, alive)
+                expect = sum((xq[i] for i in alive), np.zeros(64, np.int64)).astype(np.uint64) % M
+                assert np.array_equal(got, expect), dropped
+            else:
+                with pytest.raises(privacy.SecAggAbort):
+                    sa.unmask(received, alive)
+
+
+def test_clients_that_upload_then_go_silent_count_toward_the_sum_not_the_threshold():
+    sa, xq, y = _masked(n=5, t=3)
+    got = sa.unmask(y, [0, 1, 2])                       # 3 and 4 uploaded, then went silent
+    assert np.array_equal(got, sum(xq.values()).astype(np.uint64) % M)
+    with pytest.raises(privacy.SecAggAbort):
+        sa.unmask(y, [0, 1])
+
+
+def test_quantisation_error_is_bounded_and_unbiased():
+    """Sheet test 6: for inputs in [-c, c] the dequantised sum is within |U| 2c/Q of the
+    float sum per coordinate; the rounding error's mean over 10^4 draws is within 3
+    standard errors of 0."""
+    c, levels, n = 1.5, 2 ** 10, 4
+    rng = np.random.default_rng(3)
+    x = rng.uniform(-c, c, (n, 2000))
+    xq = [privacy.quantise(x[i], c, levels, np.random.default_rng(10 + i)) for i in range(n)]
+    assert all(v.min() >= 0 and v.max() <= levels for v in xq)
+    s = privacy.dequantise_sum(sum(xq) % M, c, levels, n)
+    assert np.max(np.abs(s - x.sum(0))) <= n * 2 * c / levels
+    one = np.full(10 ** 4, 0.3 * c)
+    err = privacy.dequantise_sum(privacy.quantise(one, c, levels, np.random.default_rng(7)),
+                                 c, levels, 1) - one
+    assert abs(err.mean()) < 3 * err.std() / math.sqrt(len(err))
+    assert err.std() > 0                                # it really rounds at random
+    clipped = privacy.quantise(np.array([-5 * c, 5 * c]), c, levels, np.random.default_rng(0))
+    assert clipped.tolist() == [0, levels]
+
+
+def test_shamir_any_t_shares_rebuild_the_secret_and_t_minus_1_do_not():
+    """Sheet test 8."""
+    import itertools
+    rng = np.random.default_rng(0)
+    secret = 123456789123456789
+    shares = privacy.shamir_share(secret, 3, 6, rng)
+    for sub in itertools.combinations(shares, 3):
+        assert privacy.shamir_reconstruct(list(sub)) == secret
+    for sub in itertools.combinations(shares, 2):
+        assert privacy.shamir_reconstruct(list(sub)) != secret
+    bad = list(shares[:3])
+    bad[1] = (bad[1][0], (bad[1][1] + 1) % privacy.PRIME)          # a tampered share
+    assert privacy.shamir_reconstruct(bad) != secret
+    for blob in (b"", b"x", bytes(range(15)), bytes(range(16)), bytes(range(200))):
+        sh = privacy.shamir_share_bytes(blob, 2, 4, rng)
+        assert privacy.shamir_reconstruct_bytes([sh[3], sh[1]]) == blob
+
+
+def test_secagg_run_equals_the_plain_mean_within_the_quantisation_bound(tmp_path):
+    """--secagg without DP: w_{t+1} = w_t + (sum of the dequantised updates) / |U|, within
+    |U| 2c/Q / |U| per coordinate per round of uniform FedAvg (each round starting from
+    the same w_t: one round compared); the masked payload and the setup and unmasking
+    messages are counted by the byte counter."""
+    rc, plain = cli(tmp_path, "--weighting", "uniform", name="plain", rounds=1)
+    rc2, sec = cli(tmp_path, "--secagg", name="sec", rounds=1)
+    assert rc == rc2 == 0
+    a, b = server_weights(plain), server_weights(sec)
+    bound = 2 * 8.0 / Q
+    for k in a:
+        if a[k].is_floating_point():
+            assert float((a[k].double() - b[k].double()).abs().max()) <= bound + 1e-6, k
+    s = json.load(open(os.path.join(sec, "summary.json")))
+    assert s["secagg"]["bytes_up"] > 0 and s["secagg"]["bytes_down"] > 0
+    assert s["secagg"]["aborted_rounds"] == 0
+    lines = read_jsonl(os.path.join(sec, "metrics.jsonl"))
+    assert all(m["secagg_bytes_up"] > 0 for m in lines if m["client"] != "pooled")
+
+
+def test_dp_secagg_with_dropouts_killed_and_resumed_equals_uninterrupted(tmp_path):
+    """--dropout-prob 0.3 with DP and secure aggregation: the rounds complete with the
+    survivors (some clients drop before and after uploading over the run), and a run
+    stopped after round 2 and resumed ends identical to the uninterrupted one."""
+    flags = ["--clients", "5", "--dp-clip", "1.0", "--dp-noise", "0.5", "--secagg",
+             "--dropout-prob", "0.3", "--seed", "2"]
+    rc, full = cli(tmp_path, *flags, name="full", rounds=4)
+    assert rc == 0
+    rc, part = cli(tmp_path, *flags, "--stop-after", "2", name="part", rounds=4)
+    assert rc == 0
+    rc, _ = cli(tmp_path, *flags, "--resume", name="part", rounds=4)
+    assert rc == 0
+    a, b = server_weights(full), server_weights(part)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    la, lb = (read_jsonl(os.path.join(d, "metrics.jsonl")) for d in (full, part))
+    assert drop_seconds(la) == drop_seconds(lb)
+    kinds = {m.get("dropout") for m in la}
+    assert {"before_upload", "after_upload"} <= kinds, kinds
+    s = json.load(open(os.path.join(full, "summary.json")))
+    assert s["dropouts"]["before_upload"] > 0 and "privacy" in s and "secagg" in s
+
+
+@pytest.mark.parametrize("flags,needle", [
+    (["--secagg", "--secagg-bits", "31"], "could wrap around"),
+    (["--secagg", "--secagg-threshold", "4"], "--secagg-threshold 4 is above the number of clients"),
+    (["--secagg-bits", "20"], "--secagg-bits needs --secagg"),
+    (["--secagg", "--dp-clip", "1", "--secagg-range", "2"], "--secagg-range does not apply"),
+    (["--dropout-prob", "0.2"], "--dropout-prob is simulated by the privacy layer"),
+    (["--secagg", "--dropout-prob", "1"], "--dropout-prob must lie in [0, 1)"),
+    (["--secagg", "--algo", "fedmic"], "--secagg does not apply to --algo fedmic"),
+])
+def test_bad_secagg_flags_are_one_line_errors(tmp_path, capsys, flags, needle):
+    out = str(tmp_path / "never")
+    rc = run.main(["--rounds", "2", "--clients", "3", "--image-size", "16", "--quiet", "--out",
+                   out] + flags)
     one_line_error(capsys, rc, needle, out=out)
