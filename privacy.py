@@ -489,6 +489,58 @@ class SecAggSettings:
                 "note": "simulation: seeded secrets, textbook DH mod 2^127 - 1, no encryption"}
 
 
+@dataclasses.dataclass
+class FaultSettings:
+    aggregator: str = "mean"          # mean | median | trimmed_mean | krum
+    trim: float = 0.2                 # trimmed mean: share cut at each end, per coordinate
+    krum_f: int = 1                   # Krum: the number of attackers it tolerates
+    reject_factor: float = 10.0       # reject ||Delta_k|| > factor x median (0: off)
+    attack: str | None = None         # sign_flip | scale | label_flip | nan
+    attackers: tuple = ()             # client names
+    attack_scale: float = 10.0
+    dropout: float = 0.0
+
+    def record(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+AGGREGATORS = ("mean", "median", "trimmed_mean", "krum")
+ATTACKS = ("sign_flip", "scale", "label_flip", "nan")
+
+
+def K_needed(f: int) -> int:
+    """Krum needs n - f - 2 >= 1 neighbours: n >= f + 3 uploads."""
+    return f + 3
+
+
+def robust_combine(ws: list, rule: str, trim: float = 0.2, krum_f: int = 1) -> torch.Tensor:
+    """Combine the rows of ws (n x d, float64) by `rule`: the mean; the coordinate-wise
+    median (torch's lower median for even n is replaced by the mean of the two middle
+    values); the trimmed mean (per coordinate, the floor(trim n) largest and smallest
+    values dropped; Yin et al., ICML 2018); Krum (Blanchard et al., NeurIPS 2017: the row
+    whose summed squared distance to its n - f - 2 nearest other rows is smallest)."""
+    W = torch.stack(ws)
+    n = W.shape[0]
+    if rule == "mean":
+        return W.mean(0)
+    if rule == "median":
+        srt = W.sort(0).values
+        return (srt[(n - 1) // 2] + srt[n // 2]) / 2
+    if rule == "trimmed_mean":
+        b = int(math.floor(trim * n))
+        return W.sort(0).values[b:n - b].mean(0)
+    if rule == "krum":
+        m = n - krum_f - 2
+        if m < 1:
+            raise UsageError(f"--aggregator krum with --krum-f {krum_f} needs more than "
+                             f"{2 * krum_f + 2} uploads in a round (got {n})")
+        d2 = torch.cdist(W, W) ** 2
+        scores = [float(torch.sort(torch.cat([d2[i, :i], d2[i, i + 1:]])).values[:m].sum())
+                  for i in range(n)]
+        return W[int(np.argmin(scores))].clone()
+    raise ValueError(f"unknown aggregation rule {rule!r}")
+
+
 class PrivacyLayer(fedmed.Wrapper):
     """Client-level DP-FedAvg and/or pairwise-mask secure aggregation, with simulated
     client dropouts, around one method (its `base`): the base trains; this layer samples
@@ -505,14 +557,15 @@ class PrivacyLayer(fedmed.Wrapper):
     aggregate_empty = True            # noise is released even in a round nobody was sampled
 
     def __init__(self, base: fedmed.Algorithm, dp: DPSettings | None,
-                 secagg: SecAggSettings | None = None, dropout: float = 0.0):
+                 secagg: SecAggSettings | None = None, faults: FaultSettings | None = None):
         fedmed.Wrapper.__init__(self, base.cfg, base.args, base.fed)
         self.wrap(base)
-        self.dp, self.secagg, self.dropout = dp, secagg, dropout
+        self.faults = faults or FaultSettings()
+        self.dp, self.secagg, self.dropout = dp, secagg, self.faults.dropout
         self.info = getattr(base, "info", {})
         self.layer_record = {"privacy": dp.record() if dp else None,
                              "secagg": secagg.record() if secagg else None,
-                             "dropout_prob": dropout}
+                             "faults": self.faults.record()}
         self._lines: dict = {}
         self._sa = None
         self._totals = {"secagg_seconds": 0.0}
@@ -530,6 +583,16 @@ class PrivacyLayer(fedmed.Wrapper):
             if sa.threshold is not None and sa.threshold > K:
                 raise UsageError(f"--secagg-threshold {sa.threshold} is above the number of "
                                  f"clients ({K}); give at most {K}")
+        names = [c.name for c in clients]
+        for a in self.faults.attackers:
+            if a not in names:
+                raise UsageError(f"--attackers: no client {a!r} in this federation; choose "
+                                 f"among {', '.join(names)}")
+        if self.faults.attack == "label_flip" and self.base.multilabel:
+            raise UsageError("--attack label_flip is for single-label data")
+        if self.faults.aggregator == "krum" and K_needed(self.faults.krum_f) > len(clients):
+            raise UsageError(f"--aggregator krum with --krum-f {self.faults.krum_f} needs at "
+                             f"least {K_needed(self.faults.krum_f)} clients (got {len(clients)})")
 
     def streams(self) -> bool:
         return False
@@ -577,13 +640,33 @@ class PrivacyLayer(fedmed.Wrapper):
         if fails == "before_upload":
             return {}
         w_t = payload.get("w", {})
-        up = self.base.local_update(client, payload)
+        attack = self.faults.attack if client.name in self.faults.attackers else None
+        if attack == "label_flip":                    # trains on y -> C - 1 - y
+            C, batch = self.fed.num_classes, self.base.batch
+            self.base.batch = lambda idx, gen=None: (lambda x, y: (x, C - 1 - y))(*batch(idx, gen))
+            try:
+                up = self.base.local_update(client, payload)
+            finally:
+                del self.base.batch                   # the class's method again
+        else:
+            up = self.base.local_update(client, payload)
         if not up:
             return up
         if set(up) - {"w", "n"} or set(up["w"]) != set(w_t):
             raise UsageError(f"--algo {self.cfg.algo} uploaded more than its broadcast "
                              "weights; client-level DP and secure aggregation do not cover it")
         delta = {k: up["w"][k].double() - w_t[k].double() for k in self.keys}
+        if attack in ("sign_flip", "scale", "nan"):
+            factor = {"sign_flip": -1.0, "scale": self.faults.attack_scale, "nan": math.nan}[attack]
+            delta = {k: d * factor for k, d in delta.items()}
+            up = {"w": {k: (w_t[k].double() + delta[k]).to(w_t[k].dtype) for k in self.keys},
+                  "n": up["n"]}
+        if attack:
+            self._line(client)["attack"] = attack
+        bad = next((k for k in self.keys if not bool(torch.isfinite(delta[k]).all())), None)
+        if bad is not None:                           # rule 1: a non-finite upload
+            self._line(client)["rejected"] = f"weight {bad} is NaN or infinite"
+            return {}
         norm, f = update_norm(delta), 1.0
         if self.dp:
             delta, norm, f = clip_update(delta, self.dp.clip)
@@ -633,6 +716,26 @@ class PrivacyLayer(fedmed.Wrapper):
 
     def aggregate(self, server, uploads):                                    # (3)
         keys = self.keys
+        if not self.dp and not self.secagg:           # robust / plain mean of accepted w_k
+            ok = self._accepted(uploads)
+            if not ok:
+                return
+            for k in keys:
+                ws = [uploads[c]["w"][k].double().flatten() for c in ok]
+                if self.faults.aggregator == "krum":
+                    continue
+                server.weights[k] = robust_combine(
+                    ws, self.faults.aggregator, self.faults.trim).view(
+                    server.weights[k].shape).to(server.weights[k].dtype)
+            if self.faults.aggregator == "krum":      # Krum chooses a whole upload
+                flat = [torch.cat([uploads[c]["w"][k].double().flatten() for k in keys])
+                        for c in ok]
+                pick = robust_combine(flat, "krum", krum_f=self.faults.krum_f)
+                chosen = next(c for c, v in zip(ok, flat) if torch.equal(v, pick))
+                self._lines.setdefault(chosen, {})["krum_chosen"] = True
+                for k in keys:
+                    server.weights[k] = uploads[chosen]["w"][k].clone()
+            return
         if self.secagg:
             got = self._secure_sum(uploads) if uploads and self._sa else None
             if got is None and not self.dp:
@@ -662,6 +765,25 @@ class PrivacyLayer(fedmed.Wrapper):
                 acc[k].clamp_(min=0.0)              # noise must not make a variance negative
             server.weights[k] = acc[k].to(server.weights[k].dtype)
 
+    def _accepted(self, uploads) -> list:
+        """Rule 2 (rule 1, non-finite, acted in local_update): with 3 or more uploads, one
+        whose update norm exceeds reject_factor x the median norm of the round's uploads
+        is rejected, the reason logged on its line."""
+        ids = sorted(uploads)
+        kf = self.faults.reject_factor
+        if kf and len(ids) >= 3:
+            norms = {c: self._lines[c]["dp_norm"] for c in ids}
+            med = float(np.median(list(norms.values())))
+            out = []
+            for c in ids:
+                if norms[c] > kf * med:
+                    self._lines[c]["rejected"] = (f"update norm {norms[c]:.4g} > {kf:g} x the "
+                                                  f"round's median {med:.4g}")
+                else:
+                    out.append(c)
+            return out
+        return ids
+
     def line_extra(self, server, client):
         extra = dict(self.base.line_extra(server, client))
         if self.dp:
@@ -683,6 +805,7 @@ class PrivacyLayer(fedmed.Wrapper):
                              "bytes_down": int(sum(m.get("secagg_bytes_down", 0) for m in one)),
                              "aborted_rounds": len({m["round"] for m in one if "secagg" in m}),
                              "seconds_this_process": self._totals["secagg_seconds"]}
+        out["rejected_uploads"] = sum(1 for m in one if "rejected" in m)
         if self.dropout:
             out["dropouts"] = {kind: sum(1 for m in one if m.get("dropout") == kind)
                                for kind in ("before_upload", "after_upload")}
@@ -718,6 +841,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dropout-prob", type=float, default=None, metavar="P",
                    help="simulate a participant failing with probability P (before or after "
                         "uploading); the round completes with the rest")
+    g.add_argument("--aggregator", default=None, choices=AGGREGATORS,
+                   help="robust aggregation of the uploads (not with --dp-clip/--secagg): mean "
+                        "(default) | median | trimmed_mean | krum")
+    g.add_argument("--trim-fraction", type=float, default=None, metavar="B",
+                   help="trimmed_mean: share cut at each end per coordinate (default 0.2)")
+    g.add_argument("--krum-f", type=int, default=None, metavar="F",
+                   help="krum: attackers tolerated (default 1)")
+    g.add_argument("--reject-factor", type=float, default=None, metavar="K",
+                   help="reject an upload whose update norm exceeds K x the round's median "
+                        "(default 10, 0: off; non-finite uploads are always rejected)")
+    g.add_argument("--attack", default=None, choices=ATTACKS,
+                   help="simulate misbehaving --attackers: sign_flip (sends -Delta), scale "
+                        "(--attack-scale x Delta), label_flip (trains on C-1-y), nan")
+    g.add_argument("--attackers", default=None, metavar="NAMES",
+                   help="comma-separated client names that attack")
+    g.add_argument("--attack-scale", type=float, default=None, metavar="L",
+                   help="scale attack's factor (default 10)")
     g.add_argument("--dp-plan", action="store_true",
                    help="print the (epsilon, delta) the configured run would spend (or the z "
                         "that reaches --dp-epsilon) and exit without reading data")
@@ -793,16 +933,48 @@ def layer_settings(ns: argparse.Namespace, cfg: fedmed.Config, given: set):
     p = ns.dropout_prob
     if p is not None and not 0 <= p < 1:
         raise UsageError(f"--dropout-prob must lie in [0, 1) (got {p})")
-    if p and dp is None and secagg is None:
-        raise UsageError("--dropout-prob is simulated by the privacy layer; add --dp-clip or "
-                         "--secagg (other methods: not yet)")
-    if dp is None and secagg is None:
+    faults = FaultSettings(dropout=p or 0.0)
+    if ns.aggregator is not None:
+        if dp is not None or secagg is not None:
+            raise UsageError(f"--aggregator {ns.aggregator} does not apply with --dp-clip or "
+                             "--secagg (their guarantees are for the sum); drop one")
+        faults.aggregator = ns.aggregator
+    if ns.trim_fraction is not None:
+        if faults.aggregator != "trimmed_mean":
+            raise UsageError("--trim-fraction applies only with --aggregator trimmed_mean")
+        if not 0 <= ns.trim_fraction < 0.5:
+            raise UsageError(f"--trim-fraction must lie in [0, 0.5) (got {ns.trim_fraction})")
+        faults.trim = ns.trim_fraction
+    if ns.krum_f is not None:
+        if faults.aggregator != "krum":
+            raise UsageError("--krum-f applies only with --aggregator krum")
+        if ns.krum_f < 0:
+            raise UsageError(f"--krum-f must be >= 0 (got {ns.krum_f})")
+        faults.krum_f = ns.krum_f
+    if ns.reject_factor is not None:
+        if not (ns.reject_factor == 0 or ns.reject_factor > 1):
+            raise UsageError(f"--reject-factor must be 0 (off) or above 1 (got {ns.reject_factor})")
+        faults.reject_factor = ns.reject_factor
+    if (ns.attack is None) != (ns.attackers is None):
+        raise UsageError("--attack and --attackers go together: name the attack and the "
+                         "clients that make it")
+    if ns.attack is not None:
+        faults.attack = ns.attack
+        faults.attackers = tuple(a.strip() for a in ns.attackers.split(",") if a.strip())
+        if not faults.attackers:
+            raise UsageError("--attackers: give at least one client name")
+    if ns.attack_scale is not None:
+        if ns.attack != "scale":
+            raise UsageError("--attack-scale applies only with --attack scale")
+        faults.attack_scale = ns.attack_scale
+    on = (dp, secagg, p, ns.aggregator, ns.attack, ns.reject_factor)
+    if not any(v is not None and v is not False for v in on):
         return None
     if "weighting" in given and cfg.weighting != "uniform":
-        raise UsageError("--weighting samples does not apply with --dp-clip or --secagg: every "
-                         "client is weighted alike (n_k weights raise the sensitivity); drop "
-                         "--weighting")
-    return dp, secagg, p or 0.0
+        raise UsageError("--weighting samples does not apply with the privacy layer (--dp-clip, "
+                         "--secagg, --aggregator, --attack, --dropout-prob): every client is "
+                         "weighted alike; drop --weighting")
+    return dp, secagg, faults
 
 
 def plan_text(dp: DPSettings) -> str:

@@ -398,15 +398,16 @@ def _main(argv, made: dict) -> int:
     layer = privacy.layer_settings(ns, cfg, given)     # DP / secure aggregation (None: off)
     ns.layer = None
     if layer is not None:
-        dp, secagg, dropout = layer
-        privacy.check_eligible(cls, "--dp-clip" if dp else "--secagg")
+        dp, secagg, faults = layer
+        privacy.check_eligible(cls, "--dp-clip" if dp else "--secagg" if secagg else
+                               "the privacy layer")
         cfg.weighting = "uniform"                       # every client alike
         if ns.dp_plan:
             if dp is None:
                 raise UsageError("--dp-plan needs --dp-noise or --dp-epsilon")
             print(privacy.plan_text(dp))
             return 0
-        ns.layer = lambda algo: privacy.PrivacyLayer(algo, dp, secagg, dropout)
+        ns.layer = lambda algo: privacy.PrivacyLayer(algo, dp, secagg, faults)
     ns.given_flags = given                             # datasets.build: flags a partition ignores
     out = ns.out or os.path.join("runs", f"{cfg.algo}-{ns.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
     _OUT["out"] = out

@@ -487,7 +487,6 @@ def test_dp_secagg_with_dropouts_killed_and_resumed_equals_uninterrupted(tmp_pat
     (["--secagg", "--secagg-threshold", "4"], "--secagg-threshold 4 is above the number of clients"),
     (["--secagg-bits", "20"], "--secagg-bits needs --secagg"),
     (["--secagg", "--dp-clip", "1", "--secagg-range", "2"], "--secagg-range does not apply"),
-    (["--dropout-prob", "0.2"], "--dropout-prob is simulated by the privacy layer"),
     (["--secagg", "--dropout-prob", "1"], "--dropout-prob must lie in [0, 1)"),
     (["--secagg", "--algo", "fedmic"], "--secagg does not apply to --algo fedmic"),
 ])
@@ -496,3 +495,193 @@ def test_bad_secagg_flags_are_one_line_errors(tmp_path, capsys, flags, needle):
     rc = run.main(["--rounds", "2", "--clients", "3", "--image-size", "16", "--quiet", "--out",
                    out] + flags)
     one_line_error(capsys, rc, needle, out=out)
+
+
+# ---------------------------------------------------------------- faults and robust rules
+
+def test_robust_rules_by_hand():
+    rows = [torch.tensor([1.0, 10.0, -3.0]), torch.tensor([2.0, -1.0, 0.0]),
+            torch.tensor([3.0, 4.0, 5.0]), torch.tensor([100.0, 2.0, 1.0])]
+    rows = [r.double() for r in rows]
+    assert privacy.robust_combine(rows, "mean").tolist() == [26.5, 3.75, 0.75]
+    assert privacy.robust_combine(rows, "median").tolist() == [2.5, 3.0, 0.5]
+    assert privacy.robust_combine(rows[:3], "median").tolist() == [2.0, 4.0, 0.0]
+    # trim 0.25 of 4: drop the largest and smallest per coordinate, mean of the middle two
+    assert privacy.robust_combine(rows, "trimmed_mean", trim=0.25).tolist() == [2.5, 3.0, 0.5]
+    assert privacy.robust_combine(rows, "trimmed_mean", trim=0.2).tolist() == [26.5, 3.75, 0.75]
+    # Krum, f = 1, n = 5: each row scores its n - f - 2 = 2 nearest; the outlier never wins
+    honest = [torch.tensor([0.0, 0.0]), torch.tensor([0.1, 0.0]), torch.tensor([0.0, 0.2]),
+              torch.tensor([0.3, 0.1])]
+    W = [h.double() for h in honest] + [torch.tensor([50.0, -50.0]).double()]
+    d2 = lambda a, b: float(((a - b) ** 2).sum())      # noqa: E731
+    scores = [sum(sorted(d2(W[i], W[j]) for j in range(5) if j != i)[:2]) for i in range(5)]
+    assert torch.equal(privacy.robust_combine(W, "krum", krum_f=1), W[int(np.argmin(scores))])
+    with pytest.raises(fedmed.UsageError):
+        privacy.robust_combine(W[:3], "krum", krum_f=1)
+
+
+def _attack_layer(fed, attack, scale=10.0, seed=3):
+    cfg = fedmed.Config(algo="fedavg", rounds=2, seed=seed, weighting="uniform", local_steps=2,
+                        batch_size=16)
+    base = fedmed.ALGORITHMS["fedavg"](cfg, None, fed)
+    faults = privacy.FaultSettings(attack=attack, attackers=(fed.clients[0].name,),
+                                   attack_scale=scale, reject_factor=0)
+    layer = privacy.PrivacyLayer(base, None, None, faults)
+    layer.attach([], True)
+    server = fedmed.ServerState()
+    clients = fedmed.make_clients(fed)
+    layer.setup(server, clients)
+    layer.set_round(0)
+    layer.begin_round(server, clients)
+    return layer, server, clients
+
+
+def _honest_upload(fed, seed=3, flip=False):
+    """Client 0's FedAvg upload in round 0; with `flip`, trained on labels C - 1 - y (the
+    class weights stay those of the true labels, computed when the method is built)."""
+    if flip:
+        fed = datasets.make_synthetic(seed=0, clients=3, image_size=16)
+    cfg = fedmed.Config(algo="fedavg", rounds=2, seed=seed, weighting="uniform", local_steps=2,
+                        batch_size=16)
+    base = fedmed.ALGORITHMS["fedavg"](cfg, None, fed)
+    if flip:
+        y = fed.y.clone()
+        idx = torch.as_tensor(np.asarray(fed.clients[0].train), dtype=torch.long)
+        y[idx] = fed.num_classes - 1 - y[idx]
+        fed.y = y
+    base.attach([], True)
+    server = fedmed.ServerState()
+    clients = fedmed.make_clients(fed)
+    base.setup(server, clients)
+    base.set_round(0)
+    return base.broadcast(server, clients[0]), base.local_update(clients[0], base.broadcast(server, clients[0]))
+
+
+@pytest.mark.parametrize("attack", ["sign_flip", "scale", "label_flip"])
+def test_each_attack_sends_what_it_says(attack):
+    """sign_flip sends w_t - Delta, scale w_t + L Delta (Delta: the honest update from the
+    same streams), label_flip the update of training on y -> C - 1 - y (recomputed with
+    the client's labels flipped in the data)."""
+    fed = datasets.make_synthetic(seed=0, clients=3, image_size=16)
+    layer, server, clients = _attack_layer(fed, attack, scale=7.0)
+    payload = layer.broadcast(server, clients[0])
+    up = layer.local_update(clients[0], payload)
+    w_t, honest = _honest_upload(fed, flip=(attack == "label_flip"))
+    for k in layer.keys:
+        d = honest["w"][k].double() - w_t["w"][k].double()
+        expect = {"sign_flip": w_t["w"][k].double() - d, "scale": w_t["w"][k].double() + 7.0 * d,
+                  "label_flip": honest["w"][k].double()}[attack]
+        assert torch.allclose(up["w"][k].double(), expect, atol=1e-5), k
+    assert any(not torch.allclose(up["w"][k], _honest_upload(fed)[1]["w"][k]) for k in layer.keys)
+    assert layer.line_extra(server, clients[0])["attack"] == attack
+
+
+def test_a_nan_upload_and_an_outlier_are_rejected_and_the_round_completes(tmp_path, monkeypatch):
+    """Rule 1: a non-finite upload is rejected; rule 2: an update norm above 10 x the
+    round's median is rejected; both logged; the aggregate is the mean of the rest."""
+    seen = {}
+    orig = privacy.PrivacyLayer.local_update
+
+    def record(self, client, payload):
+        up = orig(self, client, payload)
+        seen[self.round, client.id] = ({k: v.clone() for k, v in payload["w"].items()}, up)
+        return up
+    monkeypatch.setattr(privacy.PrivacyLayer, "local_update", record)
+    rc, out = cli(tmp_path, "--clients", "5", "--attack", "nan", "--attackers", "site1",
+                  name="nan", rounds=1)
+    assert rc == 0
+    lines = read_jsonl(os.path.join(out, "metrics.jsonl"))
+    rej = {m["client"]: m["rejected"] for m in lines if "rejected" in m}
+    assert list(rej) == ["site1"] and "NaN" in rej["site1"]
+    w = server_weights(out)
+    ok = [k for (r, k) in seen if seen[r, k][1]]
+    assert ok == [0, 2, 3, 4]
+    for key in seen[0, 0][0]:
+        if w[key].is_floating_point():
+            mean = torch.stack([seen[0, k][1]["w"][key].double() for k in ok]).mean(0)
+            assert torch.allclose(w[key].double(), mean, atol=1e-6), key
+    rc, out2 = cli(tmp_path, "--clients", "5", "--attack", "scale", "--attackers", "site3",
+                   "--attack-scale", "1000", name="scale", rounds=1)
+    assert rc == 0
+    lines = read_jsonl(os.path.join(out2, "metrics.jsonl"))
+    rej = {m["client"]: m["rejected"] for m in lines if "rejected" in m}
+    assert list(rej) == ["site3"] and "x the round's median" in rej["site3"]
+    assert json.load(open(os.path.join(out2, "summary.json")))["rejected_uploads"] == 1
+
+
+def test_median_aggregator_run_takes_the_coordinate_median(tmp_path, monkeypatch):
+    seen = {}
+    orig = privacy.PrivacyLayer.local_update
+
+    def record(self, client, payload):
+        up = orig(self, client, payload)
+        seen[client.id] = up
+        return up
+    monkeypatch.setattr(privacy.PrivacyLayer, "local_update", record)
+    rc, out = cli(tmp_path, "--clients", "4", "--aggregator", "median", "--attack", "sign_flip",
+                  "--attackers", "site0", name="med", rounds=1)
+    assert rc == 0
+    w = server_weights(out)
+    for key in seen[0]["w"]:
+        srt = torch.stack([seen[k]["w"][key].double() for k in range(4)]).sort(0).values
+        assert torch.allclose(w[key].double(), (srt[1] + srt[2]) / 2, atol=1e-7), key
+
+
+@pytest.mark.parametrize("flags,needle", [
+    (["--aggregator", "median", "--dp-clip", "1"], "--aggregator median does not apply"),
+    (["--attack", "scale"], "--attack and --attackers go together"),
+    (["--attack", "scale", "--attackers", "nobody"], "--attackers: no client 'nobody'"),
+    (["--aggregator", "krum", "--krum-f", "2"], "needs at least 5 clients"),
+    (["--aggregator", "trimmed_mean", "--trim-fraction", "0.5"], "--trim-fraction must lie"),
+    (["--trim-fraction", "0.1"], "--trim-fraction applies only with"),
+    (["--reject-factor", "0.5"], "--reject-factor must be 0"),
+    (["--attack", "nan", "--attackers", "site0", "--attack-scale", "3"], "--attack-scale applies"),
+])
+def test_bad_fault_flags_are_one_line_errors(tmp_path, capsys, flags, needle):
+    out = str(tmp_path / "never")
+    rc = run.main(["--rounds", "2", "--clients", "3", "--image-size", "16", "--quiet", "--out",
+                   out] + flags)
+    one_line_error(capsys, rc, needle, out=out)
+
+
+def test_kill_9_at_a_random_moment_of_a_dp_secagg_run_then_resume_is_identical(tmp_path):
+    """A DP + secure aggregation run with --dropout-prob 0.3 is killed with SIGKILL at a
+    random moment after its first checkpoint (the moment's seed is in the failure message)
+    and resumed: final weights, metrics and summary equal the uninterrupted run's."""
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+    flags = ["--image-size", "16", "--clients", "5", "--rounds", "6", "--local-steps", "2",
+             "--batch-size", "16", "--quiet", "--dp-clip", "1.0", "--dp-noise", "0.5",
+             "--secagg", "--dropout-prob", "0.3", "--seed", "1"]
+    full, part = str(tmp_path / "full"), str(tmp_path / "part")
+    assert run.main(flags + ["--out", full]) == 0
+    seed = time.time_ns() % 10 ** 6
+    rng = random.Random(seed)
+    after, extra = rng.randint(1, 4), rng.uniform(0.0, 0.4)
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.Popen([sys.executable, os.path.join(repo, "run.py"), *flags, "--out", part],
+                            cwd=repo, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ck = os.path.join(part, "checkpoint.pt")
+    t_end = time.time() + 300
+    while time.time() < t_end and proc.poll() is None:
+        if os.path.exists(ck) and torch.load(ck, weights_only=False)["round"] >= after:
+            break
+        time.sleep(0.05)
+    time.sleep(extra)
+    if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert os.path.exists(ck), f"no checkpoint before the kill (seed {seed})"
+    assert run.main(flags + ["--resume", "--out", part]) == 0, f"seed {seed}"
+    a, b = server_weights(full), server_weights(part)
+    assert all(torch.equal(a[k], b[k]) for k in a), f"seed {seed}: after={after} extra={extra:.2f}"
+    assert drop_seconds(read_jsonl(os.path.join(full, "metrics.jsonl"))) == \
+        drop_seconds(read_jsonl(os.path.join(part, "metrics.jsonl"))), f"seed {seed}"
+    sa, sb = (drop_seconds(json.load(open(os.path.join(d, "summary.json")))) for d in (full, part))
+    for s in (sa, sb):
+        s.get("secagg", {}).pop("seconds_this_process", None)
+    assert sa == sb, f"seed {seed}"
