@@ -171,6 +171,11 @@ def dual_teacher(p_S: torch.Tensor, p_D: torch.Tensor):
     return p.argmax(1), (entropy(p_S) + entropy(p_D)) / 2
 
 
+def accept(u: torch.Tensor, tau: float) -> torch.Tensor:
+    """(DR-6) the mask 1[u <= tau] as floats."""
+    return (u <= tau).float()
+
+
 def quantile_at(t: int, T_max: int, q_s: float, q_e: float) -> float:
     """(DR-4) q_t = q_s + (q_e - q_s) t / T_max."""
     return q_s + (q_e - q_s) * t / T_max
@@ -472,7 +477,7 @@ class FGASL(Algorithm):
                         q = quantile_at(t, T_max, a.q_s, a.q_e)                  # (DR-4)
                         tau, buf = update_threshold(tau, buf, H_l, q, a.tau_decay, a.buffer,
                                                     a.threshold_source)         # (DR-5)
-                        mask = (u <= tau).float()                                # (DR-6)
+                        mask = accept(u, tau)                                    # (DR-6)
                     else:
                         mask = (conf >= a.tau_fixed).float()
                     L_s = self.task_loss(z_l, y_l)                                # (L-s)
