@@ -450,9 +450,7 @@ class FGASL(Algorithm):
         steps = 0
         try:
             with seeded(cfg.seed, "local", self.round, client.id):
-                for i, idx_l in enumerate(labelled):
-                    if i >= I:
-                        break
+                for i, idx_l in enumerate(labelled):                    # I batches at most
                     idx_u = next(unlabelled)
                     t = self.round * I + i
                     x_l = flips(self.fed.x[idx_l].float() / 255, gen_aug)

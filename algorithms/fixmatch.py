@@ -99,9 +99,7 @@ class SemiSupervised(Algorithm):
         steps = 0
         self.begin_local()
         with seeded(cfg.seed, "local", self.round, client.id):
-            for i, idx_l in enumerate(labelled):
-                if i >= I:
-                    break
+            for i, idx_l in enumerate(labelled):                        # I batches at most
                 idx_u = next(unlabelled)
                 x_l = flips(self.fed.x[idx_l].float() / 255, gen_aug)
                 w_u = flips(self.fed.x[idx_u].float() / 255, gen_aug)

@@ -133,7 +133,7 @@ def reference_client(fed, k, theta_g, alpha_w):
     perm_l = train[torch.randperm(len(train), generator=gen)]
     perm_u = unl[torch.randperm(len(unl), generator=gen_u)]
     tau, buf = TAU0[k], torch.tensor(BUF0, dtype=torch.float64)
-    margins, accepted, seen = [], 0, 0
+    margins, accepted, seen, correct = [], 0, 0, 0
     with fedmed.seeded(SEED, "local", r, k):
         for i in range(I):
             il, iu = perm_l[i * B:(i + 1) * B], perm_u[i * BU:(i + 1) * BU]
@@ -158,6 +158,7 @@ def reference_client(fed, k, theta_g, alpha_w):
             margins.append(float((u - tau).abs().min()))
             mask = (u <= tau).float()                                     # (DR-6)
             accepted += int(mask.sum())
+            correct += int(((y_hat == fed.y[iu]).float() * mask).sum())
             seen += BU
             L_s = F.cross_entropy(z_l, fed.y[il], weight=alpha_w)          # (L-s)
             L_u = (mask * F.cross_entropy(z_u, y_hat, reduction="none")).sum() / BU
@@ -180,7 +181,8 @@ def reference_client(fed, k, theta_g, alpha_w):
         pk = F.softmax(student(x).double(), 1)
     a_k = (pg * (pg.log() - pk.log())).sum(1).mean()                    # (GAP)
     return {"w": student.state_dict(), "gap": a_k, "tau": tau, "buf": buf,
-            "margin": min(margins), "accepted": accepted, "seen": seen}
+            "margin": min(margins), "accepted": accepted, "seen": seen, "correct": correct,
+            "dynamic": dynamic.state_dict()}
 
 
 def test_one_round_matches_the_sheet(fed):
@@ -195,6 +197,10 @@ def test_one_round_matches_the_sheet(fed):
     server.state["alpha"] = torch.tensor(ALPHA0, dtype=torch.float64)
     for k, c in enumerate(clients):
         c.state["tau"], c.state["buffer"] = TAU0[k], torch.tensor(BUF0, dtype=torch.float64)
+    g = torch.Generator().manual_seed(7)               # theta_g != the initialisation,
+    for k, v in server.weights.items():                # so the teachers must load it
+        if v.is_floating_point() and "running_var" not in k:
+            server.weights[k] = v + 0.05 * torch.randn(v.shape, generator=g)
     theta_g = {k: v.clone() for k, v in server.weights.items()}
     # alpha_c = N / N_c over the pooled labelled training images
     y = np.concatenate([fed.y.numpy()[c.train] for c in fed.clients])
@@ -202,10 +208,11 @@ def test_one_round_matches_the_sheet(fed):
     alpha_w = torch.tensor(np.where(counts > 0, len(y) / np.maximum(counts, 1), 0), dtype=torch.float32)
 
     algo.set_round(r)
-    ups = {}
+    ups, dyn = {}, {}
     for c in clients:
         payload, down = transmit(algo.broadcast(server, c))
         ups[c.id], _ = transmit(algo.local_update(c, payload))
+        dyn[c.id] = {k: v.clone() for k, v in algo.dynamic.state_dict().items()}
         assert set(payload["w"]) == set(theta_g)                       # (S1) every tensor
     refs = [reference_client(fed, k, theta_g, alpha_w) for k in range(2)]
     for k, ref in enumerate(refs):
@@ -220,6 +227,9 @@ def test_one_round_matches_the_sheet(fed):
         assert abs(clients[k].state["tau"] - ref["tau"]) < 1e-5
         torch.testing.assert_close(clients[k].state["buffer"], ref["buf"], rtol=1e-5, atol=1e-6)
         assert clients[k].state["pl"]["accepted"] == ref["accepted"]
+        assert clients[k].state["pl"]["correct"] == ref["correct"]
+        for key, want in ref["dynamic"].items():                       # (EMA)
+            torch.testing.assert_close(dyn[k][key].double(), want.double(), rtol=1e-4, atol=2e-5)
         assert clients[k].state["pl"]["seen"] == ref["seen"] == BU * I
     acc = sum(ref["accepted"] for ref in refs)
     assert 0 < acc < 2 * BU * I, acc               # the mask both accepts and rejects
