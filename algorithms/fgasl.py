@@ -91,7 +91,6 @@ Deviations:
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -365,11 +364,6 @@ class FGASL(Algorithm):
     def b_u(self) -> int:
         return self.args.unlabeled_batch or self.budget().batch_size
 
-    def iterations(self, client) -> int:
-        """I: --local-steps, or E epochs of the labelled images."""
-        b = self.budget()
-        return b.local_steps or b.local_epochs * math.ceil(len(client.train) / b.batch_size)
-
     # -- state ------------------------------------------------------------------------
     def setup(self, server, clients):
         super().setup(server, clients)
@@ -433,13 +427,13 @@ class FGASL(Algorithm):
     # -- local training: (C2) -----------------------------------------------------------
     def train(self, client, payload, steps_scale: int = 1) -> int:
         cfg, a, model = self.budget(), self.args, self.model
-        I = self.iterations(client) * steps_scale
-        T_max = self.cfg.rounds * I
         opt = self.make_optimizer(client)
         gen = torch_rng(cfg.seed, "batches", self.round, client.id)
         gen_u = torch_rng(cfg.seed, "unlabeled", self.round, client.id)
         gen_aug = torch_rng(cfg.seed, "augment", self.round, client.id)
-        labelled = self.local_batches(client, gen, steps_scale)
+        labelled = list(self.local_batches(client, gen, steps_scale))   # I: --local-steps
+        I = len(labelled)                                  # (or E epochs of labelled images)
+        T_max = self.cfg.rounds * I
         unlabelled = cycle(client.unlabeled, self.b_u(), gen_u)
         hooks = Perturbed(model, PIA_STAGES[self.cfg.model], HEAD_AT[self.cfg.model], a.p_fp)
         tau, buf = float(client.state["tau"]), client.state["buffer"]
@@ -450,7 +444,7 @@ class FGASL(Algorithm):
         steps = 0
         try:
             with seeded(cfg.seed, "local", self.round, client.id):
-                for i, idx_l in enumerate(labelled):                    # I batches at most
+                for i, idx_l in enumerate(labelled):
                     idx_u = next(unlabelled)
                     t = self.round * I + i
                     x_l = flips(self.fed.x[idx_l].float() / 255, gen_aug)

@@ -58,6 +58,7 @@ def test_defaults_are_the_sheets():
                                 dict(lambda_f=0.0, ga_step=0.0), dict(dynamic_decay=0.0),
                                 dict(dynamic_decay=1.0, tau_decay=1.0, tau_fixed=1.0),
                                 dict(tau_decay=0.0, tau_fixed=0.0), dict(buffer=1),
+                                dict(q_s=1.0, q_e=1.0), dict(q_s=0.0, q_e=0.0),
                                 dict(unlabeled_batch=2), dict(threshold_source="batch")])
 def test_the_boundaries_of_each_range_are_accepted(kw):
     fgasl.check_args(Config(algo="fgasl", model="cnn"), fgasl.Args(**kw))
@@ -65,6 +66,7 @@ def test_the_boundaries_of_each_range_are_accepted(kw):
 
 @pytest.mark.parametrize("kw,needle", [
     (dict(q_s=-0.01), "--q-s and --q-e"), (dict(q_e=1.01), "--q-s and --q-e"),
+    (dict(q_s=1.5), "--q-s and --q-e"), (dict(q_s=-0.2, q_e=-0.1), "--q-s and --q-e"),
     (dict(q_s=0.31), "above --q-e"), (dict(p_fp=1.0), "--p-fp"), (dict(p_fp=-0.1), "--p-fp"),
     (dict(lambda_f=-1.0), "--lambda-f"), (dict(ga_step=-0.1), "--ga-step"),
     (dict(dynamic_decay=1.01), "--dynamic-decay"), (dict(dynamic_decay=-0.01), "--dynamic-decay"),
@@ -84,7 +86,6 @@ def test_epochs_schedule_when_no_local_steps(fed):
     payload, _ = transmit(algo.broadcast(server, c))
     algo.local_update(c, payload)
     I = 2 * int(np.ceil(len(c.train) / 8))
-    assert algo.iterations(c) == I
     drop = 1 if len(c.train) % 8 == 1 else 0            # minibatches drops a batch of one
     assert c.state["pl"]["seen"] == 4 * (I - 2 * drop)
 
@@ -242,8 +243,9 @@ def test_the_hooks_perturb_only_inside_a_perturbed_forward():
     hooks = fgasl.Perturbed(model, fgasl.PIA_STAGES["cnn"], fgasl.HEAD_AT["cnn"], 0.5)
     x = torch.randn(6, 3, 16, 16, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
+        first = model(x)
         clean, _ = hooks.forward(x)
-        assert torch.equal(model(x), clean)
+        assert torch.equal(first, clean) and torch.equal(model(x), clean)
         perturbed, _ = hooks.forward(x, perturb=True)
         assert not torch.equal(perturbed, clean)
         assert torch.equal(model(x), clean)
@@ -251,11 +253,16 @@ def test_the_hooks_perturb_only_inside_a_perturbed_forward():
 
 
 def test_train_scales_its_steps(fed):
-    """steps_scale (the core's hook for a loop over several clients' data) multiplies I."""
-    algo, server, clients = make(fed, cfg_kw=dict(local_steps=2))
-    algo.set_round(0)
-    algo.load_model(server.weights, {})
-    assert algo.train(clients[0], {}, steps_scale=2) == 4
+    """steps_scale (the core's hook for a loop over several clients' data) multiplies I,
+    and T_max = R I follows: 2 steps scaled by 2 are the same round as 4 steps."""
+    taus = []
+    for steps, scale in ((2, 2), (4, 1)):
+        algo, server, clients = make(fed, cfg_kw=dict(local_steps=steps))
+        algo.set_round(1)
+        algo.load_model(server.weights, {})
+        assert algo.train(clients[0], {}, steps_scale=scale) == 4
+        taus.append(clients[0].state["tau"])
+    assert taus[0] == taus[1] > 0
 
 
 def test_one_training_client_aggregates_to_its_own_model():
