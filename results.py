@@ -125,6 +125,45 @@ def seeds_table(seeds: list, summaries: list) -> tuple[str, dict]:
     return "\n".join(lines) + "\n", record
 
 
+LOCO_FILE = "loco.json"              # in the folder of `run.py --leave-one-out`
+
+
+def loco_table(folds: list, seeds: list, summaries: dict) -> tuple[str, dict]:
+    """(markdown, json record) of a leave-one-centre-out run: `summaries[fold][seed]` is
+    the summary.json of the run that held `fold` out. Per fold: the unseen centre's
+    balanced accuracy, macro AUROC and macro F1 (last round), and the training clients'
+    own test sets (mean BA over them, pooled BA), each as mean +- sd over the seeds; then
+    the mean over folds (for each seed the mean over its folds, then mean +- sd over
+    seeds)."""
+    keys = [("unseen_ba", "unseen BA"), ("unseen_auroc", "unseen AUROC"),
+            ("unseen_f1", "unseen macro F1"), ("train_ba", "training clients' BA (mean)"),
+            ("train_pooled_ba", "training clients' pooled BA")]
+
+    def row(s, fold):
+        h = s["holdout"][fold]
+        return {"unseen_ba": h["balanced_accuracy"], "unseen_auroc": h["macro_auroc"],
+                "unseen_f1": h["macro_f1"], "train_ba": s["balanced_accuracy"],
+                "train_pooled_ba": s["pooled_balanced_accuracy"]}
+    per = {f: {sd: row(summaries[f][sd], f) for sd in seeds} for f in folds}
+    record = {"folds": list(folds), "seeds": list(seeds), "per_fold": {}, "mean": {}}
+    head = "| unseen centre | " + " | ".join(t for _, t in keys) + " |"
+    lines = [f"Leave-one-centre-out, last round; mean +- sd (ddof 1) over seeds "
+             f"{' '.join(map(str, seeds))}.", "", head, "|" + "---|" * (1 + len(keys))]
+    for f in folds:
+        stats = {k: mean_sd([per[f][sd][k] for sd in seeds]) for k, _ in keys}
+        record["per_fold"][f] = {k: {"mean": m, "sd": d, "values": [per[f][sd][k] for sd in seeds]}
+                                 for k, (m, d) in stats.items()}
+        lines.append(f"| {f} | " + " | ".join(fmt(*stats[k]) for k, _ in keys) + " |")
+    means = {}
+    for k, _ in keys:
+        by_seed = [float(np.nanmean([per[f][sd][k] for f in folds])) for sd in seeds]
+        m, d = mean_sd(by_seed)
+        means[k] = (m, d)
+        record["mean"][k] = {"mean": m, "sd": d, "values": by_seed}
+    lines.append("| **mean over folds** | " + " | ".join(fmt(*means[k]) for k, _ in keys) + " |")
+    return "\n".join(lines) + "\n", record
+
+
 def seeds_folder(out: str) -> dict | None:
     """The seeds.json of a `--seeds` folder, None when `out` is not one."""
     path = os.path.join(out, SEEDS_FILE)

@@ -121,6 +121,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run the configuration once per seed S, each in OUT/seed-S, then write "
                    "the mean +- sd over the seeds to OUT/seeds.md and OUT/seeds.json "
                    "(replaces --seed)")
+    o.add_argument("--leave-one-out", nargs="?", const="all", default=None, metavar="NAMES",
+                   help="leave-one-centre-out: one fold per client (or per client of the "
+                   "comma-separated NAMES), each holding that client out (--holdout-client) "
+                   "and training on the others, each a normal run in OUT/fold-NAME/seed-S "
+                   "(every --seeds), then OUT/loco.md and OUT/loco.json (per fold and mean: "
+                   "the unseen centre's figures and the training clients' own test sets); "
+                   "--resume skips finished runs, continues interrupted ones, starts the rest")
     users: dict = {}                                    # flag -> algorithms that read it
     for name in sorted(fedmed.ALGORITHMS):
         for f in dataclasses.fields(fedmed.ALGORITHMS[name].Args or _NoArgs):
@@ -411,6 +418,8 @@ def _main(argv, made: dict) -> int:
     ns.given_flags = given                             # datasets.build: flags a partition ignores
     out = ns.out or os.path.join("runs", f"{cfg.algo}-{ns.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
     _OUT["out"] = out
+    if ns.leave_one_out is not None:
+        return _leave_one_out(ns, cfg, cls, args, out, rounds_given, given)
     if ns.seeds is not None:
         return _seeds(ns, cfg, cls, args, out, rounds_given)
     with _held(out):                                    # before anything there is read
@@ -555,6 +564,91 @@ def _remove_seeds_stub(out: str, existed: bool) -> None:
             os.rmdir(out)
     except OSError:
         pass
+
+
+def fold_folder(out: str, fold: str, seed: int) -> str:
+    return os.path.join(out, f"fold-{fedmed._file_stem(fold)}", f"seed-{seed}")
+
+
+def _leave_one_out(ns, cfg, cls, args, out, rounds_given, given) -> int:
+    """--leave-one-out [NAMES]: for every fold (a client held out) and every seed, a
+    normal run (the one round loop) in OUT/fold-NAME/seed-S, then the table. The client
+    names come from the federation the data flags describe (loaded once, no holdout).
+    OUT/loco.json names the folds and seeds first, so --resume must give the same ones;
+    under --resume a run with summary.json for the asked rounds is only re-read, one with
+    a checkpoint is continued, the others are started."""
+    if "holdout_client" in given:
+        raise UsageError("--leave-one-out sets --holdout-client itself (one fold per client); "
+                         "drop --holdout-client")
+    if ns.stop_after is not None:
+        raise UsageError("--stop-after does not apply with --leave-one-out; interrupt the run "
+                         "(Ctrl-C) and continue it with --resume")
+    seeds = ns.seeds if ns.seeds is not None else [cfg.seed]
+    probe = argparse.Namespace(**vars(ns))
+    probe.holdout_client, probe.quiet = None, True
+    names = [c.name for c in datasets.load(probe, seed=seeds[0]).clients]
+    if ns.leave_one_out == "all":
+        folds = names
+    else:
+        folds = datasets.client_names(
+            [argparse.Namespace(name=n) for n in names], ns.leave_one_out, "--leave-one-out")
+    if len(names) < 2 or not folds:
+        raise UsageError(f"--leave-one-out needs at least 2 clients and 1 fold (got clients "
+                         f"{', '.join(names)})")
+    marker = "config.json" if hasattr(cls, "protocol") else "checkpoint.pt"
+    path = os.path.join(out, results.LOCO_FILE)
+    with _held(out):
+        exists = os.path.isdir(out) and [n for n in os.listdir(out) if n != fedmed.LOCK_NAME]
+        if ns.resume:
+            old = results.read_json(path, f"--resume: {out}") if os.path.isfile(path) else None
+            if old is None:
+                raise UsageError(f"--resume --leave-one-out: {out} is not the folder of a "
+                                 f"--leave-one-out run (no {results.LOCO_FILE})")
+            if old["folds"] != folds or old["seeds"] != seeds:
+                raise UsageError(f"--resume: {out} holds folds {','.join(old['folds'])} and seeds "
+                                 f"{' '.join(map(str, old['seeds']))}; give those, or another --out")
+        elif exists and not ns.overwrite:
+            raise UsageError(f"--out {out} already holds results; pass --overwrite to replace "
+                             "them, --resume to continue, or another --out")
+        check_writable(out)
+    os.makedirs(out, exist_ok=True)
+    summaries: dict = {}
+    with fedmed.locked(out):
+        if ns.overwrite and not ns.resume:
+            fedmed.clear_out(out)
+        if not ns.resume:
+            fedmed.atomic_write(path, fedmed.dumps({"folds": folds, "seeds": seeds,
+                                                    "argv": ns.argv, "status": "running"}))
+        for fold in folds:
+            for seed in seeds:
+                sub = fold_folder(out, fold, seed)
+                done = os.path.join(sub, "summary.json")
+                if (ns.resume and os.path.isfile(done)
+                        and results.read_json(done, sub).get("rounds", 0) >= cfg.rounds):
+                    if not ns.quiet:
+                        print(f"--- fold {fold}, seed {seed}: finished, re-read from {sub}")
+                    summaries.setdefault(fold, {})[seed] = results.read_json(done, sub)
+                    continue
+                one = argparse.Namespace(**vars(ns))
+                one.seed, one.overwrite, one.holdout_client = seed, False, fold
+                one.resume = bool(ns.resume and os.path.isfile(os.path.join(sub, marker)))
+                if not ns.quiet:
+                    print(f"--- fold {fold} (unseen), seed {seed}: {sub}")
+                if _train(one, dataclasses.replace(cfg, seed=seed), cls, args, sub,
+                          rounds_given) != 0:
+                    return 1
+                summaries.setdefault(fold, {})[seed] = results.read_json(done, sub)
+        md, record = results.loco_table(folds, seeds, summaries)
+        head = (f"# {cfg.algo} on {ns.dataset}, leave-one-centre-out\n\n"
+                f"Command: `{shlex.join(['python', 'run.py', *ns.argv])}`\n\n")
+        fedmed.atomic_write(os.path.join(out, "loco.md"), head + md)
+        record.update(argv=ns.argv, status="done", algo=cfg.algo,
+                      runs={f: [os.path.relpath(fold_folder(out, f, s), out) for s in seeds]
+                            for f in folds})
+        fedmed.atomic_write(path, fedmed.dumps(record))
+    print(md.rstrip())
+    print(f"leave-one-centre-out table in {os.path.join(out, 'loco.md')}")
+    return 0
 
 
 def _train(ns, cfg, cls, args, out, rounds_given) -> int:

@@ -12,6 +12,9 @@ local, pooled, then every other registered algorithm that applies:
   * the CLIP methods only when their weights can be had offline (--pretrained FILE, or
     the tag's file already on this machine); otherwise they are left out with a note;
   * facmic only with --holdout-client (its target domain);
+  * the semi-supervised methods (fgasl and its ablations fgasl-no-gaa, fgasl-no-dr,
+    fgasl-no-pia; fixmatch; meanteacher) only with --unlabeled-fraction F > 0 (few labels
+    per client); the baseline rows then train on the labelled images only;
   * fedlsm only on a label-set federation (--partition labelset, synthetic-multilabel);
   * fedmic with --model as its shared student and its own teacher (--teacher-model,
     mobilenet_v2 unless given; --teacher-weights imagenet passes ImageNet weights); its
@@ -52,6 +55,7 @@ PROTOCOLS = {"fcu": "a protocol (forgetting a client: original, unlearning, retr
                     "phases), measured by bench/fcu_audit.py, not a training rule to rank here",
              "fedal": "a protocol (active-learning cycles under a label budget), measured "
                       "against random acquisition by bench/fedal_isic.py"}
+SEMI = {"fgasl", "fixmatch", "meanteacher"}
 OWN = {"algo", "out", "seeds", "seed", "resume", "overwrite", "evaluate", "stop_after", "quiet"}
 OUTPUT = {"last_k", "cache_dir"}                 # and the data flags (datasets.ARG_NAMES)
 
@@ -113,6 +117,10 @@ def plan(algos: list | None, groups: list) -> tuple[list, dict]:
     notes, clip_checked = {}, {}
     labelset = (given.get("partition", [""])[-1] == "labelset"
                 or given.get("dataset", [""])[-1] == "synthetic-multilabel")
+    try:
+        unlabelled = float((given.get("unlabeled_fraction") or ["0"])[-1].split("=")[-1]) > 0
+    except ValueError:
+        unlabelled = False                              # run.py reports the bad value
     for name in sorted(fedmed.ALGORITHMS):
         if name in {a for _, a, _ in BASE_ROWS} or (algos is not None and name not in algos):
             continue
@@ -123,6 +131,10 @@ def plan(algos: list | None, groups: list) -> tuple[list, dict]:
         if name == "fedlsm" and not labelset:
             notes[name] = ("its setting is clients that annotate different classes (--partition "
                            "labelset or --dataset synthetic-multilabel); not this federation")
+            continue
+        if name in SEMI and not unlabelled:
+            notes[name] = ("semi-supervised (labelled + unlabelled images at every client): "
+                           "needs --unlabeled-fraction F > 0")
             continue
         if name == "facmic" and "holdout_client" not in given:
             notes[name] = "domain adaptation to a target site: needs --holdout-client TARGET"
@@ -135,6 +147,8 @@ def plan(algos: list | None, groups: list) -> tuple[list, dict]:
                 notes[name] = clip_checked[key]
                 continue
         rows.append((name, name, []))
+        if name == "fgasl":                                  # its ablations (sheet section 8)
+            rows += [(f"fgasl-no-{part}", "fgasl", [f"--no-{part}"]) for part in ("gaa", "dr", "pia")]
     if algos is not None:
         known = {r[0] for r in rows} | set(notes)
         for a in algos:
