@@ -34,7 +34,7 @@ Feature classifiers for the unseen site (section 3C, `--svm`), after the last ro
   "svm", k) stream) and a KNN (k = 5, Euclidean) on the scaled features;          (C2)
   unseen-site prediction: argmax_c sum_k p_k(c | x), each p_k mapped onto all C
   classes (0 for a class client k never saw; a client with one class predicts it with
-  probability 1); the reported probabilities are sum_k p_k / K                     (C3)
+  probability 1); AUROC ranks the summed probabilities                             (C3)
   `--svm-pooled`: one scaler and one SVC / KNN on the pooled source features, labelled
   as the NON-PRIVATE upper bound it is;                                           (C4)
   the deep head (A5), the SVM and the KNN are evaluated on the same images of the
@@ -140,6 +140,8 @@ class Args:
     svm_feature: str = _h("backbone", "backbone (normalised g(x), before P) | proj (I^)")
     svm_c: float = _h(1.0, "SVC's C (RBF kernel, gamma 'scale')")
     knn_k: int = _h(5, "KNN's k")
+    unseen_dir: str = _h("", "with --dataset ham10000: an ISIC 2018 Task 3 folder whose "
+                         "Validation/Test images are the unseen site (held-out client isic2018)")
 
     def __post_init__(self):
         if self.image_tower not in TOWERS:
@@ -342,6 +344,79 @@ def classifier_probs(fitted, z: np.ndarray, C: int) -> np.ndarray:
     return out
 
 
+# ---------------------------------------------------------------- HAM10000 -> ISIC 2018
+
+UNSEEN_NAME = "isic2018"
+
+
+def add_isic2018_unseen(fed, root: str) -> None:
+    """Section 8, the unseen domain: `--unseen-dir ROOT` (an ISIC 2018 Task 3 download)
+    beside `--dataset ham10000`. Only the Validation and Test ground-truth files are read
+    (the ISIC 2018 training set IS HAM10000); the images they name are decoded at the
+    federation's size and preprocessing and appended to `fed` as one held-out client
+    `isic2018`. Refused in one line: another --dataset, an image id that is also a source
+    image, and (where ISIC2018_Task3_*LesionGroupings*.csv names the unseen images'
+    lesions) a lesion id that is also a source lesion (HAM10000_metadata.csv)."""
+    import datasets
+    from pathlib import Path
+    if fed.name != "ham10000":
+        raise UsageError(f"--unseen-dir: the ISIC 2018 unseen domain pairs with --dataset "
+                         f"ham10000 (got {fed.name}); use --holdout-client for other data")
+    if any(h.name == UNSEEN_NAME for h in fed.holdout):
+        return                                         # already added to this federation
+    r = Path(root).expanduser()
+    if not r.is_dir():
+        raise UsageError(f"--unseen-dir {root} is not a folder; give the ISIC 2018 Task 3 folder")
+    gts = sorted(p for p in r.rglob("*.csv") if "groundtruth" in p.name.lower()
+                 and "task3" in p.name.lower() and ("validation" in p.name.lower()
+                                                   or "test" in p.name.lower()))
+    if not gts:
+        raise UsageError(f"--unseen-dir {root}: no ISIC2018_Task3_Validation_GroundTruth.csv or "
+                         "..._Test_GroundTruth.csv; only those images are the unseen domain")
+    index = datasets.index_images(r)
+    stems, files, ys = [], [], []
+    for gt in gts:
+        rows = datasets.read_csv(gt, ["image"] + datasets.HAM_CLASSES, datasets.ISIC2018_LAYOUT)
+        if rows:
+            ys.append(datasets.onehot_labels(rows, gt, datasets.HAM_CLASSES))
+        for row in rows:
+            if row["image"] not in index:
+                raise UsageError(f"--unseen-dir {root}: image {row['image']}.jpg not found "
+                                 f"(named in row {row['_line']} of {gt.name})")
+            stems.append(row["image"])
+            files.append(str(r / index[row["image"]]))
+    src_root = Path(fed.info["root"])
+    src_stems = {Path(f).stem for f in fed.files}
+    both = sorted(src_stems & set(stems))
+    if both:
+        raise UsageError(f"--unseen-dir {root}: image {both[0]} is also a source (HAM10000) "
+                         f"image ({len(both)} such); the unseen domain must be disjoint")
+    lesion = {}
+    for p in sorted(q for q in r.rglob("*.csv") if "lesiongrouping" in q.name.lower()):
+        lesion.update({row["image"]: row["lesion_id"] for row in datasets.read_csv(
+            p, ["image", "lesion_id"], datasets.ISIC2018_LAYOUT)})
+    md = datasets.read_csv(src_root / "HAM10000_metadata.csv", ["lesion_id", "image_id"],
+                           datasets.HAM_LAYOUT)
+    src_lesions = {row["lesion_id"] for row in md if row["image_id"] in src_stems}
+    shared = sorted({lesion[s] for s in stems if s in lesion} & src_lesions)
+    if shared:
+        raise UsageError(f"--unseen-dir {root}: lesion {shared[0]} has images on both sides "
+                         f"({len(shared)} such lesions); the unseen domain must be lesion-disjoint")
+    size, cc = int(fed.x.shape[-1]), "sog6" in fed.info.get("transform", "")
+    x = torch.from_numpy(np.stack([datasets.decode_file(f, size, cc) for f in files]))
+    n0 = len(fed.y)
+    fed.x = torch.cat([fed.x, x])
+    fed.y = torch.cat([fed.y, torch.from_numpy(np.concatenate(ys))])
+    fed.files = list(fed.files) + files
+    fed.holdout.append(datasets.ClientSplit(UNSEEN_NAME, np.zeros(0, np.int64),
+                                            np.arange(n0, n0 + len(files), dtype=np.int64)))
+    fed.info.setdefault("notes", []).append(
+        f"unseen domain {UNSEEN_NAME}: {len(files)} images of " + ", ".join(g.name for g in gts)
+        + (f"; lesion-disjoint from the source ({sum(s in lesion for s in stems)} with lesion "
+           "ids)" if lesion else "; image-disjoint from the source (no lesion groupings to "
+           "check lesions)"))
+
+
 # ---------------------------------------------------------------- the algorithm
 
 @register("clip_svm")
@@ -370,15 +445,20 @@ class ClipSVM(Algorithm):
     @staticmethod
     def check_command(cfg, args, ns, given) -> None:
         """Flags that need the data flags too (run.py, before any image is read)."""
-        if args.svm and not ns.holdout_client:
+        if args.svm and not ns.holdout_client and not args.unseen_dir:
             raise UsageError("--svm evaluates on an unseen site: add --holdout-client NAME (the "
                              "site no client trains on), or drop --svm")
+        if args.unseen_dir and ns.dataset != "ham10000":
+            raise UsageError(f"--unseen-dir: the ISIC 2018 unseen domain pairs with --dataset "
+                             f"ham10000 (got {ns.dataset}); use --holdout-client for other data")
         if "mu" in given and args.fl != "fedprox":
             raise UsageError("--mu applies only with --fl fedprox; add --fl fedprox or drop --mu")
 
     def __init__(self, cfg, args, fed):
         args = args if args is not None else Args()
         self.check_before_data(cfg, args, int(fed.x.shape[-1]))
+        if args.unseen_dir:
+            add_isic2018_unseen(fed, args.unseen_dir)     # before the loop reads fed.holdout
         if fed.y.ndim != 1:
             raise UsageError("--algo clip_svm: class prompts need single-label data; this "
                              "dataset is multi-label")
@@ -466,9 +546,10 @@ class ClipSVM(Algorithm):
             out.append(z.float().cpu())
         return torch.cat(out).numpy().astype(np.float64)
 
-    def feature_classifiers(self, server) -> dict:
-        """(C2)-(C5): per-client (and with --svm-pooled, pooled) SVM and KNN, evaluated with
-        the deep head on every held-out client's images."""
+    def fit_parties(self, server) -> dict:
+        """(C1)-(C2), (C4): {kind: [fitted party, ...]}: one per training client for svm and
+        knn, fitted on that client's training features only; one on the pooled source
+        features for svm_pooled / knn_pooled (--svm-pooled)."""
         a, C, y_all = self.args, self.fed.num_classes, self.fed.y.numpy()
         src = [(c, self.features(server, c, c.train), y_all[c.train]) for c in self.clients]
         fitted = {kind: [fit_classifier(kind, z, y, C, svm_c=a.svm_c, knn_k=a.knn_k,
@@ -481,13 +562,20 @@ class ClipSVM(Algorithm):
                 fitted[f"{kind}_pooled"] = [fit_classifier(
                     kind, Z, Y, C, svm_c=a.svm_c, knn_k=a.knn_k,
                     seed=derive_seed(self.cfg.seed, "svm", "pooled"))]
+        return fitted
+
+    def feature_classifiers(self, server) -> dict:
+        """(C3), (C5): the fitted parties and the deep head on every held-out client's
+        images (none of which any party saw)."""
+        C, y_all = self.fed.num_classes, self.fed.y.numpy()
+        fitted = self.fit_parties(server)
         out = {}
         for h in self.holdout:
             y = y_all[h.test]
             z = self.features(server, h, h.test)
             res = {"deep": paper_metrics(y, self.predict(server, h, h.test))}
             for kind, parties in fitted.items():
-                prob = sum(classifier_probs(f, z, C) for f in parties) / len(parties)   # (C3)
+                prob = sum(classifier_probs(f, z, C) for f in parties)   # (C3)
                 res[kind] = paper_metrics(y, prob)
             res["avg_minus_deep"] = {k: res[k]["avg"] - res["deep"]["avg"] for k in fitted}
             out[h.name] = res

@@ -12,6 +12,9 @@ local, pooled, then every other registered algorithm that applies:
   * the CLIP methods only when their weights can be had offline (--pretrained FILE, or
     the tag's file already on this machine); otherwise they are left out with a note;
   * facmic only with --holdout-client (its target domain);
+  * clip_svm (FedAvg variant) with --image-tower = --model when --model is one of its
+    towers (e.g. mobilenet_v2, with the same --weights), and --svm when --holdout-client
+    is given (summary.json then holds its SVM / KNN figures on the unseen site);
   * fedlsm only on a label-set federation (--partition labelset, synthetic-multilabel);
   * fedmic with --model as its shared student and its own teacher (--teacher-model,
     mobilenet_v2 unless given; --teacher-weights imagenet passes ImageNet weights); its
@@ -54,6 +57,9 @@ PROTOCOLS = {"fcu": "a protocol (forgetting a client: original, unlearning, retr
                       "against random acquisition by bench/fedal_isic.py"}
 OWN = {"algo", "out", "seeds", "seed", "resume", "overwrite", "evaluate", "stop_after", "quiet"}
 OUTPUT = {"last_k", "cache_dir"}                 # and the data flags (datasets.ARG_NAMES)
+# flags a row does not get although its algorithm reads them: clip_svm's --mu is read only
+# with --fl fedprox, and its row is the FedAvg variant
+DROP = {"clip_svm": {"mu"}}
 
 
 class Parser(argparse.ArgumentParser):
@@ -84,7 +90,9 @@ def reads(algo: str) -> set:
     shared = {f.name for f in dataclasses.fields(fedmed.Config)}
     if cls.build_model is not fedmed.Algorithm.build_model:
         shared -= {"model", "weights"}                  # a CLIP method builds its own model
-    return shared | own | OUTPUT | set(datasets.ARG_NAMES)
+        if getattr(cls, "takes_weights", False):
+            shared.add("weights")                       # clip_svm: its image tower's
+    return (shared | own | OUTPUT | set(datasets.ARG_NAMES)) - DROP.get(algo, set())
 
 
 def clip_weights(groups: list, args_cls) -> str | None:
@@ -134,7 +142,13 @@ def plan(algos: list | None, groups: list) -> tuple[list, dict]:
             if clip_checked[key]:
                 notes[name] = clip_checked[key]
                 continue
-        rows.append((name, name, []))
+        extra = []
+        if name == "clip_svm":        # the image tower is --model when it is one of its towers;
+            from algorithms.clip_svm import TOWERS        # --svm with an unseen site
+            model = given.get("model", [""])[-1]
+            extra = (["--image-tower", model] if model in TOWERS else []) + (
+                ["--svm"] if "holdout_client" in given else [])
+        rows.append((name, name, extra))
     if algos is not None:
         known = {r[0] for r in rows} | set(notes)
         for a in algos:

@@ -87,6 +87,8 @@ TESTS = {
     "algorithms/fedlsm.py": ["tests/test_fedlsm_reference*.py", "tests/test_fedlsm.py"],
     "algorithms/fedal.py": ["tests/test_fedal_reference*.py", "tests/test_fedal.py"],
     "algorithms/fedmic.py": ["tests/test_fedmic_reference*.py", "tests/test_fedmic.py"],
+    "algorithms/clip_svm.py": ["tests/test_clip_svm_reference.py", "tests/test_clip_svm.py",
+                               "tests/test_clip_svm_ham.py"],
     "fedmed.py": ["tests/test_core.py", "tests/test_*.py"],
     "datasets.py": ["tests/test_datasets.py", "tests/test_isic2019.py"],
     "models.py": ["tests/test_core.py", "tests/test_*.py"],
