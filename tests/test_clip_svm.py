@@ -535,8 +535,12 @@ def test_small_settings_are_accepted_and_the_svm_seed_is_taken_mod_2_32():
     rng = np.random.default_rng(0)
     y = np.repeat(np.arange(2), 10)
     z = rng.normal(size=(20, 3)) + y[:, None] * 3
-    big = 2 ** 40 + 3
-    assert cs.fit_classifier("svm", z, y, 2, svm_c=1, knn_k=5, seed=big)[1].random_state == 3
+    big = 2 ** 40 + 100                                        # % 2**32: 100, % 64: 36
+    assert cs.fit_classifier("svm", z, y, 2, svm_c=1, knn_k=5, seed=big)[1].random_state == 100
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                         # sklearn 1.9's deprecation of
+        cs.fit_classifier("svm", z, y, 2, svm_c=1, knn_k=5, seed=1)   # `probability` is silenced
     assert cs.fit_classifier("svm", z, y, 2, svm_c=1, knn_k=5, seed=7)[1].random_state == 7
 
 
@@ -599,3 +603,21 @@ def test_features_use_the_clients_own_bn_under_bn_local(fed, cache):
             want = F.normalize(algo.model.backbone(x), dim=-1).double().numpy()
         algo.load_model(server.weights, clients[1].state["private"])     # something else loaded
         assert np.allclose(algo.features(server, who, idx), want, atol=1e-6), who.name
+
+
+def test_the_recipe_is_the_sheets_section_7(tmp_path, tiny, cache):
+    """AdamW lr 1e-3 (P; backbone 1e-4), weight decay 0.01, batch 32, R = 50, E = 1, the
+    contrastive loss unweighted: what run.py applies to the flags left unset."""
+    assert cs.ClipSVM.recipe == {"optimizer": "adam", "lr": 1e-3, "weight_decay": 0.01,
+                                 "batch_size": 32, "rounds": 50, "local_epochs": 1,
+                                 "loss": "contrastive", "class_weights": "none"}
+    assert cs.Args().backbone_lr == 1e-4 and cs.Args().mu == 0.01
+    out = str(tmp_path / "recipe")
+    assert run.main(["--algo", "clip_svm", "--image-tower", "mobilenet_v2", "--clip-model", tiny,
+                     "--pretrained", "none", "--feature-cache", cache, "--clients", "2",
+                     "--image-size", "16", "--rounds", "1", "--local-steps", "1", "--quiet",
+                     "--out", out]) == 0
+    with open(os.path.join(out, "config.json")) as f:
+        c = json.load(f)["config"]
+    assert (c["optimizer"], c["lr"], c["weight_decay"], c["batch_size"], c["loss"]) == (
+        "adam", 1e-3, 0.01, 32, "contrastive")
