@@ -43,7 +43,7 @@ HELP = {
     "model": "cnn | resnet18 | efficientnet_b0 | densenet121 | mobilenet_v2",
     "weights": "imagenet (ImageNet weights, offline from the torch hub cache; mobilenet_v2: "
                "`python models.py fetch mobilenet_v2` once) or a local checkpoint file",
-    "loss": "ce | focal",
+    "loss": "ce | focal (--algo clip_svm: contrastive | proto_ce)",
     "focal_gamma": "gamma of the focal loss",
     "class_weights": "inverse (alpha_c = N/N_c on the pooled training split) | none",
     "augment": "flip | none",
@@ -52,7 +52,8 @@ HELP = {
     "eval_batch_size": "batch size for evaluation",
 }
 CHOICES = {"optimizer": ("sgd", "adam"), "weighting": ("samples", "uniform"),
-           "bn": ("average", "local", "params_only", "none"), "loss": ("ce", "focal"),
+           "bn": ("average", "local", "params_only", "none"),
+           "loss": ("ce", "focal", "contrastive", "proto_ce"),
            "class_weights": ("inverse", "none"), "augment": ("flip", "none")}
 
 
@@ -167,6 +168,10 @@ def validate(cfg: Config, ns: argparse.Namespace) -> None:
     if cfg.algo not in fedmed.ALGORITHMS:
         raise UsageError(f"--algo {cfg.algo!r} is unknown; choose one of "
                          + ", ".join(sorted(fedmed.ALGORITHMS)))
+    losses = getattr(fedmed.ALGORITHMS[cfg.algo], "losses", ("ce", "focal"))
+    if cfg.loss not in losses:            # a method's own objectives (clip_svm: contrastive)
+        raise UsageError(f"--loss {cfg.loss} does not apply to --algo {cfg.algo}; choose one of "
+                         + ", ".join(losses))
     if cfg.rounds < 1:
         raise UsageError(f"--rounds must be at least 1 (got {cfg.rounds})")
     if not 0 < cfg.fraction <= 1:
@@ -244,6 +249,8 @@ def check_before_data(cfg: Config, args, ns: argparse.Namespace, given: set) -> 
     cls = fedmed.ALGORITHMS[cfg.algo]
     if cls.build_model is not fedmed.Algorithm.build_model:   # e.g. CLIP methods
         for name in ("model", "weights"):
+            if name == "weights" and getattr(cls, "takes_weights", False):
+                continue                              # e.g. clip_svm: its image tower's
             if name in given:
                 raise UsageError(f"{_flag(name)} does not apply to --algo {cfg.algo} (it builds "
                                  f"its own model); drop {_flag(name)}")
@@ -251,6 +258,8 @@ def check_before_data(cfg: Config, args, ns: argparse.Namespace, given: set) -> 
         models.check(cfg.model, cfg.weights, ns.image_size)
     if hasattr(cls, "check_before_data"):             # a method's own checks that need cfg
         cls.check_before_data(cfg, args, ns.image_size)   # (FedMIC: its teacher/student pair)
+    if hasattr(cls, "check_command"):                 # checks that need the data flags too
+        cls.check_command(cfg, args, ns, given)       # (clip_svm: --svm needs a holdout)
     if args is not None and hasattr(args, "clip_model"):
         import clip_adapters
         spec = clip_adapters.resolve_model(args.clip_model)

@@ -25,12 +25,16 @@ class Args:
             raise UsageError(f"--mu must be >= 0 (got {self.mu})")
 
 
+def proximal_term(model, w_t: dict):
+    """||w - w^t||^2 over the trainable tensors of `model` that the server sent (w_t):
+    the term of Eq. (2) without its mu/2 (algorithms/clip_svm.py's --fl fedprox reuses it)."""
+    return sum(((p - w_t[n].to(p.device)) ** 2).sum() for n, p in trainable(model) if n in w_t)
+
+
 @register("fedprox")
 class FedProx(Algorithm):
     Args = Args
 
     def loss(self, model, batch, payload, client):
         F_k = super().loss(model, batch, payload, client)
-        w_t = payload["w"]
-        prox = sum(((p - w_t[n].to(p.device)) ** 2).sum() for n, p in trainable(model) if n in w_t)
-        return F_k + self.args.mu / 2 * prox          # Eq. (2)
+        return F_k + self.args.mu / 2 * proximal_term(model, payload["w"])   # Eq. (2)

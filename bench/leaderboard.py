@@ -15,6 +15,9 @@ local, pooled, then every other registered algorithm that applies:
   * the semi-supervised methods (fgasl and its ablations fgasl-no-gaa, fgasl-no-dr,
     fgasl-no-pia; fixmatch; meanteacher) only with --unlabeled-fraction F > 0 (few labels
     per client); the baseline rows then train on the labelled images only;
+  * clip_svm (FedAvg variant) with --image-tower = --model when --model is one of its
+    towers (e.g. mobilenet_v2, with the same --weights), and --svm when --holdout-client
+    is given (summary.json then holds its SVM / KNN figures on the unseen site);
   * fedlsm only on a label-set federation (--partition labelset, synthetic-multilabel);
   * fedmic with --model as its shared student and its own teacher (--teacher-model,
     mobilenet_v2 unless given; --teacher-weights imagenet passes ImageNet weights); its
@@ -58,6 +61,9 @@ PROTOCOLS = {"fcu": "a protocol (forgetting a client: original, unlearning, retr
 SEMI = {"fgasl", "fixmatch", "meanteacher"}
 OWN = {"algo", "out", "seeds", "seed", "resume", "overwrite", "evaluate", "stop_after", "quiet"}
 OUTPUT = {"last_k", "cache_dir"}                 # and the data flags (datasets.ARG_NAMES)
+# flags a row does not get although its algorithm reads them: clip_svm's --mu is read only
+# with --fl fedprox, and its row is the FedAvg variant
+DROP = {"clip_svm": {"mu"}}
 
 
 class Parser(argparse.ArgumentParser):
@@ -88,7 +94,9 @@ def reads(algo: str) -> set:
     shared = {f.name for f in dataclasses.fields(fedmed.Config)}
     if cls.build_model is not fedmed.Algorithm.build_model:
         shared -= {"model", "weights"}                  # a CLIP method builds its own model
-    return shared | own | OUTPUT | set(datasets.ARG_NAMES)
+        if getattr(cls, "takes_weights", False):
+            shared.add("weights")                       # clip_svm: its image tower's
+    return (shared | own | OUTPUT | set(datasets.ARG_NAMES)) - DROP.get(algo, set())
 
 
 def clip_weights(groups: list, args_cls) -> str | None:
@@ -146,7 +154,13 @@ def plan(algos: list | None, groups: list) -> tuple[list, dict]:
             if clip_checked[key]:
                 notes[name] = clip_checked[key]
                 continue
-        rows.append((name, name, []))
+        extra = []
+        if name == "clip_svm":        # the image tower is --model when it is one of its towers;
+            from algorithms.clip_svm import TOWERS        # --svm with an unseen site
+            model = given.get("model", [""])[-1]
+            extra = (["--image-tower", model] if model in TOWERS else []) + (
+                ["--svm"] if "holdout_client" in given else [])
+        rows.append((name, name, extra))
         if name == "fgasl":                                  # its ablations (sheet section 8)
             rows += [(f"fgasl-no-{part}", "fgasl", [f"--no-{part}"]) for part in ("gaa", "dr", "pia")]
     if algos is not None:

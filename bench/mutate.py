@@ -92,6 +92,8 @@ TESTS = {
                             "tests/test_ssl_baselines.py", "tests/test_loco.py"],
     "algorithms/fixmatch.py": ["tests/test_ssl_baselines.py"],
     "algorithms/meanteacher.py": ["tests/test_ssl_baselines.py"],
+    "algorithms/clip_svm.py": ["tests/test_clip_svm_reference.py", "tests/test_clip_svm.py",
+                               "tests/test_clip_svm_ham.py"],
     "fedmed.py": ["tests/test_core.py", "tests/test_*.py"],
     "datasets.py": ["tests/test_datasets.py", "tests/test_isic2019.py"],
     "models.py": ["tests/test_core.py", "tests/test_*.py"],
