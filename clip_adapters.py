@@ -927,6 +927,8 @@ class ClipMethod(Algorithm):
     def aggregate(self, server, uploads):
         return super().aggregate(server, uploads)
 
+    plain_average = True      # this `aggregate` is the core's average on one thread (privacy.py)
+
     def batch(self, idx, gen=None):
         idx = torch.as_tensor(idx, dtype=torch.long)
         return self.features[idx], self.fed.y[idx].to(self.device)

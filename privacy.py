@@ -461,19 +461,30 @@ class DPSettings:
                         "implementation"}
 
 
-ELIGIBLE_HINT = ("fedavg, fedprox, fedclip, facmic, clip_linear --probe fedavg")
+ELIGIBLE_HINT = "fedavg, fedprox, fedclip, facmic, clip_svm, ..."
+
+
+def eligible(cls) -> bool:
+    """Whether the layer covers a method: it uploads its shared weights and averages them
+    by the core's rule (not a protocol around another method, not local-only, pooled or
+    zero-shot, which send nothing to average)."""
+    name = next((n for n, c in fedmed.ALGORITHMS.items() if c is cls), cls.__name__)
+    owner = next(c for c in cls.__mro__ if "aggregate" in vars(c))   # who defines it
+    plain = owner is fedmed.Algorithm or vars(owner).get("plain_average", False)
+    return not (issubclass(cls, fedmed.Wrapper) or not plain
+                or name in ("local", "pooled", "clip_zeroshot"))
 
 
 def check_eligible(cls, flag: str = "--dp-clip") -> None:
-    """A one-line error for a method whose upload is not its shared weights averaged by
-    the core's rule (DP's sensitivity analysis and the secure sum cover only that)."""
-    name = next((n for n, c in fedmed.ALGORITHMS.items() if c is cls), cls.__name__)
-    if (issubclass(cls, fedmed.Wrapper) or cls.aggregate is not fedmed.Algorithm.aggregate
-            or name in ("local", "pooled", "clip_zeroshot")):
+    """A one-line error for a method the layer does not cover (DP's sensitivity analysis
+    and the secure sum cover only an average of uploaded weights)."""
+    if not eligible(cls):
+        name = next((n for n, c in fedmed.ALGORITHMS.items() if c is cls), cls.__name__)
+        ok = ", ".join(n for n in sorted(fedmed.ALGORITHMS) if eligible(fedmed.ALGORITHMS[n]))
         raise UsageError(f"{flag} does not apply to --algo {name}: client-level DP and secure "
-                         "aggregation cover "
-                         f"methods that upload their weights and average them ({ELIGIBLE_HINT}); "
-                         "drop the --dp-* flags or choose one of those")
+                         f"aggregation cover methods that upload their weights and average them "
+                         f"({ok}; clip_linear with --probe fedavg); drop those flags or choose "
+                         "one of them")
 
 
 @dataclasses.dataclass
