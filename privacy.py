@@ -637,7 +637,7 @@ class PrivacyLayer(fedmed.Wrapper):
                     self._line(c)["secagg"] = (f"not run: {n} participants, threshold {thr}")
                     continue
                 up, down = self._sa.setup_bytes(c.id)
-                self._line(c).update(secagg_bytes_up=up, secagg_bytes_down=down)
+                self._line(c).update(secagg_bytes_up=up, secagg_bytes_down=down, secagg_t=thr)
             self._totals["secagg_seconds"] += time.perf_counter() - t0
         return chosen
 

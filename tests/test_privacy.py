@@ -685,3 +685,117 @@ def test_kill_9_at_a_random_moment_of_a_dp_secagg_run_then_resume_is_identical(t
     for s in (sa, sb):
         s.get("secagg", {}).pop("seconds_this_process", None)
     assert sa == sb, f"seed {seed}"
+
+
+# ---------------------------------------------------------------- boundaries the layer keeps
+
+def test_layer_boundaries_threshold_equal_to_clients_wrap_at_exactly_m_and_krum_minimum(tmp_path, capsys):
+    """t = K runs (no round aborted); K Q = M exactly is refused (the sum could reach M);
+    Krum with f = 0 runs with f + 3 = 3 clients; label_flip on multi-label data is refused."""
+    rc, out = cli(tmp_path, "--secagg", "--secagg-threshold", "3", name="t3", rounds=1)
+    assert rc == 0
+    s = json.load(open(os.path.join(out, "summary.json")))
+    assert s["secagg"]["aborted_rounds"] == 0
+    lines = read_jsonl(os.path.join(out, "metrics.jsonl"))
+    assert all(m["secagg_t"] == 3 for m in lines if m["client"] != "pooled")
+    rc = run.main(["--rounds", "1", "--clients", "4", "--image-size", "16", "--quiet", "--out",
+                   str(tmp_path / "wrap"), "--secagg", "--secagg-bits", "30"])
+    one_line_error(capsys, rc, "could wrap around")
+    rc, _ = cli(tmp_path, "--aggregator", "krum", "--krum-f", "0", name="krum", rounds=1)
+    assert rc == 0
+    rc = run.main(["--rounds", "1", "--image-size", "16", "--quiet", "--dataset",
+                   "synthetic-multilabel", "--out", str(tmp_path / "ml"), "--attack", "label_flip",
+                   "--attackers", "site0"])
+    one_line_error(capsys, rc, "label_flip is for single-label data")
+
+
+def test_default_threshold_is_half_plus_one_and_message_bytes_are_counted_exactly(tmp_path):
+    """t = floor(n/2) + 1 of the round's n participants (5 -> 3); an answering client's
+    unmasking message is one 16-byte share per participant, counted by fedmed.transmit on
+    top of its setup bytes; summary.json's totals are the lines' sums (rounds where a
+    client did not take part included); the layer's own seconds are positive and below
+    the test's wall time."""
+    import time
+    t0 = time.perf_counter()
+    rc, out = cli(tmp_path, "--clients", "5", "--secagg", "--dp-clip", "1", "--dp-noise", "0.3",
+                  "--fraction", "0.7", "--seed", "3", name="b", rounds=3)
+    wall = time.perf_counter() - t0
+    assert rc == 0
+    lines = [m for m in read_jsonl(os.path.join(out, "metrics.jsonl")) if m["client"] != "pooled"]
+    assert any("secagg_bytes_up" not in m for m in lines)        # someone sat a round out
+    for r in {m["round"] for m in lines}:
+        part = [m for m in lines if m["round"] == r and "secagg_bytes_up" in m]
+        n = len(part)
+        if n == 0:
+            continue
+        assert all(m["secagg_t"] == n // 2 + 1 for m in part)
+        sa = privacy.SecAggRound(3, r - 1, list(range(n)), n // 2 + 1, 2 ** 32, 4)
+        for m in part:
+            setup_up, setup_down = sa.setup_bytes(0)
+            extra = m["secagg_bytes_up"] - setup_up
+            assert extra == fedmed.transmit(
+                {"shares": torch.zeros(n, 16, dtype=torch.uint8)})[1], (r, m["client"])
+            assert m["secagg_bytes_down"] == setup_down
+    s = json.load(open(os.path.join(out, "summary.json")))
+    assert s["secagg"]["bytes_up"] == sum(m.get("secagg_bytes_up", 0) for m in lines)
+    assert s["secagg"]["bytes_down"] == sum(m.get("secagg_bytes_down", 0) for m in lines)
+    assert 0 < s["secagg"]["seconds_this_process"] < wall
+
+
+def test_rejection_rule_at_three_uploads_off_at_zero_and_uses_the_median_times_k(tmp_path):
+    """With exactly 3 uploads an outlier is rejected; --reject-factor 0 rejects nothing;
+    a moderate outlier (norm between K/median and K x median) is kept."""
+    rc, out = cli(tmp_path, "--attack", "scale", "--attackers", "site2", "--attack-scale", "30",
+                  name="three", rounds=1)
+    assert rc == 0
+    rej = [m for m in read_jsonl(os.path.join(out, "metrics.jsonl")) if "rejected" in m]
+    assert [m["client"] for m in rej] == ["site2"]
+    rc, out = cli(tmp_path, "--attack", "sign_flip", "--attackers", "site2",
+                  "--reject-factor", "0", name="off", rounds=1)
+    assert rc == 0
+    assert not [m for m in read_jsonl(os.path.join(out, "metrics.jsonl")) if "rejected" in m]
+    rc, out = cli(tmp_path, "--attack", "scale", "--attackers", "site2", "--attack-scale", "4",
+                  name="mild", rounds=1)
+    assert rc == 0
+    lines = [m for m in read_jsonl(os.path.join(out, "metrics.jsonl")) if m["client"] != "pooled"]
+    norms = sorted(m["dp_norm"] for m in lines)
+    assert norms[-1] > 10 / norms[1]                  # K / median would reject it
+    assert not [m for m in lines if "rejected" in m]  # K x median keeps it
+
+
+def test_dropout_counts_and_clipped_flags_match_the_lines(tmp_path):
+    rc, out = cli(tmp_path, "--clients", "5", "--dp-clip", "0.5", "--dp-noise", "0.5",
+                  "--dropout-prob", "0.4", "--seed", "2", name="d", rounds=3)
+    assert rc == 0
+    lines = [m for m in read_jsonl(os.path.join(out, "metrics.jsonl")) if m["client"] != "pooled"]
+    s = json.load(open(os.path.join(out, "summary.json")))
+    for kind in ("before_upload", "after_upload"):
+        assert s["dropouts"][kind] == sum(1 for m in lines if m.get("dropout") == kind)
+    assert s["dropouts"]["before_upload"] + s["dropouts"]["after_upload"] > 0
+    assert all(m["dp_clipped"] == (m["dp_norm"] > 0.5) for m in lines if "dp_norm" in m)
+
+
+def test_the_base_methods_round_hook_runs_and_an_empty_round_keeps_w_t(tmp_path, monkeypatch):
+    calls = []
+    orig = fedmed.Algorithm.begin_round
+    monkeypatch.setattr(fedmed.Algorithm, "begin_round",
+                        lambda self, s, c: (calls.append(self.round), orig(self, s, c))[1])
+    rc, _ = cli(tmp_path, "--dp-clip", "1", "--dp-noise", "0.5", name="hook", rounds=2)
+    assert rc == 0 and calls == [0, 1]
+    fed = datasets.make_synthetic(seed=0, clients=3, image_size=16)
+    layer, server, clients = _layer(fed, q=0.5, z=1.0, S=1.0)
+    w_t = {k: v.clone() for k, v in server.weights.items()}
+    layer.set_round(0)
+    layer.aggregate(server, {})                       # nobody: w_t + N / (qK)
+    d = torch.cat([(server.weights[k].double() - w_t[k].double()).flatten()
+                   for k in layer.keys if not k.endswith("running_var")])
+    sigma = 1.0 * 1.0 / (0.5 * 3)
+    assert 0.9 * sigma < float(d.std()) < 1.1 * sigma and abs(float(d.mean())) < 0.05 * sigma
+
+
+def test_an_upload_with_more_than_the_broadcast_is_refused(tmp_path, capsys, monkeypatch):
+    orig = fedmed.Algorithm.local_update
+    monkeypatch.setattr(fedmed.Algorithm, "local_update",
+                        lambda self, c, p: {**orig(self, c, p), "extra": torch.zeros(1)})
+    rc, _ = cli(tmp_path, "--dp-clip", "1", name="x", rounds=1)
+    one_line_error(capsys, rc, "uploaded more than its broadcast weights")
