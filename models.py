@@ -119,19 +119,29 @@ def _read_checkpoint(path: str) -> dict:
     return {k.removeprefix("module."): v for k, v in sd.items()}
 
 
+def misfit(own: dict, sd: dict) -> str | None:
+    """Why state dict `sd` does not fit a model whose state dict is `own` (missing or
+    unexpected keys, or the first shape mismatch), or None when it fits."""
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    wrong = sorted(k for k in set(own) & set(sd) if own[k].shape != sd[k].shape)
+    if missing:
+        return f"missing {missing[:2]}"
+    if unexpected:
+        return f"unexpected {unexpected[:2]}"
+    if wrong:
+        return (f"shape mismatch at {wrong[0]}: file {tuple(sd[wrong[0]].shape)} vs "
+                f"model {tuple(own[wrong[0]].shape)}")
+    return None
+
+
 def _load(model: nn.Module, sd: dict, path: str, name: str) -> None:
     own = model.state_dict()
     head = HEADS.get(name, "classifier") + "."
     if not any(k.startswith(head) for k in sd):         # a body without its head (e.g. the
         own = {k: v for k, v in own.items() if not k.startswith(head)}   # fetched MobileNetV2)
-    missing = sorted(set(own) - set(sd))
-    unexpected = sorted(set(sd) - set(own))
-    wrong = sorted(k for k in set(own) & set(sd) if own[k].shape != sd[k].shape)
-    if missing or unexpected or wrong:
-        what = (f"missing {missing[:2]}" if missing else
-                f"unexpected {unexpected[:2]}" if unexpected else
-                f"shape mismatch at {wrong[0]}: file {tuple(sd[wrong[0]].shape)} vs "
-                f"model {tuple(own[wrong[0]].shape)}")
+    what = misfit(own, sd)
+    if what:
         raise UsageError(f"--weights {path}: does not fit --model {name} ({what}); pass a "
                          "checkpoint of this architecture")
     model.load_state_dict(sd, strict=False)            # strict above, bar a missing head

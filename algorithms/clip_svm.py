@@ -212,15 +212,8 @@ def load_tower_weights(model: nn.Module, name: str, path: str, flag: str = "--we
     sd = models._read_checkpoint(path)
     head = TOWERS[name][1] + "."
     sd = {k: v for k, v in sd.items() if not k.startswith(head)}
-    own = model.state_dict()
-    missing = sorted(set(own) - set(sd))
-    unexpected = sorted(set(sd) - set(own))
-    wrong = sorted(k for k in set(own) & set(sd) if own[k].shape != sd[k].shape)
-    if missing or unexpected or wrong:
-        what = (f"missing {missing[:2]}" if missing else
-                f"unexpected {unexpected[:2]}" if unexpected else
-                f"shape mismatch at {wrong[0]}: file {tuple(sd[wrong[0]].shape)} vs "
-                f"model {tuple(own[wrong[0]].shape)}")
+    what = models.misfit(model.state_dict(), sd)
+    if what:
         raise UsageError(f"{flag} {path}: does not fit --image-tower {name} ({what}); pass a "
                          "torchvision state dict of that backbone")
     model.load_state_dict(sd)

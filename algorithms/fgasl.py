@@ -100,6 +100,7 @@ from torch import nn
 
 from fedmed import (IMAGENET_MEAN, IMAGENET_STD, Algorithm, Diverged, UsageError, register,
                     seeded, torch_rng, weighted_average)
+from algorithms.fedlsm import ema_update  # (EMA), the project's one teacher EMA
 
 
 def _h(text: str) -> dict:
@@ -192,15 +193,6 @@ def gap_kl(logits_g: torch.Tensor, logits_k: torch.Tensor) -> torch.Tensor:
     """(GAP) per image: sum_c p_g,c (log p_g,c - log p_k,c), from logits."""
     lg, lk = F.log_softmax(logits_g.double(), 1), F.log_softmax(logits_k.double(), 1)
     return (lg.exp() * (lg - lk)).sum(1)
-
-
-@torch.no_grad()
-def ema_update(teacher: nn.Module, student: nn.Module, decay: float) -> None:
-    """(EMA) theta_D <- decay theta_D + (1 - decay) theta on parameters; buffers copied."""
-    for pt, ps in zip(teacher.parameters(), student.parameters()):
-        pt.mul_(decay).add_(ps.detach(), alpha=1 - decay)
-    for bt, bs in zip(teacher.buffers(), student.buffers()):
-        bt.copy_(bs)
 
 
 def flips(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:

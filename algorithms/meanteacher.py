@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from algorithms.fixmatch import SemiSupervised
-from algorithms.fgasl import ema_update
+from algorithms.fedlsm import ema_update
 from fedmed import UsageError, register
 
 
