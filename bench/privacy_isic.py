@@ -15,9 +15,10 @@ seed, on isic2019-mini's five natural centres (K = 5, q = --fraction = 1 by defa
 
 fedavg trains an ImageNet MobileNetV2 (`python models.py fetch mobilenet_v2`) at 64 px,
 Adam 5e-4, --local-steps 10 (the leaderboard's recipe), --rounds rounds. fedclip releases
-only its attention adapter; its CLIP towers are a small RANDOM open_clip ViT at 64 px
-(embed dim 512, the config written to OUT/clip-vit-64px-512.json, --pretrained none):
-MECHANICS ONLY, no CLIP weights exist on this machine. epsilon is at delta 1e-5
+only its attention adapter, clip_linear (`--probe fedavg`) only its linear probe, each with
+its paper's recipe; their CLIP towers are a small RANDOM open_clip ViT at 64 px (embed dim
+512, the config written to OUT/clip-vit-64px-512.json, --pretrained none): MECHANICS
+ONLY, no CLIP weights exist on this machine. epsilon is at delta 1e-5
 (summary.json privacy.epsilon, the project's accountant, Balle et al. conversion).
 
 Robustness (--part robust): fedavg, one attacker (--attacker, default HAM_rosendahl) of
@@ -28,7 +29,7 @@ Figures: client balanced accuracy (mean over the five centres' test sets) at the
 round and the mean of the last 5 rounds; mean +- sd over seeds. Finished runs (summary.json
 present) are reused; an interrupted one resumes. Each run goes through --slot (cpuslot).
 
-    python bench/privacy_isic.py [--part privacy robust] [--algos fedavg fedclip]
+    python bench/privacy_isic.py [--part privacy robust] [--algos fedavg fedclip clip_linear]
         [--seeds 0 1 2] [--rounds 10] [--out DIR]
 """
 import argparse
@@ -54,14 +55,15 @@ def method_flags(algo: str, a) -> list:
     if algo == "fedavg":
         return ["--model", "mobilenet_v2", "--weights", "imagenet", "--image-size", "64",
                 "--local-steps", "10", "--optimizer", "adam", "--lr", "0.0005"]
-    if algo == "fedclip":
+    if algo in ("fedclip", "clip_linear"):
         cfg = os.path.join(a.out, "clip-vit-64px-512.json")
         if not os.path.exists(cfg):
             os.makedirs(a.out, exist_ok=True)
             with open(cfg, "w") as f:
                 json.dump(TINY_CLIP, f)
-        return ["--clip-model", cfg, "--pretrained", "none", "--image-size", "64"]
-    raise SystemExit(f"--algos {algo}: this bench knows fedavg and fedclip")
+        return (["--clip-model", cfg, "--pretrained", "none", "--image-size", "64"]
+                + (["--probe", "fedavg"] if algo == "clip_linear" else []))
+    raise SystemExit(f"--algos {algo}: this bench knows fedavg, fedclip and clip_linear")
 
 
 def run(name: str, algo: str, seed: int, extra: list, a) -> dict:
@@ -159,7 +161,7 @@ def robust(a) -> None:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--part", nargs="+", default=["privacy", "robust"], choices=["privacy", "robust"])
-    ap.add_argument("--algos", nargs="+", default=["fedavg", "fedclip"])
+    ap.add_argument("--algos", nargs="+", default=["fedavg", "fedclip", "clip_linear"])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--robust-seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--z", type=float, nargs="+", default=[0.3, 0.5, 1, 2])
