@@ -872,6 +872,9 @@ class FaultLayer(fedmed.Wrapper):
             return {}
         up = self.base.local_update(client, payload)
         if self.faults.attack == "nan" and client.name in self.faults.attackers and up:
+            if not _has_float(up):
+                raise UsageError(f"--attack nan: the upload of {client.name} holds no "
+                                 "floating-point tensor, so no NaN can be injected; drop --attack")
             up = _times_nan(up)
             self._lines.setdefault(client.id, {})["attack"] = "nan"
         bad = fedmed.first_nonfinite(up)
@@ -894,6 +897,16 @@ class FaultLayer(fedmed.Wrapper):
         return out
 
 
+def _has_float(obj) -> bool:
+    if isinstance(obj, torch.Tensor):
+        return obj.is_floating_point()
+    if isinstance(obj, dict):
+        return any(_has_float(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return any(_has_float(v) for v in obj)
+    return False
+
+
 def _times_nan(obj):
     """obj with every floating tensor multiplied by NaN (dicts and lists walked)."""
     if isinstance(obj, torch.Tensor):
@@ -910,6 +923,15 @@ def check_faults_only(cls, ns, given: set) -> None:
     (FaultLayer); any other flag of the layer is a one-line error naming it."""
     name = next((n for n, c in fedmed.ALGORITHMS.items() if c is cls), cls.__name__)
     ok = ", ".join(n for n in sorted(fedmed.ALGORITHMS) if eligible(fedmed.ALGORITHMS[n]))
+    used = sorted(f"--{f.replace('_', '-')}" for f in given if f in FAULT_FLAGS + FLAGS + SECAGG_FLAGS)
+    if hasattr(cls, "protocol") or not getattr(cls, "faults_apply", True):
+        raise UsageError(f"{used[0] if used else '--dropout-prob'} does not apply to --algo "
+                         f"{name}: " + ("it is a protocol of several runs compared by an audit"
+                                        if hasattr(cls, "protocol") else "no site uploads "
+                                        "anything") + "; drop the flag")
+    if ns.attack == "nan" and getattr(cls, "coded_upload", False):
+        raise UsageError(f"--attack nan does not apply to --algo {name}: its upload is coded "
+                         "bytes, so no NaN can be injected; use --dropout-prob, or drop --attack")
     other = ["--" + f.replace("_", "-") for f in FLAGS + SECAGG_FLAGS + (
         "aggregator", "trim_fraction", "krum_f", "reject_factor", "attack_scale") if f in given]
     if ns.attack not in (None, "nan"):
@@ -974,6 +996,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 FLAGS = ("dp_clip", "dp_noise", "dp_epsilon", "dp_delta", "rdp_conversion", "dp_plan")
+FAULT_FLAGS = ("dropout_prob", "aggregator", "trim_fraction", "krum_f", "reject_factor", "attack",
+               "attackers", "attack_scale")
 SECAGG_FLAGS = ("secagg", "secagg_threshold", "secagg_bits", "secagg_range")
 
 

@@ -879,3 +879,30 @@ def test_fault_layer_refuses_what_needs_averaged_weights(tmp_path, capsys, flags
     rc, out = cli(tmp_path, *FAULT_RUN, *flags, name="bad", rounds=1)
     hint = () if "site9" in message else ("only --dropout-prob and --attack nan apply",)
     one_line_error(capsys, rc, message, *hint, out=None if "site9" in message else out)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--algo", "fcu", "--dropout-prob", "0.3"], "--dropout-prob does not apply to --algo fcu: it is a protocol"),
+    (["--algo", "pooled", "--dropout-prob", "0.3"], "--dropout-prob does not apply to --algo pooled: no site uploads"),
+    (["--algo", "clip_zeroshot", "--pretrained", "none", "--attack", "nan", "--attackers", "site0"], "--attack does not apply to --algo clip_zeroshot"),
+    (["--algo", "fedmedclip", "--pretrained", "none", "--attack", "nan", "--attackers", "site0"], "--attack nan does not apply to --algo fedmedclip: its upload is coded bytes"),
+])
+def test_faults_refused_where_nothing_they_simulate_exists(tmp_path, capsys, flags, message):
+    rc, out = cli(tmp_path, *flags, name="bad", rounds=1)
+    one_line_error(capsys, rc, message, out=out)
+
+
+def test_attack_nan_on_an_upload_without_floats_is_refused_not_ignored():
+    class Base:
+        round = 0
+
+    layer = privacy.FaultLayer.__new__(privacy.FaultLayer)
+    layer.faults = privacy.FaultSettings(attack="nan", attackers=("a",))
+    layer.base, layer._lines, layer.cfg = Base(), {}, fedmed.Config()
+    layer.base.local_update = lambda c, p: {"blob": torch.zeros(3, dtype=torch.uint8)}
+    client = fedmed.ClientState(0, "a", np.arange(2), np.arange(2))
+    with pytest.raises(fedmed.UsageError, match="holds no floating-point tensor"):
+        privacy.FaultLayer.local_update(layer, client, {})
+    layer.base.local_update = lambda c, p: {"w": {"x": torch.ones(2)}, "n": 3}
+    assert privacy.FaultLayer.local_update(layer, client, {}) == {}
+    assert "NaN" in layer._lines[0]["rejected"] and layer._lines[0]["attack"] == "nan"
