@@ -129,12 +129,13 @@ def privacy(algo: str, a) -> None:
               f"{cell([ba(r)[1] for r in runs])} | {statistics.mean(r['bytes_up'] for r in runs) / 1e6:.2f}"
               f" | {statistics.mean(r['seconds'] for r in runs):.0f} |")
     g = sec["secagg"]
+    total = sec["bytes_up"] + g["bytes_up"]
     print(f"\nsecure aggregation (seed {s0}, z = 1): client BA {ba(sec)[0]:.3f} vs {ba(plain)[0]:.3f}"
-          f" without; MB up {sec['bytes_up'] / 1e6:.2f} vs {plain['bytes_up'] / 1e6:.2f} "
-          f"({sec['bytes_up'] / plain['bytes_up']:.2f}x; masking protocol messages "
-          f"{g['bytes_up'] / 1e6:.3f} MB up, {g['bytes_down'] / 1e6:.3f} MB down); seconds "
-          f"{sec['seconds']:.0f} vs {plain['seconds']:.0f}, of which the secagg simulation "
-          f"{g['seconds_this_process']:.1f}")
+          f" without; MB up {total / 1e6:.3f} = masked inputs {sec['bytes_up'] / 1e6:.3f} + "
+          f"protocol messages {g['bytes_up'] / 1e6:.3f}, vs {plain['bytes_up'] / 1e6:.3f} without "
+          f"({total / plain['bytes_up']:.2f}x; protocol down {g['bytes_down'] / 1e6:.3f} MB); "
+          f"seconds {sec['seconds']:.0f} vs {plain['seconds']:.0f}, of which the secagg "
+          f"simulation {g['seconds_this_process']:.1f}")
 
 
 def robust(a) -> None:
