@@ -248,7 +248,7 @@ def test_inverse_search_is_the_stated_bisection():
     A target needing z above 2^13 = 8192 (the first doubling past 1e4 is 16384) is
     refused with the floor eps of z = 1e6."""
     e = lambda z: privacy.epsilon(0.5, z, 30, 1e-5)[0]          # noqa: E731
-    for target in (9.0, 2.5, 0.8):
+    for target in (30.0, 9.0, 2.5, 0.8):                      # 30: z = 1 already suffices
         hi = 1.0
         while e(hi) > target:
             hi *= 2
@@ -965,6 +965,8 @@ def test_attack_nan_on_an_upload_without_floats_is_refused_not_ignored():
     client = fedmed.ClientState(0, "a", np.arange(2), np.arange(2))
     with pytest.raises(fedmed.UsageError, match="holds no floating-point tensor"):
         privacy.FaultLayer.local_update(layer, client, {})
+    assert not privacy._has_float({"n": 3, "ids": [1, 2], "blob": torch.zeros(2, dtype=torch.uint8)})
+    assert privacy._has_float({"n": 3, "parts": [torch.zeros(2, dtype=torch.uint8), torch.ones(1)]})
     layer.base.local_update = lambda c, p: {"w": {"x": torch.ones(2)}, "n": 3}
     assert privacy.FaultLayer.local_update(layer, client, {}) == {}
     assert "NaN" in layer._lines[0]["rejected"] and layer._lines[0]["attack"] == "nan"
