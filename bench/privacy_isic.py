@@ -140,7 +140,7 @@ def privacy(algo: str, a) -> None:
 
 def robust(a) -> None:
     table = {}
-    for atk in ATTACKS:
+    for atk in a.attacks:
         for rule in RULES:
             extra = ["--reject-factor", "0"] if rule == "mean-noreject" else ["--aggregator", rule]
             if atk != "none":
@@ -149,10 +149,10 @@ def robust(a) -> None:
                                 for s in a.robust_seeds]
     print(f"\nfedavg on isic2019-mini, {a.rounds} rounds, attacker {a.attacker} (1 of 5), scale "
           f"x10, seeds {a.robust_seeds}: client BA last round (last-5 mean); rejected uploads")
-    print("| rule | " + " | ".join(ATTACKS) + " |\n|---|" + "---:|" * len(ATTACKS))
+    print("| rule | " + " | ".join(a.attacks) + " |\n|---|" + "---:|" * len(a.attacks))
     for rule in RULES:
         cells = []
-        for atk in ATTACKS:
+        for atk in a.attacks:
             rs = table[rule, atk]
             cells.append(f"{cell([ba(r)[0] for r in rs])} ({cell([ba(r)[1] for r in rs])}); "
                          f"{sum(r.get('rejected_uploads', 0) for r in rs)}")
@@ -170,6 +170,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--fraction", type=float, default=1.0)
     ap.add_argument("--attacker", default="HAM_rosendahl")
+    ap.add_argument("--attacks", nargs="+", default=list(ATTACKS), choices=ATTACKS)
     ap.add_argument("--data-dir", default=os.path.join(ROOT, "..", "shared", "data", "isic2019-mini"))
     ap.add_argument("--out", default=os.path.join(ROOT, "runs", "bench-privacy-isic"))
     ap.add_argument("--slot", default="cpuslot", help="wrapper of every run ('' for none)")
