@@ -12,11 +12,13 @@ file). Real HAM10000 / ISIC 2018 are not on this machine: the pair was never run
 """
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
 
 import datasets
+import fedmed
 import run
 from helpers import one_line_error, register_clip_config
 
@@ -107,6 +109,9 @@ def test_only_validation_and_test_images_form_the_unseen_client(layout):
         assert not set(idx) & set(np.concatenate([c.train, c.test]).tolist())
         assert not lesions_of(ham, fed, c.train) & lesions_of(ham, fed, c.test)
     assert "lesion-disjoint" in fed.info["notes"][-1]
+    assert fed.info["notes"][-1].startswith(
+        f"unseen domain isic2018: {len(val) + len(test)} images of "
+        "ISIC2018_Task3_Test_GroundTruth.csv, ISIC2018_Task3_Validation_GroundTruth.csv")
     cs.add_isic2018_unseen(fed, str(isic))                    # a second call adds nothing
     assert len(fed.y) == n_src + len(val) + len(test)
 
@@ -158,3 +163,20 @@ def test_the_command_line_trains_on_ham_and_evaluates_on_isic2018(layout, tmp_pa
     code = run.main(base + ["--clients", "2", "--unseen-dir", str(isic), "--out", out2])
     one_line_error(capsys, code, "--unseen-dir: the ISIC 2018 unseen domain pairs with "
                    "--dataset ham10000 (got synthetic)", out=out2)
+
+
+@pytest.mark.parametrize("drop", ["image", "MEL"])
+def test_a_ground_truth_without_a_needed_column_is_one_line(layout, tmp_path, drop):
+    """The ISIC 2018 ground truth must name the image and every HAM class; a file without
+    one of them is refused naming the file and the column."""
+    ham, isic, val, test = layout
+    bad = tmp_path / "isic"
+    shutil.copytree(isic, bad)
+    for name in ("ISIC2018_Task3_Validation_GroundTruth.csv", "ISIC2018_Task3_Test_GroundTruth.csv"):
+        rows = (bad / name).read_text().splitlines()
+        cols = rows[0].split(",")
+        keep = [i for i, c in enumerate(cols) if c != drop]
+        (bad / name).write_text("\n".join(",".join(r.split(",")[i] for i in keep)
+                                          for r in rows) + "\n")
+    with pytest.raises(fedmed.UsageError, match=f"missing column\\(s\\) {drop}"):
+        cs.add_isic2018_unseen(load_ham(ham), str(bad))
