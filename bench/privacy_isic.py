@@ -47,6 +47,7 @@ TINY_CLIP = {"embed_dim": 512,
                             "head_width": 64},
              "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 256, "heads": 4,
                           "layers": 2}}
+DIVERGED = "diverged.txt"             # this bench's note of a run that stopped diverged
 RULES = ("mean-noreject", "mean", "median", "trimmed_mean", "krum")
 ATTACKS = ("none", "sign_flip", "scale")
 
@@ -69,6 +70,8 @@ def method_flags(algo: str, a) -> list:
 def run(name: str, algo: str, seed: int, extra: list, a) -> dict:
     out = os.path.join(a.out, name)
     summary = os.path.join(out, "summary.json")
+    if name.startswith("robust-") and not os.path.isfile(summary) and _diverged(out):
+        return {"diverged": _diverged(out)}
     if not os.path.isfile(summary):
         cmd = ([sys.executable, os.path.join(ROOT, "run.py"), "--algo", algo,
                 "--dataset", "isic2019", "--data-dir", a.data_dir, "--partition", "natural",
@@ -77,13 +80,27 @@ def run(name: str, algo: str, seed: int, extra: list, a) -> dict:
                + (["--resume"] if os.path.isdir(out) else []))
         print("$ " + shlex.join(["python"] + cmd[1:]), flush=True)
         t = time.perf_counter()
-        rc = subprocess.run((shlex.split(a.slot) if a.slot else []) + cmd).returncode
+        err = subprocess.run((shlex.split(a.slot) if a.slot else []) + cmd,
+                             stderr=subprocess.PIPE, text=True)
+        sys.stderr.write(err.stderr)
+        rc = err.returncode
+        if rc == 3 and name.startswith("robust-"):  # diverged: the cell says so
+            with open(os.path.join(out, DIVERGED), "w") as f:
+                f.write((err.stderr.strip().splitlines() or [""])[-1] + "\n")
+            return {"diverged": _diverged(out)}
         if rc:
             sys.exit(f"{name} failed (exit {rc}); run the bench again to resume it")
         print(f"  done {name} in {time.perf_counter() - t:.0f} s (load "
               f"{os.getloadavg()[0]:.1f})", flush=True)
     with open(summary) as f:
         return json.load(f)
+
+
+def _diverged(out: str) -> str | None:
+    """The one-line reason of a run that stopped because training diverged (run.py exit
+    3, fedmed.Diverged), kept by this bench in OUT/NAME/diverged.txt; None otherwise."""
+    p = os.path.join(out, DIVERGED)
+    return open(p).read().strip() if os.path.isfile(p) else None
 
 
 def ba(s: dict) -> tuple:
@@ -154,6 +171,11 @@ def robust(a) -> None:
         cells = []
         for atk in a.attacks:
             rs = table[rule, atk]
+            if any(r.get("diverged") for r in rs):
+                why = next(r["diverged"] for r in rs if r.get("diverged"))
+                rnd = why.split("round ")[1].split(",")[0] if "round " in why else "?"
+                cells.append(f"diverged in round {rnd} (exit 3)")
+                continue
             cells.append(f"{cell([ba(r)[0] for r in rs])} ({cell([ba(r)[1] for r in rs])}); "
                          f"{sum(r.get('rejected_uploads', 0) for r in rs)}")
         print(f"| {rule} | " + " | ".join(cells) + " |")
