@@ -109,3 +109,116 @@ def test_fedbn_stopped_and_resumed_on_flower_equals_run_py(deployment, tmp_path)
         assert mine.keys() == saved["state"]["private"].keys() and mine
         for key in mine:
             assert torch.equal(mine[key], saved["state"]["private"][key]), (k, key)
+
+
+# ---------------------------------------------------------------- without processes
+# The server's and the nodes' code over a Grid that hands each message to
+# flower_app.client_app in this process (as a SuperNode does, one ClientApp call per
+# message), so that a node can be made to vanish at an exact message.
+
+class InProcessGrid:
+    """A stand-in for Flower's Grid. `vanish = (client, message type, round)`: that
+    client's node leaves the federation when that message is pushed (never answers)."""
+
+    def __init__(self, nodes: list, vanish=None):
+        from flwr.supercore.task_identity import TaskIdentity
+        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+        self.nodes = {1000 + k: conf for k, conf in enumerate(nodes)}
+        self.vanish, self.gone, self.pending, self.count = vanish, set(), {}, 0
+
+    def get_node_ids(self):
+        return [n for n in self.nodes if n not in self.gone]
+
+    def push_messages(self, messages):
+        from flwr.app import Context, RecordDict
+        ids = []
+        for m in messages:
+            self.count += 1
+            m.metadata.__dict__["_message_id"] = mid = f"m{self.count}"
+            node, rec = m.metadata.dst_node_id, m.content[flower_app.KEY]
+            if self.vanish == (rec.get("client"), m.metadata.message_type, rec["round"] + 1):
+                self.gone.add(node)
+            if node not in self.gone:
+                ctx = Context(run_id=1, node_id=node, node_config=self.nodes[node],
+                              state=RecordDict(), run_config={})
+                self.pending[mid] = flower_app.client_app(m, ctx)
+            ids.append(mid)
+        return ids
+
+    def pull_messages(self, ids):
+        return [self.pending.pop(i) for i in list(ids) if i in self.pending]
+
+
+def on_grid(grid, args: str, log: list, **config) -> int:
+    import run
+    t = flower_app.FlowerTransport(grid, {"node-timeout": 5, **config}, log=log.append)
+    return run.main(args.split(), transport=t)
+
+
+def nodes_in(tmp_path, **extra):
+    return [{"partition-id": k, "state-dir": str(tmp_path / f"state{k}"), **extra}
+            for k in range(3)]
+
+
+ARGS = "--algo fedavg --rounds 3 --clients 3 --local-steps 1 --batch-size 8 --quiet --seed 5"
+
+
+def test_a_lost_client_is_logged_and_the_round_completes_with_the_others(tmp_path):
+    """on-dropout = continue: site1's node vanishes when its round-2 update is sent; the
+    server names it in the log, rounds 2 and 3 aggregate sites 0 and 2 (no upload bytes
+    from site1) and are evaluated without it."""
+    log = []
+    out = tmp_path / "fl"
+    grid = InProcessGrid(nodes_in(tmp_path), vanish=("site1", "train", 2))
+    assert on_grid(grid, f"{ARGS} --out {out}", log) == 0
+    assert any("round 2: client site1 dropped out" in s for s in log), log
+    lines = read_jsonl(out / "metrics.jsonl")
+    assert {m["client"] for m in lines if m["round"] == 1} == {"site0", "site1", "site2", "pooled"}
+    for r in (2, 3):
+        assert {m["client"] for m in lines if m["round"] == r} == {"site0", "site2", "pooled"}
+    one = {m["client"]: m for m in lines if m["round"] == 1}
+    two = {m["client"]: m for m in lines if m["round"] == 2}
+    assert two["pooled"]["bytes_up"] == two["site0"]["bytes_up"] + two["site2"]["bytes_up"]
+    assert two["pooled"]["bytes_down"] == 3 * one["site1"]["bytes_down"]   # it was sent
+    assert read_json(out / "summary.json")["rounds"] == 3
+
+
+def test_a_lost_client_stops_the_run_with_on_dropout_fail_and_resume_ends_as_run_py(
+        tmp_path, capsys):
+    """on-dropout = fail: site1's node vanishes during round 2; the run stops with one
+    line naming the client and --resume, round 1's checkpoint kept. The node comes back
+    (a new node id, the same state folder), --resume finishes the run, and it ends bit
+    for bit as python run.py (run in this process) on the same seed."""
+    import run
+    out = tmp_path / "fl"
+    grid = InProcessGrid(nodes_in(tmp_path), vanish=("site1", "train", 2))
+    capsys.readouterr()
+    assert on_grid(grid, f"{ARGS} --out {out}", [], **{"on-dropout": "fail"}) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "client site1" in err and "--resume" in err, err
+    assert fedmed.load_checkpoint(str(out / "checkpoint.pt"))["round"] == 1
+    assert on_grid(InProcessGrid(nodes_in(tmp_path)), f"{ARGS} --resume --out {out}", []) == 0
+    assert run.main(f"{ARGS} --out {tmp_path / 'ref'}".split()) == 0
+    assert_same_run(str(tmp_path / "ref"), str(out))
+
+
+def test_a_node_whose_data_folder_is_missing_fails_in_one_line(tmp_path, capsys):
+    """A node whose --node-config data-dir does not exist: the run fails (exit 2) with one
+    line naming the node and the folder, before any round."""
+    missing = tmp_path / "no-such-folder"
+    capsys.readouterr()
+    grid = InProcessGrid(nodes_in(tmp_path, **{"data-dir": str(missing)}))
+    assert on_grid(grid, f"{ARGS} --out {tmp_path / 'fl'}", []) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(missing) in err and "node " in err, err
+    assert not (tmp_path / "fl" / "checkpoint.pt").exists()
+
+
+def test_a_client_without_a_node_is_named(tmp_path, capsys):
+    """Only two of the three clients have a node: after node-timeout the run fails in one
+    line naming the client without one and how to start its node."""
+    capsys.readouterr()
+    grid = InProcessGrid(nodes_in(tmp_path)[:2])
+    assert on_grid(grid, f"{ARGS} --out {tmp_path / 'fl'}", [], **{"node-timeout": 1}) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "site2" in err and "--node-config" in err, err
