@@ -519,6 +519,14 @@ AGGREGATORS = ("mean", "median", "trimmed_mean", "krum")
 ATTACKS = ("sign_flip", "scale", "label_flip", "nan")
 
 
+def check_attackers(faults: FaultSettings, clients: list) -> None:
+    names = [c.name for c in clients]
+    for a in faults.attackers:
+        if a not in names:
+            raise UsageError(f"--attackers: no client {a!r} in this federation; choose "
+                             f"among {', '.join(names)}")
+
+
 def K_needed(f: int) -> int:
     """Krum needs n - f - 2 >= 1 neighbours: n >= f + 3 uploads."""
     return f + 3
@@ -594,11 +602,7 @@ class PrivacyLayer(fedmed.Wrapper):
             if sa.threshold is not None and sa.threshold > K:
                 raise UsageError(f"--secagg-threshold {sa.threshold} is above the number of "
                                  f"clients ({K}); give at most {K}")
-        names = [c.name for c in clients]
-        for a in self.faults.attackers:
-            if a not in names:
-                raise UsageError(f"--attackers: no client {a!r} in this federation; choose "
-                                 f"among {', '.join(names)}")
+        check_attackers(self.faults, clients)
         if self.faults.attack == "label_flip" and self.base.multilabel:
             raise UsageError("--attack label_flip is for single-label data")
         if self.faults.aggregator == "krum" and K_needed(self.faults.krum_f) > len(clients):
@@ -823,6 +827,123 @@ class PrivacyLayer(fedmed.Wrapper):
         return out
 
 
+class FaultLayer(fedmed.Wrapper):
+    """Faults around a method that the PrivacyLayer does not cover: its uploads are not
+    plain weights that are averaged (compressed blobs, SVD factors, teachers, protocol
+    messages), so nothing here reads them beyond their finiteness. Two rules, the same
+    streams and log keys as PrivacyLayer's:
+
+      * --dropout-prob p: a participant fails with probability p (stream (seed,
+        "dropout", t, k), first draw) before it trains: it sends nothing and its own state
+        does not move; the round completes with the uploads that arrive, as the method
+        handles clients left out by --fraction. Logged `dropout: before_upload`.
+      * rule 1 (always on here): an upload holding a NaN or infinite tensor is rejected
+        and the reason logged (`rejected`); the method aggregates the rest. The site's
+        private state stays as it trained: a non-finite private state still stops the run
+        (fedmed.Diverged names the round and the client).
+      * --attack nan --attackers NAMES: the named clients' uploaded floating tensors are
+        multiplied by NaN (to see rule 1 act).
+
+    The norm rule, robust aggregators, the other attacks, DP and secure aggregation need
+    the update as a vector of averaged weights: refused by `check_faults_only`."""
+
+    def __init__(self, base: fedmed.Algorithm, faults: FaultSettings):
+        fedmed.Wrapper.__init__(self, base.cfg, base.args, base.fed)
+        self.wrap(base)
+        self.faults = faults
+        self.info = getattr(base, "info", {})
+        self.layer_record = {"faults": {"dropout": faults.dropout, "attack": faults.attack,
+                                        "attackers": list(faults.attackers),
+                                        "rule": "non-finite uploads rejected"}}
+        self._lines: dict = {}
+
+    def setup(self, server, clients):
+        super().setup(server, clients)
+        check_attackers(self.faults, clients)
+
+    def begin_round(self, server, clients):
+        self._lines = {}
+        self.base.begin_round(server, clients)
+
+    def local_update(self, client, payload):
+        p = self.faults.dropout
+        if p and fedmed.np_rng(self.cfg.seed, "dropout", self.round, client.id).random(2)[0] < p:
+            self._lines.setdefault(client.id, {})["dropout"] = "before_upload"
+            return {}
+        up = self.base.local_update(client, payload)
+        if self.faults.attack == "nan" and client.name in self.faults.attackers and up:
+            if not _has_float(up):
+                raise UsageError(f"--attack nan: the upload of {client.name} holds no "
+                                 "floating-point tensor, so no NaN can be injected; drop --attack")
+            up = _times_nan(up)
+            self._lines.setdefault(client.id, {})["attack"] = "nan"
+        bad = fedmed.first_nonfinite(up)
+        if bad:
+            self._lines.setdefault(client.id, {})["rejected"] = f"upload {bad} is NaN or infinite"
+            return {}
+        return up
+
+    def line_extra(self, server, client):
+        return {**self.base.line_extra(server, client), **self._lines.get(client.id, {})}
+
+    def summary_extra(self, server, lines):
+        out = dict(self.base.summary_extra(server, lines))
+        view = lines[0].get("view") if lines else None
+        one = [m for m in lines if m.get("client") != "pooled" and m.get("view") == view]
+        out["rejected_uploads"] = sum(1 for m in one if "rejected" in m)
+        if self.faults.dropout:
+            out["dropouts"] = {"before_upload": sum(1 for m in one
+                                                    if m.get("dropout") == "before_upload")}
+        return out
+
+
+def _has_float(obj) -> bool:
+    if isinstance(obj, torch.Tensor):
+        return obj.is_floating_point()
+    if isinstance(obj, dict):
+        return any(_has_float(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return any(_has_float(v) for v in obj)
+    return False
+
+
+def _times_nan(obj):
+    """obj with every floating tensor multiplied by NaN (dicts and lists walked)."""
+    if isinstance(obj, torch.Tensor):
+        return obj * math.nan if obj.is_floating_point() else obj
+    if isinstance(obj, dict):
+        return {k: _times_nan(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_times_nan(v) for v in obj)
+    return obj
+
+
+def check_faults_only(cls, ns, given: set) -> None:
+    """For a method outside the PrivacyLayer: only --dropout-prob and --attack nan apply
+    (FaultLayer); any other flag of the layer is a one-line error naming it."""
+    name = next((n for n, c in fedmed.ALGORITHMS.items() if c is cls), cls.__name__)
+    ok = ", ".join(n for n in sorted(fedmed.ALGORITHMS) if eligible(fedmed.ALGORITHMS[n]))
+    used = sorted(f"--{f.replace('_', '-')}" for f in given if f in FAULT_FLAGS + FLAGS + SECAGG_FLAGS)
+    if hasattr(cls, "protocol") or not getattr(cls, "faults_apply", True):
+        raise UsageError(f"{used[0] if used else '--dropout-prob'} does not apply to --algo "
+                         f"{name}: " + ("it is a protocol of several runs compared by an audit"
+                                        if hasattr(cls, "protocol") else "no site uploads "
+                                        "anything") + "; drop the flag")
+    if ns.attack == "nan" and getattr(cls, "coded_upload", False):
+        raise UsageError(f"--attack nan does not apply to --algo {name}: its upload is coded "
+                         "bytes, so no NaN can be injected; use --dropout-prob, or drop --attack")
+    other = ["--" + f.replace("_", "-") for f in FLAGS + SECAGG_FLAGS + (
+        "aggregator", "trim_fraction", "krum_f", "reject_factor", "attack_scale") if f in given]
+    if ns.attack not in (None, "nan"):
+        other.insert(0, f"--attack {ns.attack}")
+    if other:
+        flag = other[0]
+        raise UsageError(f"{flag} does not apply to --algo {name}: it needs uploads that are "
+                         f"weights averaged by the core ({ok}); for --algo {name} only "
+                         "--dropout-prob and --attack nan apply (non-finite uploads are "
+                         "rejected)")
+
+
 # ---------------------------------------------------------------- the command line
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -875,6 +996,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 FLAGS = ("dp_clip", "dp_noise", "dp_epsilon", "dp_delta", "rdp_conversion", "dp_plan")
+FAULT_FLAGS = ("dropout_prob", "aggregator", "trim_fraction", "krum_f", "reject_factor", "attack",
+               "attackers", "attack_scale")
 SECAGG_FLAGS = ("secagg", "secagg_threshold", "secagg_bits", "secagg_range")
 
 

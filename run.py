@@ -415,9 +415,13 @@ def configure(ns: argparse.Namespace, given: set):
     ns.layer, ns.layer_settings = None, layer
     if layer is not None:
         dp, secagg, faults = layer
-        privacy.check_eligible(cls, "--dp-clip" if dp else "--secagg" if secagg else
-                               "the privacy layer")
-        cfg.weighting = "uniform"                       # every client alike
+        if not privacy.eligible(cls):                   # dropouts / NaN rejection only
+            privacy.check_faults_only(cls, ns, given)
+            layer = None
+            ns.layer = lambda algo: privacy.FaultLayer(algo, faults)
+        else:
+            cfg.weighting = "uniform"                   # every client alike
+    if layer is not None:
         if ns.dp_plan:
             if dp is None:
                 raise UsageError("--dp-plan needs --dp-noise or --dp-epsilon")

@@ -25,6 +25,7 @@ from fedmed import register
 class ClipZeroShot(ClipMethod):
     Args = ClipArgs
     primary_view = "zero-shot"
+    faults_apply = False              # nothing is trained or sent
     recipe = {"rounds": 1}
 
     def build_model(self):

@@ -291,6 +291,7 @@ class FedMedCLIP(ClipMethod):
     Args = Args
     primary_view = "personal"
     decoupled_weight_decay = True                     # AdamW
+    coded_upload = True               # the FAM travels as fp16 + zlib bytes: no NaN to inject
     recipe = {"rounds": 50, "local_epochs": 1, "batch_size": 32, "lr": 5e-5,
               "optimizer": "adam", "weight_decay": 0.02, "weighting": "uniform"}
     # sheet §10.7: the README's learning rates (the defaults) and the script's

@@ -16,6 +16,7 @@ from fedmed import Algorithm, ClientState, register
 class Pooled(Algorithm):
     Args = None
     primary_view = "centralised"
+    faults_apply = False              # one centralised model: no site sends anything
     pooled_kinds = {"centralised": "one model trained on the union of the clients' training "
                                    "sets, on every client's test set, joined"}
 

@@ -621,3 +621,22 @@ def test_the_recipe_is_the_sheets_section_7(tmp_path, tiny, cache):
         c = json.load(f)["config"]
     assert (c["optimizer"], c["lr"], c["weight_decay"], c["batch_size"], c["loss"]) == (
         "adam", 1e-3, 0.01, 32, "contrastive")
+
+
+@pytest.mark.parametrize("name", ["convnext_t", "convnext_s", "convnext_b", "convnext_l"])
+def test_convnext_towers_take_32_px_and_refuse_31(name):
+    """ConvNeXt's stem (stride 4) and three 2x downsamplings need a side of at least 32:
+    the check before any image is read accepts 32 and refuses 31 for each size."""
+    cs.check_tower(name, None, 32)
+    with pytest.raises(fedmed.UsageError, match=f"--image-size 31 is too small for --image-tower {name}"):
+        cs.check_tower(name, None, 31)
+
+
+def test_the_32_px_minimum_is_the_convnext_forward_pass():
+    """The fact behind the table, on the smallest ConvNeXt: 32 px runs, 31 px fails."""
+    import torchvision
+    net = torchvision.models.convnext_tiny(weights=None).eval()
+    with torch.no_grad():
+        assert net(torch.zeros(1, 3, 32, 32)).shape == (1, 1000)
+        with pytest.raises(RuntimeError):
+            net(torch.zeros(1, 3, 31, 31))

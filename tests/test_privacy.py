@@ -802,3 +802,107 @@ def test_an_upload_with_more_than_the_broadcast_is_refused(tmp_path, capsys, mon
                         lambda self, c, p: {**orig(self, c, p), "extra": torch.zeros(1)})
     rc, _ = cli(tmp_path, "--dp-clip", "1", name="x", rounds=1)
     one_line_error(capsys, rc, "uploaded more than its broadcast weights")
+
+
+# ---------------------------------------------------------------- faults outside the layer
+
+FAULT_RUN = ["--algo", "fedmic", "--teacher-model", "cnn", "--clients", "4", "--seed", "3"]
+
+
+def _fault_run(tmp_path, monkeypatch, name, *flags, skip=()):
+    """A fedmic run (its uploads are SVD factors, outside the PrivacyLayer) recording
+    which (round, client) trained; `skip`: (round, client id) pairs whose base
+    local_update is replaced by an upload that never arrives ({}), without training."""
+    trained = []
+    orig = fedmed.ALGORITHMS["fedmic"].local_update
+
+    def local_update(self, client, payload):
+        if (self.round, client.id) in skip:
+            return {}
+        trained.append((self.round, client.id))
+        return orig(self, client, payload)
+    monkeypatch.setattr(fedmed.ALGORITHMS["fedmic"], "local_update", local_update)
+    rc, out = cli(tmp_path, *FAULT_RUN, *flags, name=name, rounds=3)
+    monkeypatch.undo()
+    assert rc == 0
+    return out, trained
+
+
+def test_fault_layer_outside_the_privacy_layer_drops_and_rejects_like_an_upload_never_sent(
+        tmp_path, monkeypatch):
+    """--dropout-prob and --attack nan on a method whose uploads are not averaged weights
+    (FaultLayer): a failing client (first draw of stream (seed, "dropout", t, k) < p)
+    does not train and sends nothing; the attacker's NaN upload is rejected with a logged
+    reason; both runs equal, bit for bit, a run where those uploads simply never arrive;
+    with p = 0 and no attack the layer changes nothing."""
+    p, seed = 0.4, 3
+    out, trained = _fault_run(tmp_path, monkeypatch, "faults", "--dropout-prob", str(p),
+                              "--attack", "nan", "--attackers", "site1")
+    drops = {(t, k) for t in range(3) for k in range(4)
+             if fedmed.np_rng(seed, "dropout", t, k).random(2)[0] < p}
+    assert drops and (set(trained) == {(t, k) for t in range(3) for k in range(4)} - drops)
+    lines = read_jsonl(os.path.join(out, "metrics.jsonl"))
+    lines = [m for m in lines if m["client"] != "pooled" and m["view"] == lines[0]["view"]]
+    names = {f"site{k}": k for k in range(4)}
+    for m in lines:
+        key = (m["round"] - 1, names[m["client"]])
+        assert (m.get("dropout") == "before_upload") == (key in drops), m
+        assert ("rejected" in m) == (m["client"] == "site1" and key not in drops), m
+        if key in drops:
+            assert m["bytes_up"] == 0
+    assert all("NaN" in m["rejected"] for m in lines if "rejected" in m)
+    s = json.load(open(os.path.join(out, "summary.json")))
+    assert s["dropouts"] == {"before_upload": sum(1 for m in lines if "dropout" in m)}
+    assert s["rejected_uploads"] == sum(1 for m in lines if "rejected" in m) > 0
+    assert math.isfinite(s["balanced_accuracy"])
+    lost = drops | {(t, 1) for t in range(3)}
+    ref, _ = _fault_run(tmp_path, monkeypatch, "never-sent", skip=lost)
+    w, w_ref = server_weights(out), server_weights(ref)
+    assert w.keys() == w_ref.keys()
+    assert all(torch.equal(w[k], w_ref[k]) for k in w)
+    noop, _ = _fault_run(tmp_path, monkeypatch, "noop", "--dropout-prob", "0")
+    plain, _ = _fault_run(tmp_path, monkeypatch, "plain")
+    w, w_ref = server_weights(noop), server_weights(plain)
+    assert all(torch.equal(w[k], w_ref[k]) for k in w)
+    assert drop_seconds(read_jsonl(os.path.join(noop, "metrics.jsonl"))) == \
+        drop_seconds(read_jsonl(os.path.join(plain, "metrics.jsonl")))
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--dp-clip", "1"], "--dp-clip does not apply to --algo fedmic"),
+    (["--aggregator", "median"], "--aggregator does not apply to --algo fedmic"),
+    (["--reject-factor", "5"], "--reject-factor does not apply to --algo fedmic"),
+    (["--attack", "sign_flip", "--attackers", "site0"], "--attack sign_flip does not apply"),
+    (["--attack", "nan", "--attackers", "site9"], "--attackers: no client 'site9'"),
+])
+def test_fault_layer_refuses_what_needs_averaged_weights(tmp_path, capsys, flags, message):
+    rc, out = cli(tmp_path, *FAULT_RUN, *flags, name="bad", rounds=1)
+    hint = () if "site9" in message else ("only --dropout-prob and --attack nan apply",)
+    one_line_error(capsys, rc, message, *hint, out=None if "site9" in message else out)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--algo", "fcu", "--dropout-prob", "0.3"], "--dropout-prob does not apply to --algo fcu: it is a protocol"),
+    (["--algo", "pooled", "--dropout-prob", "0.3"], "--dropout-prob does not apply to --algo pooled: no site uploads"),
+    (["--algo", "clip_zeroshot", "--pretrained", "none", "--attack", "nan", "--attackers", "site0"], "--attack does not apply to --algo clip_zeroshot"),
+    (["--algo", "fedmedclip", "--pretrained", "none", "--attack", "nan", "--attackers", "site0"], "--attack nan does not apply to --algo fedmedclip: its upload is coded bytes"),
+])
+def test_faults_refused_where_nothing_they_simulate_exists(tmp_path, capsys, flags, message):
+    rc, out = cli(tmp_path, *flags, name="bad", rounds=1)
+    one_line_error(capsys, rc, message, out=out)
+
+
+def test_attack_nan_on_an_upload_without_floats_is_refused_not_ignored():
+    class Base:
+        round = 0
+
+    layer = privacy.FaultLayer.__new__(privacy.FaultLayer)
+    layer.faults = privacy.FaultSettings(attack="nan", attackers=("a",))
+    layer.base, layer._lines, layer.cfg = Base(), {}, fedmed.Config()
+    layer.base.local_update = lambda c, p: {"blob": torch.zeros(3, dtype=torch.uint8)}
+    client = fedmed.ClientState(0, "a", np.arange(2), np.arange(2))
+    with pytest.raises(fedmed.UsageError, match="holds no floating-point tensor"):
+        privacy.FaultLayer.local_update(layer, client, {})
+    layer.base.local_update = lambda c, p: {"w": {"x": torch.ones(2)}, "n": 3}
+    assert privacy.FaultLayer.local_update(layer, client, {}) == {}
+    assert "NaN" in layer._lines[0]["rejected"] and layer._lines[0]["attack"] == "nan"
