@@ -41,6 +41,7 @@ models that need every client's private tensors (model-CLIENT.pt, and model.pt u
 """
 from __future__ import annotations
 
+import copy
 import io
 import json
 import os
@@ -54,6 +55,7 @@ INSTALL = "flwr is not installed; pip install -r requirements-flower.txt (Flower
 try:
     from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict  # noqa: F401
     from flwr.clientapp import ClientApp
+    from flwr.common.constant import ErrorCode
     from flwr.serverapp import Grid, ServerApp
 except ImportError:                                  # the entry point says how to install it
     if __name__ == "__main__":
@@ -92,8 +94,9 @@ def record(**values) -> RecordDict:
     return RecordDict({KEY: ConfigRecord(values)})
 
 
-class NodeError(Exception):
-    """A node answered with an error of FedMed's (UsageError, Diverged) or Flower's."""
+class NodeError(fedmed.UsageError):
+    """A node's ClientApp failed with an error that is not FedMed's own (its traceback is
+    in the node's log): the server stops with one line naming the node (exit 2)."""
 
 
 def _reply_error(e: Exception) -> RecordDict:
@@ -129,7 +132,9 @@ class FlowerTransport(fedmed.InProcess):
         self.log = log or (lambda s: print(s, file=sys.stderr, flush=True))
         self.node_of: dict = {}                         # client name -> node id
         self.state_round: dict = {}                     # client name -> round of its state
+        self.down: set = set()                          # nodes lost during this run
         self.wire = {"sent": 0, "received": 0}          # Flower message bytes (Message API)
+        self.node_seconds = {"train": 0.0, "evaluate": 0.0}   # in local_update / predict
 
     # -- what run.py and fedmed.run ask --------------------------------------------------
     def check(self, ns, cls) -> None:
@@ -137,7 +142,8 @@ class FlowerTransport(fedmed.InProcess):
                           (ns.leave_one_out is not None, "--leave-one-out"),
                           (hasattr(cls, "protocol"), f"--algo {ns.algo} (several runs of the loop)"),
                           (bool(ns.holdout_client), "--holdout-client"),
-                          (ns.layer is not None, "the privacy layer (--dp-*, --secagg)")):
+                          (ns.layer is not None, "the privacy and fault layer (--dp-*, "
+                           "--secagg, --dropout-prob, --aggregator, --attack)")):
             if bad:
                 raise fedmed.UsageError(f"{what} does not run on Flower yet; run it with "
                                         "python run.py")
@@ -176,18 +182,26 @@ class FlowerTransport(fedmed.InProcess):
     def _exchange(self, messages: dict, timeout: float | None) -> tuple[dict, dict]:
         """Send {key: Message}; return ({key: reply}, {key: why it is lost}) once every
         key has a reply, its node has left the federation, or `timeout` has passed."""
-        ids = dict(zip(self.grid.push_messages(messages.values()), messages))
-        for m in messages.values():
-            self.wire["sent"] += _size(m)
         node = {k: m.metadata.dst_node_id for k, m in messages.items()}
-        replies, lost, t0, last_check = {}, {}, time.monotonic(), time.monotonic()
+        lost = {k: f"its node {node[k]} was lost earlier in this run" for k in messages
+                if node[k] in self.down}
+        live = [m for k, m in messages.items() if k not in lost]
+        ids = dict(zip(self.grid.push_messages(live) if live else [],
+                       [k for k in messages if k not in lost]))
+        for m in live:
+            self.wire["sent"] += _size(m)
+        replies, t0, last_check = {}, time.monotonic(), time.monotonic()
         while len(replies) + len(lost) < len(messages):
             for r in self.grid.pull_messages([i for i, k in ids.items()
                                               if k not in replies and k not in lost]):
                 k = ids.get(r.metadata.reply_to_message_id)
-                if k is not None:
-                    replies[k] = r
-                    self.wire["received"] += _size(r)
+                if k is None:
+                    continue
+                if r.has_error() and r.error.code == ErrorCode.NODE_UNAVAILABLE:
+                    lost[k] = f"its node {node[k]} stopped reporting to the SuperLink"
+                    continue
+                replies[k] = r
+                self.wire["received"] += _size(r)
             now = time.monotonic()
             if now - last_check > 1.0:                  # a node that left: its reply is lost
                 last_check = now
@@ -201,6 +215,7 @@ class FlowerTransport(fedmed.InProcess):
                         lost[k] = f"no reply within round-timeout = {timeout:g} s"
             if len(replies) + len(lost) < len(messages):
                 time.sleep(0.1)
+        self.down |= {node[k] for k in lost}            # not waited for again in this run
         return replies, lost
 
     def _discover(self) -> None:
@@ -251,6 +266,7 @@ class FlowerTransport(fedmed.InProcess):
                 continue
             rec = _content(replies.pop(c.name), f"node {self.node_of[c.name]} (client {c.name})")
             self.state_round[c.name] = t + 1
+            self.node_seconds["train"] += float(rec.get("seconds", 0.0))
             data = rec["upload"]
             yield c, unpack(data), len(data), down[c.name]
 
@@ -276,6 +292,7 @@ class FlowerTransport(fedmed.InProcess):
                 self._lost(t, c.name, lost[c.name] + "; not evaluated this round")
                 continue
             rec = _content(replies.pop(c.name), f"node {self.node_of[c.name]} (client {c.name})")
+            self.node_seconds["evaluate"] += float(rec.get("seconds", 0.0))
             lines += json.loads(rec["lines"])
             for view, (y, prob) in unpack(rec["seen"]).items():
                 ys.setdefault(view, []).append(y.numpy())
@@ -306,7 +323,9 @@ def server_main(grid: Grid, context: Context) -> None:
         sys.stderr.flush()
         raise
     print(f"flower: message bytes sent {transport.wire['sent']:,}, received "
-          f"{transport.wire['received']:,}", file=sys.stderr, flush=True)
+          f"{transport.wire['received']:,}; seconds on the nodes in local_update "
+          f"{transport.node_seconds['train']:.3f}, in evaluation "
+          f"{transport.node_seconds['evaluate']:.3f}", file=sys.stderr, flush=True)
     sys.stderr.flush()
     if rc:
         time.sleep(1)                                   # let Flower ship the last log lines
@@ -316,8 +335,32 @@ def server_main(grid: Grid, context: Context) -> None:
 # ---------------------------------------------------------------- the node side
 
 def _state_dir(context: Context) -> str:
-    return os.path.expanduser(str(context.node_config.get("state-dir",
-                                                          "~/.fedmed/flower-nodes")))
+    default = os.environ.get("FEDMED_NODE_STATE", "~/.fedmed/flower-nodes")
+    return os.path.expanduser(str(context.node_config.get("state-dir", default)))
+
+
+_BUILT: dict = {}                      # one built run per process (see _built)
+
+
+def _built(argv_json: str, data_dir: str | None):
+    """(algo, client records, federation, each client's state after setup) of the run
+    whose command line is `argv_json`, with this node's data folder. A deployment starts
+    a process per message, so this is built once per message there; the simulation
+    runtime keeps its ClientApp processes, which then build it once, like run.py."""
+    key = (argv_json, data_dir)
+    if key not in _BUILT:
+        _BUILT.clear()
+        argv = json.loads(argv_json)
+        ns = cli.build_parser().parse_args(argv)
+        given = cli.given_flags(cli.build_parser(), argv)
+        if data_dir is not None and ns.dataset not in ("synthetic", "synthetic-multilabel"):
+            ns.data_dir = data_dir
+        ns.quiet = True
+        cfg, cls, args, _ = cli.configure(ns, given)
+        fed = cli.load_federation(ns, cfg, cls, args)
+        algo, cfg, clients, _, _ = fedmed.build(cfg, args, fed, ns.layer, quiet=True)
+        _BUILT[key] = (algo, clients, fed, [copy.deepcopy(c.state) for c in clients])
+    return _BUILT[key]
 
 
 class _Node:
@@ -326,7 +369,6 @@ class _Node:
 
     def __init__(self, msg: Message, context: Context):
         rec = msg.content[KEY]
-        argv = json.loads(rec["argv"])
         conf = context.node_config
         who = (f"client {conf['client']}" if "client" in conf else
                f"partition-id {conf['partition-id']}" if "partition-id" in conf else None)
@@ -334,21 +376,13 @@ class _Node:
             raise fedmed.UsageError(f"node {context.node_id}: its --node-config names no client; "
                                     "give client=\"NAME\" or partition-id=K")
         self.who = f"node {context.node_id} ({who})"
-        ns = cli.build_parser().parse_args(argv)
-        given = cli.given_flags(cli.build_parser(), argv)
         data_dir = conf.get("data-dir")
         if data_dir is not None:
             data_dir = os.path.expanduser(str(data_dir))
             if not os.path.isdir(data_dir):
                 raise fedmed.UsageError(f"{self.who}: its data folder {data_dir} does not exist; "
                                         "fix data-dir in its --node-config")
-            if ns.dataset not in ("synthetic", "synthetic-multilabel"):
-                ns.data_dir = data_dir
-        ns.quiet = True
-        cfg, cls, args, _ = cli.configure(ns, given)
-        fed = cli.load_federation(ns, cfg, cls, args)
-        self.algo, self.cfg, clients, _, self.server = fedmed.build(cfg, args, fed, ns.layer,
-                                                                    quiet=True)
+        self.algo, clients, self.fed, setup = _built(rec["argv"], data_dir)
         if "client" in conf:
             mine = [c for c in clients if c.name == str(conf["client"])]
         else:
@@ -358,7 +392,7 @@ class _Node:
             raise fedmed.UsageError(f"{self.who}: the federation has no such client (its "
                                     f"clients: {', '.join(c.name for c in clients)})")
         self.client = mine[0]
-        self.fed = fed
+        self.setup_state = setup[self.client.id]
         folder = os.path.join(_state_dir(context), str(rec["token"]))
         self.folder, self.stem = folder, fedmed._file_stem(self.client.name)
 
@@ -368,6 +402,7 @@ class _Node:
     def load_state(self, rnd: int) -> None:
         """client.state as it was after round `rnd` (0: as setup made it)."""
         if rnd == 0:
+            self.client.state = copy.deepcopy(self.setup_state)
             return
         path = self.state_path(rnd)
         if not os.path.isfile(path):
@@ -428,13 +463,15 @@ def train(msg: Message, context: Context) -> RecordDict:
     node.load_state(start)
     node.algo.set_round(t)
     c = node.client
+    t0 = time.perf_counter()
     upload = node.algo.local_update(c, unpack(rec["payload"]))
+    seconds = time.perf_counter() - t0
     bad = fedmed.first_nonfinite(c.state.get("private"))
     if bad:
         raise fedmed.Diverged(f"round {t + 1}, client {c.name}: weight {bad} is NaN or "
                               "infinite after local training")
     node.save_state(t + 1, start)
-    return record(upload=pack(upload))
+    return record(upload=pack(upload), seconds=seconds)
 
 
 @client_app.evaluate()
@@ -448,10 +485,13 @@ def evaluate(msg: Message, context: Context) -> RecordDict:
     node.load_state(int(rec["state_round"]))
     node.algo.set_round(t)
     server = fedmed.ServerState(**unpack(rec["server"]))
+    t0 = time.perf_counter()
     lines, seen = fedmed.client_lines(node.algo, server, node.client, t, int(rec["up"]),
                                       int(rec["down"]))
+    seconds = time.perf_counter() - t0
     seen = {v: (torch.from_numpy(y), torch.from_numpy(p)) for v, (y, p) in seen.items()}
-    return record(lines=json.dumps(lines, default=fedmed._jsonable), seen=pack(seen))
+    return record(lines=json.dumps(lines, default=fedmed._jsonable), seen=pack(seen),
+                  seconds=seconds)
 
 
 # ---------------------------------------------------------------- a local deployment
@@ -463,9 +503,13 @@ class LocalDeployment:
     a Flower app (`flwr run --stream`). For tests and bench/vs_flower.py; the README gives
     the same three commands for real sites."""
 
-    def __init__(self, home: str, nodes: list, env: dict | None = None):
+    def __init__(self, home: str, nodes: list, env: dict | None = None,
+                 simulation: int = 0):
+        """`simulation` = K > 0: no SuperNodes; the SuperLink runs Flower's simulation
+        runtime with K virtual nodes (partition-id 0..K-1) on one CPU (needs ray:
+        pip install "flwr[simulation]==1.42.*")."""
         import shutil
-        self.home, self.nodes = os.path.abspath(home), nodes
+        self.home, self.nodes, self.simulation = os.path.abspath(home), nodes, simulation
         os.makedirs(self.home, exist_ok=True)
         here = os.path.dirname(sys.executable)
         self.bin = {n: (os.path.join(here, n) if os.path.exists(os.path.join(here, n))
@@ -488,9 +532,14 @@ class LocalDeployment:
         with open(os.path.join(self.env["FLWR_HOME"], "config.toml"), "w") as f:
             f.write(f'[superlink]\ndefault = "local-fedmed"\n\n[superlink.local-fedmed]\n'
                     f'address = "127.0.0.1:{self.port}"\ninsecure = true\n')
+            if self.simulation:
+                f.write(f"options.num-supernodes = {self.simulation}\n"
+                        "options.backend.client-resources.num-cpus = 1\n"
+                        "options.backend.init-args.num-cpus = 1\n")
         self._spawn("superlink", [self.bin["flower-superlink"], "--insecure", "--host",
                                   "127.0.0.1", "--port", str(self.port), "--database",
-                                  ":flwr-in-memory:"])
+                                  ":flwr-in-memory:"]
+                    + (["--simulation"] if self.simulation else []))
         _wait_port(self.port, 60)
         for k in range(len(self.nodes)):
             self.start_node(k)
@@ -569,9 +618,13 @@ class LocalDeployment:
     a Flower app (`flwr run --stream`). For tests and bench/vs_flower.py; the README gives
     the same three commands for real sites."""
 
-    def __init__(self, home: str, nodes: list, env: dict | None = None):
+    def __init__(self, home: str, nodes: list, env: dict | None = None,
+                 simulation: int = 0):
+        """`simulation` = K > 0: no SuperNodes; the SuperLink runs Flower's simulation
+        runtime with K virtual nodes (partition-id 0..K-1) on one CPU (needs ray:
+        pip install "flwr[simulation]==1.42.*")."""
         import shutil
-        self.home, self.nodes = os.path.abspath(home), nodes
+        self.home, self.nodes, self.simulation = os.path.abspath(home), nodes, simulation
         os.makedirs(self.home, exist_ok=True)
         here = os.path.dirname(sys.executable)
         self.bin = {n: (os.path.join(here, n) if os.path.exists(os.path.join(here, n))
@@ -594,9 +647,14 @@ class LocalDeployment:
         with open(os.path.join(self.env["FLWR_HOME"], "config.toml"), "w") as f:
             f.write(f'[superlink]\ndefault = "local-fedmed"\n\n[superlink.local-fedmed]\n'
                     f'address = "127.0.0.1:{self.port}"\ninsecure = true\n')
+            if self.simulation:
+                f.write(f"options.num-supernodes = {self.simulation}\n"
+                        "options.backend.client-resources.num-cpus = 1\n"
+                        "options.backend.init-args.num-cpus = 1\n")
         self._spawn("superlink", [self.bin["flower-superlink"], "--insecure", "--host",
                                   "127.0.0.1", "--port", str(self.port), "--database",
-                                  ":flwr-in-memory:"])
+                                  ":flwr-in-memory:"]
+                    + (["--simulation"] if self.simulation else []))
         _wait_port(self.port, 60)
         for k in range(len(self.nodes)):
             self.start_node(k)

@@ -412,7 +412,7 @@ def configure(ns: argparse.Namespace, given: set):
     args = _fill(cls.Args, ns) if cls.Args is not None else None
     check_before_data(cfg, args, ns, given)
     layer = privacy.layer_settings(ns, cfg, given)     # DP / secure aggregation (None: off)
-    ns.layer, ns.layer_settings = None, layer
+    ns.layer = None
     if layer is not None:
         dp, secagg, faults = layer
         if not privacy.eligible(cls):                   # dropouts / NaN rejection only
@@ -421,6 +421,7 @@ def configure(ns: argparse.Namespace, given: set):
             ns.layer = lambda algo: privacy.FaultLayer(algo, faults)
         else:
             cfg.weighting = "uniform"                   # every client alike
+    ns.layer_settings = layer                          # (--dp-plan prints its plan)
     if layer is not None:
         if ns.dp_plan:
             if dp is None:
