@@ -1,8 +1,8 @@
 """FedMed on Flower's deployment engine (flwr 1.42, Message API): any registered method as
 a Flower ServerApp + ClientApp, each hospital a SuperNode holding one client's data.
 
-    flower-superlink --insecure                                          # the server machine
-    flower-supernode --insecure --superlink HOST:9092 \\
+    flower-superlink --insecure --host 0.0.0.0 --port 9091               # the server machine
+    flower-supernode --insecure --superlink HOST:9091 --port 9094 \\
         --node-config 'client="hospital-a" data-dir="/data/isic"'        # one per hospital
     flwr run . fedmed -c 'args="--algo fedavg --rounds 20 --out /abs/runs/fedavg"'
 
@@ -278,8 +278,7 @@ class FlowerTransport(fedmed.InProcess):
                  "completes with the others")
 
     def evaluate(self, t, server, clients, holdout, up_bytes, down_bytes, seconds) -> list:
-        import dataclasses
-        data = pack(dataclasses.asdict(server))
+        data = pack({"weights": server.weights, "state": server.state})
         sent = {c.name: self._message("evaluate", self.node_of[c.name], t, server=data,
                                       client=c.name, state_round=self.state_round[c.name],
                                       up=int(up_bytes.get(c.id, 0)),
@@ -484,7 +483,7 @@ def evaluate(msg: Message, context: Context) -> RecordDict:
     t = int(rec["round"])
     node.load_state(int(rec["state_round"]))
     node.algo.set_round(t)
-    server = fedmed.ServerState(**unpack(rec["server"]))
+    server = fedmed.ServerState(**fedmed.safe_torch_load(io.BytesIO(rec["server"])))
     t0 = time.perf_counter()
     lines, seen = fedmed.client_lines(node.algo, server, node.client, t, int(rec["up"]),
                                       int(rec["down"]))
@@ -532,10 +531,6 @@ class LocalDeployment:
         with open(os.path.join(self.env["FLWR_HOME"], "config.toml"), "w") as f:
             f.write(f'[superlink]\ndefault = "local-fedmed"\n\n[superlink.local-fedmed]\n'
                     f'address = "127.0.0.1:{self.port}"\ninsecure = true\n')
-            if self.simulation:
-                f.write(f"options.num-supernodes = {self.simulation}\n"
-                        "options.backend.client-resources.num-cpus = 1\n"
-                        "options.backend.init-args.num-cpus = 1\n")
         self._spawn("superlink", [self.bin["flower-superlink"], "--insecure", "--host",
                                   "127.0.0.1", "--port", str(self.port), "--database",
                                   ":flwr-in-memory:"]
@@ -564,123 +559,10 @@ class LocalDeployment:
         import subprocess
         conf = " ".join(f"{k}={json.dumps(v)}" for k, v in {"args": args, **config}.items())
         app = app or os.path.dirname(os.path.abspath(__file__))
+        sim = (["--federation-config", f"num_supernodes={self.simulation} "
+                "client_resources_num_cpus=1 init_args_num_cpus=1"] if self.simulation else [])
         return subprocess.run([self.bin["flwr"], "run", app, "local-fedmed", "--stream",
-                               "--run-config", conf], capture_output=True, text=True,
-                              env=self.env, timeout=timeout)
-
-    def log(self, key: str) -> str:
-        with open(os.path.join(self.home, f"{key}.log"), errors="replace") as f:
-            return f.read()
-
-    def stop(self) -> None:
-        import signal
-        for key in list(self.procs):
-            p = self.procs.pop(key)
-            try:
-                os.killpg(p.pid, signal.SIGTERM)
-                p.wait(10)
-            except (ProcessLookupError, OSError):
-                pass
-            except Exception:  # noqa: BLE001 - did not stop in time
-                os.killpg(p.pid, signal.SIGKILL)
-
-    def __enter__(self):
-        return self.start()
-
-    def __exit__(self, *exc):
-        self.stop()
-
-
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_port(port: int, timeout: float) -> None:
-    import socket
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.1)
-    raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout:g} s")
-
-
-# ---------------------------------------------------------------- a local deployment
-
-class LocalDeployment:
-    """A SuperLink and one SuperNode per entry of `nodes` (each a node config dict, e.g.
-    {"partition-id": 0, "state-dir": "..."}) as processes on this machine, on free
-    localhost ports, with their own FLWR_HOME under `home`; `run` submits this checkout as
-    a Flower app (`flwr run --stream`). For tests and bench/vs_flower.py; the README gives
-    the same three commands for real sites."""
-
-    def __init__(self, home: str, nodes: list, env: dict | None = None,
-                 simulation: int = 0):
-        """`simulation` = K > 0: no SuperNodes; the SuperLink runs Flower's simulation
-        runtime with K virtual nodes (partition-id 0..K-1) on one CPU (needs ray:
-        pip install "flwr[simulation]==1.42.*")."""
-        import shutil
-        self.home, self.nodes, self.simulation = os.path.abspath(home), nodes, simulation
-        os.makedirs(self.home, exist_ok=True)
-        here = os.path.dirname(sys.executable)
-        self.bin = {n: (os.path.join(here, n) if os.path.exists(os.path.join(here, n))
-                        else shutil.which(n) or n)
-                    for n in ("flower-superlink", "flower-supernode", "flwr")}
-        self.env = {**os.environ, **(env or {}), "FLWR_HOME": os.path.join(self.home, "flwr"),
-                    "PATH": here + os.pathsep + os.environ.get("PATH", "")}
-        self.env.setdefault("OMP_NUM_THREADS", "1")
-        self.procs: dict = {}
-        self.port = _free_port()
-
-    def _spawn(self, key, argv) -> None:
-        import subprocess
-        log = open(os.path.join(self.home, f"{key}.log"), "ab")
-        self.procs[key] = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
-                                           env=self.env, start_new_session=True)
-
-    def start(self) -> "LocalDeployment":
-        os.makedirs(self.env["FLWR_HOME"], exist_ok=True)
-        with open(os.path.join(self.env["FLWR_HOME"], "config.toml"), "w") as f:
-            f.write(f'[superlink]\ndefault = "local-fedmed"\n\n[superlink.local-fedmed]\n'
-                    f'address = "127.0.0.1:{self.port}"\ninsecure = true\n')
-            if self.simulation:
-                f.write(f"options.num-supernodes = {self.simulation}\n"
-                        "options.backend.client-resources.num-cpus = 1\n"
-                        "options.backend.init-args.num-cpus = 1\n")
-        self._spawn("superlink", [self.bin["flower-superlink"], "--insecure", "--host",
-                                  "127.0.0.1", "--port", str(self.port), "--database",
-                                  ":flwr-in-memory:"]
-                    + (["--simulation"] if self.simulation else []))
-        _wait_port(self.port, 60)
-        for k in range(len(self.nodes)):
-            self.start_node(k)
-        return self
-
-    def start_node(self, k: int) -> None:
-        conf = " ".join(f"{key}={json.dumps(v)}" for key, v in self.nodes[k].items())
-        self._spawn(f"node{k}", [self.bin["flower-supernode"], "--insecure", "--superlink",
-                                 f"127.0.0.1:{self.port}", "--port", str(_free_port()),
-                                 "--node-config", conf])
-
-    def kill_node(self, k: int) -> None:
-        """SIGKILL node k's SuperNode and whatever ClientApp it is running."""
-        import signal
-        p = self.procs.pop(f"node{k}")
-        os.killpg(p.pid, signal.SIGKILL)
-        p.wait()
-
-    def run(self, args: str, app: str | None = None, timeout: float = 600, **config):
-        """`flwr run APP --stream` with run config args=ARGS (+ `config`); returns the
-        CompletedProcess (its output is the server's log)."""
-        import subprocess
-        conf = " ".join(f"{k}={json.dumps(v)}" for k, v in {"args": args, **config}.items())
-        app = app or os.path.dirname(os.path.abspath(__file__))
-        return subprocess.run([self.bin["flwr"], "run", app, "local-fedmed", "--stream",
-                               "--run-config", conf], capture_output=True, text=True,
+                               "--run-config", conf, *sim], capture_output=True, text=True,
                               env=self.env, timeout=timeout)
 
     def log(self, key: str) -> str:

@@ -455,7 +455,8 @@ def _main(argv, made: dict, transport=None) -> int:
         if not ns.resume and not (os.path.isdir(out) and
                                   [n for n in os.listdir(out) if n != fedmed.LOCK_NAME]):
             made.update(out=out, existed=os.path.isdir(out))
-        return _train(ns, cfg, cls, args, out, rounds_given, transport)
+        ns.transport = transport                         # (fedmed.run's; None: in process)
+        return _train(ns, cfg, cls, args, out, rounds_given)
 
 
 def load_federation(ns: argparse.Namespace, cfg: Config, cls, args):
@@ -690,7 +691,7 @@ def _leave_one_out(ns, cfg, cls, args, out, rounds_given, given) -> int:
     return 0
 
 
-def _train(ns, cfg, cls, args, out, rounds_given, transport=None) -> int:
+def _train(ns, cfg, cls, args, out, rounds_given) -> int:
     if ns.resume and not rounds_given:                  # continue to the recorded total
         cfg.rounds = fedmed.recorded_rounds(out) or cfg.rounds
     fed = load_federation(ns, cfg, cls, args)
@@ -710,7 +711,8 @@ def _train(ns, cfg, cls, args, out, rounds_given, transport=None) -> int:
     else:
         summary = fedmed.run(cfg, args, fed, out, resume=ns.resume, data_args=data_args,
                              stop_after=ns.stop_after, quiet=ns.quiet, argv=ns.argv,
-                             last_k=ns.last_k, layer=ns.layer, transport=transport)
+                             last_k=ns.last_k, layer=ns.layer,
+                             transport=getattr(ns, "transport", None))
     if summary:
         print(fedmed.results_table(summary))
         if hasattr(cls, "summary_table"):              # e.g. FedAL's label-efficiency curve
