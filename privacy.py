@@ -519,6 +519,13 @@ AGGREGATORS = ("mean", "median", "trimmed_mean", "krum")
 ATTACKS = ("sign_flip", "scale", "label_flip", "nan")
 
 
+def client_lines(lines: list) -> list:
+    """The clients' lines of the run's first view (a method with several views repeats
+    each client's fault fields in every view; count them once), without the pooled ones."""
+    view = lines[0].get("view") if lines else None
+    return [m for m in lines if m.get("client") != "pooled" and m.get("view") == view]
+
+
 def check_attackers(faults: FaultSettings, clients: list) -> None:
     names = [c.name for c in clients]
     for a in faults.attackers:
@@ -812,8 +819,7 @@ class PrivacyLayer(fedmed.Wrapper):
             eps, order = self.dp.spent()
             out["privacy"] = {**self.dp.record(), "rounds": self.dp.rounds, "epsilon": eps,
                               "order": order, "orders": [float(a) for a in ORDERS]}
-        view = lines[0].get("view") if lines else None
-        one = [m for m in lines if m.get("client") != "pooled" and m.get("view") == view]
+        one = client_lines(lines)
         if self.secagg:
             out["secagg"] = {**self.secagg.record(),
                              "bytes_up": int(sum(m.get("secagg_bytes_up", 0) for m in one)),
@@ -842,7 +848,7 @@ class FaultLayer(fedmed.Wrapper):
         private state stays as it trained: a non-finite private state still stops the run
         (fedmed.Diverged names the round and the client).
       * --attack nan --attackers NAMES: the named clients' uploaded floating tensors are
-        multiplied by NaN (to see rule 1 act).
+        replaced by NaN (to see rule 1 act).
 
     The norm rule, robust aggregators, the other attacks, DP and secure aggregation need
     the update as a vector of averaged weights: refused by `check_faults_only`."""
@@ -867,7 +873,7 @@ class FaultLayer(fedmed.Wrapper):
 
     def local_update(self, client, payload):
         p = self.faults.dropout
-        if p and fedmed.np_rng(self.cfg.seed, "dropout", self.round, client.id).random(2)[0] < p:
+        if p and fedmed.np_rng(self.cfg.seed, "dropout", self.round, client.id).random() < p:
             self._lines.setdefault(client.id, {})["dropout"] = "before_upload"
             return {}
         up = self.base.local_update(client, payload)
@@ -888,8 +894,7 @@ class FaultLayer(fedmed.Wrapper):
 
     def summary_extra(self, server, lines):
         out = dict(self.base.summary_extra(server, lines))
-        view = lines[0].get("view") if lines else None
-        one = [m for m in lines if m.get("client") != "pooled" and m.get("view") == view]
+        one = client_lines(lines)
         out["rejected_uploads"] = sum(1 for m in one if "rejected" in m)
         if self.faults.dropout:
             out["dropouts"] = {"before_upload": sum(1 for m in one
@@ -908,9 +913,9 @@ def _has_float(obj) -> bool:
 
 
 def _times_nan(obj):
-    """obj with every floating tensor multiplied by NaN (dicts and lists walked)."""
+    """obj with every floating tensor replaced by NaN (dicts and lists walked)."""
     if isinstance(obj, torch.Tensor):
-        return obj * math.nan if obj.is_floating_point() else obj
+        return torch.full_like(obj, math.nan) if obj.is_floating_point() else obj
     if isinstance(obj, dict):
         return {k: _times_nan(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):

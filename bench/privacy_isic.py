@@ -129,17 +129,18 @@ def privacy(algo: str, a) -> None:
               f"{cell([ba(r)[1] for r in runs])} | {statistics.mean(r['bytes_up'] for r in runs) / 1e6:.2f}"
               f" | {statistics.mean(r['seconds'] for r in runs):.0f} |")
     g = sec["secagg"]
+    total = sec["bytes_up"] + g["bytes_up"]
     print(f"\nsecure aggregation (seed {s0}, z = 1): client BA {ba(sec)[0]:.3f} vs {ba(plain)[0]:.3f}"
-          f" without; MB up {sec['bytes_up'] / 1e6:.2f} vs {plain['bytes_up'] / 1e6:.2f} "
-          f"({sec['bytes_up'] / plain['bytes_up']:.2f}x; masking protocol messages "
-          f"{g['bytes_up'] / 1e6:.3f} MB up, {g['bytes_down'] / 1e6:.3f} MB down); seconds "
-          f"{sec['seconds']:.0f} vs {plain['seconds']:.0f}, of which the secagg simulation "
-          f"{g['seconds_this_process']:.1f}")
+          f" without; MB up {total / 1e6:.3f} = masked inputs {sec['bytes_up'] / 1e6:.3f} + "
+          f"protocol messages {g['bytes_up'] / 1e6:.3f}, vs {plain['bytes_up'] / 1e6:.3f} without "
+          f"({total / plain['bytes_up']:.2f}x; protocol down {g['bytes_down'] / 1e6:.3f} MB); "
+          f"seconds {sec['seconds']:.0f} vs {plain['seconds']:.0f}, of which the secagg "
+          f"simulation {g['seconds_this_process']:.1f}")
 
 
 def robust(a) -> None:
     table = {}
-    for atk in ATTACKS:
+    for atk in a.attacks:
         for rule in RULES:
             extra = ["--reject-factor", "0"] if rule == "mean-noreject" else ["--aggregator", rule]
             if atk != "none":
@@ -148,10 +149,10 @@ def robust(a) -> None:
                                 for s in a.robust_seeds]
     print(f"\nfedavg on isic2019-mini, {a.rounds} rounds, attacker {a.attacker} (1 of 5), scale "
           f"x10, seeds {a.robust_seeds}: client BA last round (last-5 mean); rejected uploads")
-    print("| rule | " + " | ".join(ATTACKS) + " |\n|---|" + "---:|" * len(ATTACKS))
+    print("| rule | " + " | ".join(a.attacks) + " |\n|---|" + "---:|" * len(a.attacks))
     for rule in RULES:
         cells = []
-        for atk in ATTACKS:
+        for atk in a.attacks:
             rs = table[rule, atk]
             cells.append(f"{cell([ba(r)[0] for r in rs])} ({cell([ba(r)[1] for r in rs])}); "
                          f"{sum(r.get('rejected_uploads', 0) for r in rs)}")
@@ -169,6 +170,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--fraction", type=float, default=1.0)
     ap.add_argument("--attacker", default="HAM_rosendahl")
+    ap.add_argument("--attacks", nargs="+", default=list(ATTACKS), choices=ATTACKS)
     ap.add_argument("--data-dir", default=os.path.join(ROOT, "..", "shared", "data", "isic2019-mini"))
     ap.add_argument("--out", default=os.path.join(ROOT, "runs", "bench-privacy-isic"))
     ap.add_argument("--slot", default="cpuslot", help="wrapper of every run ('' for none)")

@@ -640,3 +640,30 @@ def test_the_32_px_minimum_is_the_convnext_forward_pass():
         assert net(torch.zeros(1, 3, 32, 32)).shape == (1, 1000)
         with pytest.raises(RuntimeError):
             net(torch.zeros(1, 3, 31, 31))
+
+
+def test_feature_classifier_defaults_are_the_sheets_and_guards_take_the_edges():
+    """Sheet 3C: SVC with C = 1 (RBF, gamma 'scale') and KNN with k = 5; a logit scale
+    below 1 is valid (only s <= 0 is refused)."""
+    a = cs.Args()
+    assert a.svm_c == 1.0 and a.knn_k == 5
+    assert cs.Args(logit_scale=0.5).logit_scale == 0.5
+    assert cs.Args(knn_k=1).knn_k == 1
+    for bad in ({"logit_scale": 0.0}, {"svm_c": 0.0}, {"knn_k": 0}):
+        with pytest.raises(fedmed.UsageError):
+            cs.Args(**bad)
+
+
+def test_imagenet_weights_paths(tmp_path):
+    """--weights imagenet: mobilenet_v2 reads the file `models.py fetch` makes; a paper
+    tower reads torchvision's default weights file name in torch hub's cache."""
+    import torchvision
+    import models
+    assert cs.imagenet_path("mobilenet_v2") == str(models.imagenet_file("mobilenet_v2"))
+    url = torchvision.models.get_model_weights("convnext_tiny").DEFAULT.url
+    assert cs.imagenet_path("convnext_t") == str(models.hub_checkpoints() / url.rsplit("/", 1)[-1])
+    f = tmp_path / "tower.pth"
+    f.write_bytes(b"x")
+    cs.check_tower("convnext_t", str(f), 32)                 # an existing file passes
+    with pytest.raises(fedmed.UsageError, match="no such file"):
+        cs.check_tower("convnext_t", str(tmp_path / "absent.pth"), 32)

@@ -205,6 +205,68 @@ def test_inverse_search_returns_the_smallest_z_that_meets_the_target():
         privacy.noise_for_epsilon(0.05, 1.0, 10, 1e-5)
 
 
+
+def test_accountant_edges_and_guards():
+    """The trivial cases (no step, nobody sampled, infinite noise) spend nothing; q outside
+    [0, 1], an order <= 1 and delta outside (0, 1) are refused; the signed log-sum-exp of
+    nothing positive is -inf or an error, never a number."""
+    assert privacy.rdp_step(0.0, 1.0, 2) == 0.0
+    assert privacy.rdp_step(0.5, math.inf, 2) == 0.0
+    assert privacy.rdp_step(1.0, 1.0, 3) == 1.5                 # q = 1 is allowed
+    for q in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="sampling rate"):
+            privacy.rdp_step(q, 1.0, 2)
+    with pytest.raises(ValueError, match="orders must exceed 1"):
+        privacy.rdp_step(0.5, 1.0, 1.0)
+    assert privacy.epsilon(0.5, 1.0, 0, 1e-5) == (0.0, privacy.ORDERS[0])
+    assert privacy.epsilon(0.0, 1.0, 10, 1e-5) == (0.0, privacy.ORDERS[0])
+    dp = privacy.DPSettings(clip=1.0, noise=1.0, delta=1e-5, q=0.0, rounds=10)
+    assert dp.spent() == (0.0, privacy.ORDERS[0])
+    dp = privacy.DPSettings(clip=1.0, noise=1.0, delta=1e-5, q=0.5, rounds=10)
+    assert dp.spent(0) == (0.0, privacy.ORDERS[0]) and dp.spent()[0] > 0
+    r = privacy.rdp(0.5, 1.0, 3)
+    for delta in (0.0, 1.0, 1.5):
+        with pytest.raises(ValueError, match="delta must lie"):
+            privacy.to_epsilon(r, delta)
+    assert privacy._logsumexp_signed(np.array([-math.inf, -math.inf]), np.ones(2)) == -math.inf
+    with pytest.raises(ArithmeticError):
+        privacy._logsumexp_signed(np.array([0.0, 0.0]), np.array([1.0, -1.0]))
+
+
+def test_classic_conversion_by_hand():
+    """Mironov 2017, Prop. 3: eps = min_a eps_T(a) + log(1/delta) / (a - 1); at q = 1
+    eps_T(a) = T a / (2 z^2)."""
+    z, T, delta = 1.3, 7, 1e-6
+    hand = min((T * a / (2 * z * z) + math.log(1 / delta) / (a - 1), a) for a in privacy.ORDERS)
+    e, order = privacy.epsilon(1.0, z, T, delta, conversion="classic")
+    assert e == pytest.approx(hand[0], rel=1e-12) and order == hand[1]
+
+
+def test_inverse_search_is_the_stated_bisection():
+    """noise_for_epsilon: hi = 1, doubled while eps(hi) > target; then bisection of
+    [0, hi] until hi - lo <= 1e-4, keeping hi feasible; recomputed here step by step.
+    A target needing z above 2^13 = 8192 (the first doubling past 1e4 is 16384) is
+    refused with the floor eps of z = 1e6."""
+    e = lambda z: privacy.epsilon(0.5, z, 30, 1e-5)[0]          # noqa: E731
+    for target in (30.0, 9.0, 2.5, 0.8):                      # 30: z = 1 already suffices
+        hi = 1.0
+        while e(hi) > target:
+            hi *= 2
+        lo = 0.0
+        while hi - lo > 1e-4:
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if e(mid) > target else (lo, mid)
+        assert privacy.noise_for_epsilon(target, 0.5, 30, 1e-5) == hi
+    with pytest.raises(ValueError, match="must be positive"):
+        privacy.noise_for_epsilon(0.0, 0.5, 30, 1e-5)
+    f = lambda z: privacy.epsilon(1.0, z, 1, 1e-5)[0]           # noqa: E731
+    assert privacy.noise_for_epsilon(f(8000.0), 1.0, 1, 1e-5) == 8000.0   # 8000 = 8192 * 125/128:
+    assert privacy.noise_for_epsilon(f(8192.0), 1.0, 1, 1e-5) == 8192.0   # on the grid, feasible
+    floor = privacy.epsilon(1.0, 1e6, 1, 1e-5)[0]
+    with pytest.raises(ValueError, match=f"even z = 1e6 spends {floor:.3g} at"):
+        privacy.noise_for_epsilon(f(9000.0), 1.0, 1, 1e-5)
+
+
 # ---------------------------------------------------------------- a whole DP round by hand
 
 @pytest.mark.parametrize("fraction,S,z", [(1.0, 0.5, 0.7), (0.5, 2.0, 1.0)])
@@ -903,6 +965,38 @@ def test_attack_nan_on_an_upload_without_floats_is_refused_not_ignored():
     client = fedmed.ClientState(0, "a", np.arange(2), np.arange(2))
     with pytest.raises(fedmed.UsageError, match="holds no floating-point tensor"):
         privacy.FaultLayer.local_update(layer, client, {})
+    assert not privacy._has_float({"n": 3, "ids": [1, 2], "blob": torch.zeros(2, dtype=torch.uint8)})
+    assert privacy._has_float({"n": 3, "parts": [torch.zeros(2, dtype=torch.uint8), torch.ones(1)]})
     layer.base.local_update = lambda c, p: {"w": {"x": torch.ones(2)}, "n": 3}
     assert privacy.FaultLayer.local_update(layer, client, {}) == {}
     assert "NaN" in layer._lines[0]["rejected"] and layer._lines[0]["attack"] == "nan"
+
+
+
+def test_fault_layer_runs_the_base_round_hook_and_counts_a_single_view_method(tmp_path, monkeypatch):
+    """fgasl (one view, weights aggregated by GAA): the base's begin_round runs under the
+    layer every round, and summary.json counts dropouts and rejections once per line."""
+    calls = []
+    cls = fedmed.ALGORITHMS["fgasl"]
+    orig = cls.begin_round
+    monkeypatch.setattr(cls, "begin_round",
+                        lambda self, s, c: (calls.append(self.round), orig(self, s, c))[1])
+    rc, out = cli(tmp_path, "--algo", "fgasl", "--unlabeled-fraction", "0.6", "--clients", "4",
+                  "--dropout-prob", "0.5", "--attack", "nan", "--attackers", "site1",
+                  "--seed", "1", name="fg", rounds=2)
+    assert rc == 0 and calls == [0, 1]
+    lines = [m for m in read_jsonl(os.path.join(out, "metrics.jsonl")) if m["client"] != "pooled"]
+    s = json.load(open(os.path.join(out, "summary.json")))
+    assert s["dropouts"]["before_upload"] == sum(1 for m in lines if "dropout" in m) > 0
+    assert s["rejected_uploads"] == sum(1 for m in lines if "rejected" in m) > 0
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--algo", "fcu", "--dp-clip", "1"], "--dp-clip does not apply to --algo fcu"),
+    (["--algo", "pooled", "--secagg"], "--secagg does not apply to --algo pooled"),
+    (["--algo", "fedmic", "--teacher-model", "cnn", "--aggregator", "median", "--attack",
+      "sign_flip", "--attackers", "site0"], "--attack sign_flip does not apply to --algo fedmic"),
+])
+def test_the_first_flag_named_is_one_the_method_cannot_take(tmp_path, capsys, flags, message):
+    rc, out = cli(tmp_path, *flags, name="bad", rounds=1)
+    one_line_error(capsys, rc, message, out=out)
