@@ -1202,17 +1202,54 @@ def make_clients(fed) -> list:
                         np.asarray(c.unlabeled), c.label_set) for k, c in enumerate(fed.clients)]
 
 
-def run(cfg: Config, args, fed, out: str, *, resume: bool = False, data_args: dict | None = None,
-        stop_after: int | None = None, quiet: bool = False, log=print,
-        argv: list | None = None, last_k: int = 5, layer=None) -> dict:
-    """Train `cfg.algo` on federation `fed` for cfg.rounds rounds, writing results to
-    `out`; returns the summary (last round, and the mean over the last `last_k` rounds).
-    The ONE round loop of the project. `out` is locked against other processes while it
-    runs. `layer`, when given, wraps the method (`layer(algo)` returns a Wrapper, e.g. the
-    DP layer of privacy.py); the wrapper's `layer_record` goes into config.json and is
-    part of what --resume must match."""
-    if last_k < 1:
-        raise UsageError(f"--last-k must be at least 1 (got {last_k})")
+class InProcess:
+    """The transport of an ordinary run: every client trains and is evaluated in this
+    process, one after another. The round loop (`_rounds`) is written once; it asks its
+    transport for the round's uploads (`train`) and its metric lines (`evaluate`).
+    flower_app.FlowerTransport is the other implementation: the same hooks, called on
+    Flower nodes that each hold one client."""
+
+    def bind(self, algo, cfg, clients, holdout, record, out, resume) -> None:
+        """Before the first round (the results folder `out` is locked)."""
+        self.algo, self.out = algo, out
+
+    def train(self, t, server, participants, status):
+        """Yield (client, upload as received, bytes up, bytes down) for each participant,
+        in order: broadcast -> transmit -> local_update -> transmit (a client's optimiser
+        state paged in from, and out to, the run folder around its update). A client
+        that sent nothing would be yielded with upload None."""
+        algo = self.algo
+        for client in participants:
+            status(f"round {t + 1}/{algo.cfg.rounds}: training {client.name}")
+            payload, down = transmit(algo.broadcast(server, client))
+            read = page_in(self.out, client)
+            upload, up = transmit(algo.local_update(client, payload))
+            page_out(self.out, client, t + 1, read)
+            del read, payload
+            yield client, upload, up, down
+
+    def evaluate(self, t, server, clients, holdout, up_bytes, down_bytes, seconds) -> list:
+        return evaluate_all(self.algo, server, clients, holdout, t, up_bytes, down_bytes,
+                            seconds)
+
+    def holds_states(self, algo) -> bool:
+        """Whether this process holds every client's state (so that the end-of-run models
+        that need it can be exported)."""
+        return True
+
+    def checkpoint(self) -> dict:
+        """Extra keys of the per-round checkpoint ({}: none)."""
+        return {}
+
+    def restore(self, ck: dict) -> None:
+        """--resume: read back what `checkpoint` added."""
+
+
+def build(cfg: Config, args, fed, layer=None, quiet: bool = False):
+    """(algo, cfg, clients, holdout, server) of a run, set up for round 0: the method built
+    with `ALGORITHMS[cfg.algo](cfg, args, fed)` (wrapped by `layer`), the client records,
+    the held-out ones, and the server state after `setup`. `run` starts from this; a
+    Flower node (flower_app.py) builds the same, so both sides start from one state."""
     clients = make_clients(fed)
     algo = ALGORITHMS[cfg.algo](cfg, args, fed)
     if layer is not None:
@@ -1223,6 +1260,24 @@ def run(cfg: Config, args, fed, out: str, *, resume: bool = False, data_args: di
     server = ServerState()
     algo.attach(holdout, quiet)                       # quiet: e.g. no feature bar in setup
     algo.setup(server, clients)
+    return algo, cfg, clients, holdout, server
+
+
+def run(cfg: Config, args, fed, out: str, *, resume: bool = False, data_args: dict | None = None,
+        stop_after: int | None = None, quiet: bool = False, log=print,
+        argv: list | None = None, last_k: int = 5, layer=None, transport=None) -> dict:
+    """Train `cfg.algo` on federation `fed` for cfg.rounds rounds, writing results to
+    `out`; returns the summary (last round, and the mean over the last `last_k` rounds).
+    The ONE round loop of the project. `out` is locked against other processes while it
+    runs. `layer`, when given, wraps the method (`layer(algo)` returns a Wrapper, e.g. the
+    DP layer of privacy.py); the wrapper's `layer_record` goes into config.json and is
+    part of what --resume must match. `transport` carries each round's training and
+    evaluation to the clients: `InProcess` (default: every client in this process) or
+    flower_app.FlowerTransport (each client on its own Flower node)."""
+    if last_k < 1:
+        raise UsageError(f"--last-k must be at least 1 (got {last_k})")
+    algo, cfg, clients, holdout, server = build(cfg, args, fed, layer, quiet)
+    transport = transport if transport is not None else InProcess()
     record = {"config": dataclasses.asdict(cfg),
               "algorithm_args": dataclasses.asdict(args) if args is not None else {},
               "data": data_args or {}, "classes": list(fed.classes),
@@ -1234,17 +1289,18 @@ def run(cfg: Config, args, fed, out: str, *, resume: bool = False, data_args: di
               "layers": getattr(algo, "layer_record", {}),
               "argv": list(sys.argv[1:] if argv is None else argv)}   # the command as typed
     with locked(out):
+        transport.bind(algo, cfg, clients, holdout, record, out, resume)
         return _loop(cfg, algo, server, clients, holdout, record, out, resume, stop_after,
-                     quiet, log, last_k)
+                     quiet, log, last_k, transport)
 
 
 def _loop(cfg, algo, server, clients, holdout, record, out, resume, stop_after, quiet, log,
-          last_k=5):
+          last_k=5, transport=None):
     ckpt_path = os.path.join(out, "checkpoint.pt")
     metrics_path = os.path.join(out, "metrics.jsonl")
     start = 0
     if resume:
-        start, totals = _restore(ckpt_path, record, out, server, clients, algo)
+        start, totals = _restore(ckpt_path, record, out, server, clients, algo, transport)
         if cfg.rounds < start:
             raise UsageError(f"--resume --rounds {cfg.rounds}: the run in {out} already did "
                              f"{start} rounds; give --rounds {start} or more (more continue it)")
@@ -1261,7 +1317,7 @@ def _loop(cfg, algo, server, clients, holdout, record, out, resume, stop_after, 
     bar = Progress(cfg.rounds, start, enabled=not quiet)
     try:
         return _rounds(cfg, algo, server, clients, holdout, record, out, stop_after, log,
-                       start, totals, bar, ckpt_path, metrics_path, last_k)
+                       start, totals, bar, ckpt_path, metrics_path, last_k, transport)
     except KeyboardInterrupt:
         done = _RoundsDone.get(out, start)
         kept = (f"the checkpoint of round {done} in {out} is kept" if done else
@@ -1273,7 +1329,7 @@ _RoundsDone: dict = {}                # out -> rounds checkpointed by the runnin
 
 
 def _rounds(cfg, algo, server, clients, holdout, record, out, stop_after, log, start, totals,
-            bar, ckpt_path, metrics_path, last_k=5):
+            bar, ckpt_path, metrics_path, last_k=5, transport=None):
     last = None
     _RoundsDone[out] = start
     for t in range(start, cfg.rounds):
@@ -1286,27 +1342,21 @@ def _rounds(cfg, algo, server, clients, holdout, record, out, stop_after, log, s
         stream = algo.streams()           # fold each upload now: memory flat in clients
         if stream:
             acc = algo.begin_aggregate(sum(algo.upload_weight(c.n) for c in participants))
-        for client in participants:
-            bar.status(f"round {t + 1}/{cfg.rounds}: training {client.name}")
-            try:
-                payload, down = transmit(algo.broadcast(server, client))
-                read = page_in(out, client)
-                upload, up = transmit(algo.local_update(client, payload))
-                page_out(out, client, t + 1, read)
-                del read
+        try:
+            for client, upload, up, down in transport.train(t, server, participants, bar.status):
                 bad = first_nonfinite(upload) or first_nonfinite(client.state.get("private"))
                 if bad:
                     raise Diverged(f"round {t + 1}, client {client.name}: weight {bad} is NaN "
                                    "or infinite after local training")
-            except Diverged as e:
-                raise Diverged(f"{e}; {_kept(t, out)}") from None
-            up_bytes[client.id], down_bytes[client.id] = up, down
-            if stream and upload:
-                algo.fold(acc, upload)
-                uploads[client.id] = True
-            else:
-                uploads[client.id] = upload
-            del upload, payload
+                up_bytes[client.id], down_bytes[client.id] = up, down
+                if stream and upload:
+                    algo.fold(acc, upload)
+                    uploads[client.id] = True
+                else:
+                    uploads[client.id] = upload
+                del upload
+        except Diverged as e:
+            raise Diverged(f"{e}; {_kept(t, out)}") from None
         if stream and any(uploads.values()):
             algo.finish_aggregate(server, acc)
         elif any(uploads.values()) or getattr(algo, "aggregate_empty", False):
@@ -1319,8 +1369,8 @@ def _rounds(cfg, algo, server, clients, holdout, record, out, stop_after, log, s
                                f"infinite; {_kept(t, out)}")
         train_seconds = time.perf_counter() - t0
         try:
-            last = evaluate_all(algo, server, clients, holdout, t, up_bytes, down_bytes,
-                                train_seconds)
+            last = transport.evaluate(t, server, clients, holdout, up_bytes, down_bytes,
+                                      train_seconds)
         except Diverged as e:
             raise Diverged(f"{e}; {_kept(t, out)}") from None
         with open(metrics_path, "a") as f:
@@ -1331,6 +1381,7 @@ def _rounds(cfg, algo, server, clients, holdout, record, out, stop_after, log, s
         save_checkpoint({"round": t + 1, "record": comparable_config(record),
                            "data_identity": record["data_identity"], "totals": dict(totals),
                            "threads": torch.get_num_threads(),
+                           **transport.checkpoint(),
                            "server": dataclasses.asdict(server),
                            "clients": [{"state": c.state, "train": c.train,
                                         "unlabeled": c.unlabeled} for c in clients]}, ckpt_path)
@@ -1350,7 +1401,7 @@ def _rounds(cfg, algo, server, clients, holdout, record, out, stop_after, log, s
     for view, v in summary.get("views", {}).items():
         v["pooled_kind"] = algo.pooled_kind(view)
     summary.update(algo.summary_extra(server, history))
-    exported = algo.export_models(server, clients)
+    exported = algo.export_models(server, clients) if transport.holds_states(algo) else {}
     for stem, sd in exported.items():                 # plain weights, for --weights
         atomic_torch_save(sd, os.path.join(out, _file_stem(stem) + ".pt"))
     if exported:
@@ -1379,22 +1430,42 @@ def evaluate_all(algo, server, clients, holdout, t, up_bytes, down_bytes, second
     The round's bytes are repeated on each view's line; totals come from the primary view."""
     lines, ys, probs = [], {}, {}
     for c in clients + holdout:
-        out = algo.predict(server, c, c.test)
-        views = out if isinstance(out, dict) else {algo.primary_view: out}
-        for view, prob in views.items():
-            if not np.isfinite(prob).all():
-                raise Diverged(f"round {t + 1}, client {c.name}: the {view} model's predicted "
-                               "probabilities are NaN or infinite")
-        y = algo.fed.y[torch.as_tensor(c.test, dtype=torch.long)].numpy()
-        for view, prob in views.items():
-            m = classification_metrics(y, prob) if len(y) else {}
-            m.update(round=t + 1, client=c.name, view=view, holdout=c.id < 0,
-                     bytes_up=up_bytes.get(c.id, 0), bytes_down=down_bytes.get(c.id, 0))
-            m.update(algo.line_extra(server, c))
-            lines.append(m)
-            if c.id >= 0:
-                ys.setdefault(view, []).append(y)
-                probs.setdefault(view, []).append(prob)
+        mine, seen = client_lines(algo, server, c, t, up_bytes.get(c.id, 0),
+                                  down_bytes.get(c.id, 0))
+        lines += mine
+        for view, (y, prob) in seen.items():
+            ys.setdefault(view, []).append(y)
+            probs.setdefault(view, []).append(prob)
+    return lines + pooled_lines(ys, probs, t, up_bytes, down_bytes, seconds)
+
+
+def client_lines(algo, server, c, t, up: int, down: int) -> tuple[list, dict]:
+    """Client `c`'s metric lines of round t (one per view of `predict`), and {view: (its
+    test labels, the predicted probabilities)} for the pooled line ({} for a held-out
+    client). Where the client is (this process, or a Flower node) does not matter."""
+    out = algo.predict(server, c, c.test)
+    views = out if isinstance(out, dict) else {algo.primary_view: out}
+    for view, prob in views.items():
+        if not np.isfinite(prob).all():
+            raise Diverged(f"round {t + 1}, client {c.name}: the {view} model's predicted "
+                           "probabilities are NaN or infinite")
+    y = algo.fed.y[torch.as_tensor(c.test, dtype=torch.long)].numpy()
+    lines, seen = [], {}
+    for view, prob in views.items():
+        m = classification_metrics(y, prob) if len(y) else {}
+        m.update(round=t + 1, client=c.name, view=view, holdout=c.id < 0,
+                 bytes_up=up, bytes_down=down)
+        m.update(algo.line_extra(server, c))
+        lines.append(m)
+        if c.id >= 0:
+            seen[view] = (y, prob)
+    return lines, seen
+
+
+def pooled_lines(ys: dict, probs: dict, t, up_bytes, down_bytes, seconds) -> list:
+    """The pooled test-set line of each view from every training client's labels and
+    predictions ({view: [array per client]}, in client order)."""
+    lines = []
     for view in ys:
         pooled = classification_metrics(np.concatenate(ys[view]), np.concatenate(probs[view]))
         pooled.update(round=t + 1, client="pooled", view=view, holdout=False,
@@ -1502,7 +1573,7 @@ def _history(out: str) -> list:
     return old.get("history") or [{"rounds": old.get("config", {}).get("rounds"), "from_round": 0}]
 
 
-def _restore(ckpt_path, record, out, server, clients, algo) -> tuple[int, dict]:
+def _restore(ckpt_path, record, out, server, clients, algo, transport=None) -> tuple[int, dict]:
     if not os.path.isfile(ckpt_path):
         raise UsageError(f"--resume: {ckpt_path} does not exist; start the run without --resume")
     ck = load_checkpoint(ckpt_path)
@@ -1528,6 +1599,8 @@ def _restore(ckpt_path, record, out, server, clients, algo) -> tuple[int, dict]:
     for c, saved in zip(clients, ck["clients"]):
         c.state, c.train, c.unlabeled = saved["state"], saved["train"], saved["unlabeled"]
     check_optimizer_files(out, clients)
+    if transport is not None:
+        transport.restore(ck)
     return int(ck["round"]), dict(ck["totals"])
 
 

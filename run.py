@@ -359,11 +359,12 @@ def continue_command(argv: list, out: str) -> str:
     return shlex.join(["python", "run.py", *keep, "--resume", "--out", out])
 
 
-def main(argv=None) -> int:
+def main(argv=None, transport=None) -> int:
+    """The command line; `transport` (flower_app.py's) runs the clients elsewhere."""
     argv = list(sys.argv[1:] if argv is None else argv)
     made: dict = {}                  # _main: the results folder, when this run may create it
     try:
-        return _main(argv, made)
+        return _main(argv, made, transport)
     except (fedmed.Interrupted, KeyboardInterrupt) as e:
         where = str(e) if isinstance(e, fedmed.Interrupted) else "interrupted before training"
         out = _OUT.get("out")
@@ -386,12 +387,11 @@ def main(argv=None) -> int:
 _OUT: dict = {}                         # the --out of the run in progress (for Ctrl-C)
 
 
-def _main(argv, made: dict) -> int:
-    ns = build_parser().parse_args(argv)
-    ns.argv = list(argv)                                # recorded in config.json
-    given = given_flags(build_parser(), argv)
-    if ns.evaluate is not None:
-        return _evaluate(ns, given)
+def configure(ns: argparse.Namespace, given: set):
+    """(cfg, the method's class, its args, whether --rounds was typed) from the parsed
+    command line `ns`, checked before any image is read; sets ns.layer (the privacy layer's
+    constructor, None when off). A Flower node (flower_app.py) configures itself from the
+    same command line through this."""
     if ns.bn == "none":
         ns.bn = "params_only"
     rounds_given = ns.rounds is not None
@@ -421,16 +421,31 @@ def _main(argv, made: dict) -> int:
             ns.layer = lambda algo: privacy.FaultLayer(algo, faults)
         else:
             cfg.weighting = "uniform"                   # every client alike
+    ns.layer_settings = layer                          # (--dp-plan prints its plan)
     if layer is not None:
         if ns.dp_plan:
             if dp is None:
                 raise UsageError("--dp-plan needs --dp-noise or --dp-epsilon")
-            print(privacy.plan_text(dp))
-            return 0
+            return cfg, cls, args, rounds_given
         ns.layer = lambda algo: privacy.PrivacyLayer(algo, dp, secagg, faults)
     ns.given_flags = given                             # datasets.build: flags a partition ignores
+    return cfg, cls, args, rounds_given
+
+
+def _main(argv, made: dict, transport=None) -> int:
+    ns = build_parser().parse_args(argv)
+    ns.argv = list(argv)                                # recorded in config.json
+    given = given_flags(build_parser(), argv)
+    if ns.evaluate is not None:
+        return _evaluate(ns, given)
+    cfg, cls, args, rounds_given = configure(ns, given)
+    if ns.dp_plan and ns.layer_settings is not None:
+        print(privacy.plan_text(ns.layer_settings[0]))
+        return 0
     out = ns.out or os.path.join("runs", f"{cfg.algo}-{ns.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
     _OUT["out"] = out
+    if transport is not None:                           # e.g. Flower: one run of the loop
+        transport.check(ns, cls)
     if ns.leave_one_out is not None:
         return _leave_one_out(ns, cfg, cls, args, out, rounds_given, given)
     if ns.seeds is not None:
@@ -440,7 +455,19 @@ def _main(argv, made: dict) -> int:
         if not ns.resume and not (os.path.isdir(out) and
                                   [n for n in os.listdir(out) if n != fedmed.LOCK_NAME]):
             made.update(out=out, existed=os.path.isdir(out))
+        ns.transport = transport                         # (fedmed.run's; None: in process)
         return _train(ns, cfg, cls, args, out, rounds_given)
+
+
+def load_federation(ns: argparse.Namespace, cfg: Config, cls, args):
+    """The federation the data flags describe (the method's default image size where
+    --image-size is not given)."""
+    if ns.image_size is None and hasattr(cls, "default_image_size"):
+        ns.image_size = cls.default_image_size(args)   # e.g. a CLIP model's input size
+    fed = datasets.load(ns, seed=cfg.seed)
+    if cls.build_model is fedmed.Algorithm.build_model:
+        models.check_image_size(cfg.model, int(fed.x.shape[-1]))  # e.g. a dataset's own size
+    return fed
 
 
 def _evaluate(ns: argparse.Namespace, given: set) -> int:
@@ -667,11 +694,7 @@ def _leave_one_out(ns, cfg, cls, args, out, rounds_given, given) -> int:
 def _train(ns, cfg, cls, args, out, rounds_given) -> int:
     if ns.resume and not rounds_given:                  # continue to the recorded total
         cfg.rounds = fedmed.recorded_rounds(out) or cfg.rounds
-    if ns.image_size is None and hasattr(cls, "default_image_size"):
-        ns.image_size = cls.default_image_size(args)   # e.g. a CLIP model's input size
-    fed = datasets.load(ns, seed=cfg.seed)
-    if cls.build_model is fedmed.Algorithm.build_model:
-        models.check_image_size(cfg.model, int(fed.x.shape[-1]))  # e.g. a dataset's own size
+    fed = load_federation(ns, cfg, cls, args)
     if not ns.quiet:
         print(f"{cfg.algo} on {fed.name}: {len(fed.clients)} clients, {fed.num_classes} classes "
               f"({', '.join(fed.classes)})")
@@ -688,7 +711,8 @@ def _train(ns, cfg, cls, args, out, rounds_given) -> int:
     else:
         summary = fedmed.run(cfg, args, fed, out, resume=ns.resume, data_args=data_args,
                              stop_after=ns.stop_after, quiet=ns.quiet, argv=ns.argv,
-                             last_k=ns.last_k, layer=ns.layer)
+                             last_k=ns.last_k, layer=ns.layer,
+                             transport=getattr(ns, "transport", None))
     if summary:
         print(fedmed.results_table(summary))
         if hasattr(cls, "summary_table"):              # e.g. FedAL's label-efficiency curve

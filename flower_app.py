@@ -1,0 +1,610 @@
+"""FedMed on Flower's deployment engine (flwr 1.42, Message API): any registered method as
+a Flower ServerApp + ClientApp, each hospital a SuperNode holding one client's data.
+
+    flower-superlink --insecure --host 0.0.0.0 --port 9091               # the server machine
+    flower-supernode --insecure --superlink HOST:9091 --port 9094 \\
+        --node-config 'client="hospital-a" data-dir="/data/isic"'        # one per hospital
+    flwr run . fedmed -c 'args="--algo fedavg --rounds 20 --out /abs/runs/fedavg"'
+
+The round loop stays fedmed's (`fedmed._rounds`, the same as `python run.py`): the server
+runs run.py's command line with a `FlowerTransport` in place of the in-process one
+(`fedmed.InProcess`). Each round the server calls the method's protocol hooks
+(set_round, begin_round, participants), its `broadcast` for every participant, sends
+each payload to the node of that client (a "train" message), folds/aggregates what comes
+back exactly as in process, then sends the aggregated server state to every node (an
+"evaluate" message) and writes the metric lines the nodes return. A node rebuilds the
+method from the same command line (same seed: the same initial model and the same
+random streams), keeps its client's `client.state` (FedBN's private BN layers, a CLIP
+method's MLP, a teacher, the optimiser state, ...) in a file of its own state folder
+between rounds, and answers with the upload (train) or with its metric lines plus its
+test labels and predicted probabilities (evaluate; the pooled test-set line of
+metrics.jsonl needs them). Payloads travel as the bytes fedmed.transmit counts (torch.save
+of the payload), so bytes_up/bytes_down are the same as in process.
+
+Node config (flower-supernode --node-config): `client` (its name in the federation, e.g.
+"site-0") or `partition-id` (its index), `data-dir` (this site's data folder; replaces
+--data-dir of the command line), `state-dir` (where it keeps its client state between
+rounds; default ~/.fedmed/flower-nodes). Run config (pyproject.toml [tool.flwr.app.config],
+`flwr run -c`): `args` (run.py's command line; --out should be an absolute path on the
+server), `node-timeout` (seconds to wait for every client's node to appear),
+`round-timeout` (seconds a round waits for a reply, 0: no limit), `on-dropout`
+("continue": the round completes with the clients that answered, the lost ones are named
+in the log; "fail": the run stops, resumable with --resume).
+
+Deviations from `python run.py`: the server, like every node, builds the federation from
+the data flags (to know the clients, their sizes and the split it records in
+config.json; with --dataset synthetic every party regenerates it from the seed), so a
+site without images cannot act as server yet; --seeds, --leave-one-out, protocols that run
+the loop several times (fcu), --holdout-client and the privacy layer are refused;
+models that need every client's private tensors (model-CLIENT.pt, and model.pt under
+--bn local) are not exported by the server.
+"""
+from __future__ import annotations
+
+import copy
+import io
+import json
+import os
+import shlex
+import sys
+import time
+import traceback
+import uuid
+
+INSTALL = "flwr is not installed; pip install -r requirements-flower.txt (Flower 1.42)"
+try:
+    from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict  # noqa: F401
+    from flwr.clientapp import ClientApp
+    from flwr.common.constant import ErrorCode
+    from flwr.serverapp import Grid, ServerApp
+except ImportError:                                  # the entry point says how to install it
+    if __name__ == "__main__":
+        print(f"error: {INSTALL}", file=sys.stderr)
+        sys.exit(2)
+    raise
+
+import torch
+
+import fedmed
+import run as cli
+
+KEY = "fedmed"                         # the one ConfigRecord of every message
+
+
+# ---------------------------------------------------------------- the wire format
+
+def pack(obj) -> bytes:
+    """What fedmed.transmit sends and counts: torch.save of the payload; b"" for an empty
+    one (transmit sends nothing and counts 0)."""
+    if not obj:
+        return b""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def unpack(data: bytes) -> dict:
+    """The receiver's copy, as fedmed.transmit hands it over."""
+    if not data:
+        return {}
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+
+
+def record(**values) -> RecordDict:
+    return RecordDict({KEY: ConfigRecord(values)})
+
+
+class NodeError(fedmed.UsageError):
+    """A node's ClientApp failed with an error that is not FedMed's own (its traceback is
+    in the node's log): the server stops with one line naming the node (exit 2)."""
+
+
+def _reply_error(e: Exception) -> RecordDict:
+    return record(error=type(e).__name__, text=str(e))
+
+
+def _content(reply: Message, who: str) -> dict:
+    """The reply's values; a FedMed error on the node is raised here as the same class."""
+    if reply.has_error():
+        raise NodeError(f"{who}: the node's ClientApp failed ({reply.error.reason})")
+    rec = dict(reply.content[KEY])
+    if "error" in rec:
+        kind = {"UsageError": fedmed.UsageError, "Diverged": fedmed.Diverged}.get(rec["error"],
+                                                                                NodeError)
+        text = rec["text"]
+        raise kind(text if text.startswith(("node ", "round ")) else f"{who}: {text}")
+    return rec
+
+
+# ---------------------------------------------------------------- the server side
+
+class FlowerTransport(fedmed.InProcess):
+    """fedmed's transport over a Flower Grid: each client on the node that holds it."""
+
+    def __init__(self, grid: Grid, run_config: dict, log=None):
+        self.grid = grid
+        self.node_timeout = float(run_config.get("node-timeout", 120))
+        self.round_timeout = float(run_config.get("round-timeout", 0)) or None
+        self.on_dropout = str(run_config.get("on-dropout", "continue"))
+        if self.on_dropout not in ("continue", "fail"):
+            raise fedmed.UsageError(f"on-dropout = {self.on_dropout!r}: use \"continue\" or "
+                                    "\"fail\"")
+        self.log = log or (lambda s: print(s, file=sys.stderr, flush=True))
+        self.node_of: dict = {}                         # client name -> node id
+        self.state_round: dict = {}                     # client name -> round of its state
+        self.down: set = set()                          # nodes lost during this run
+        self.wire = {"sent": 0, "received": 0}          # Flower message bytes (Message API)
+        self.node_seconds = {"train": 0.0, "evaluate": 0.0}   # in local_update / predict
+
+    # -- what run.py and fedmed.run ask --------------------------------------------------
+    def check(self, ns, cls) -> None:
+        for bad, what in ((ns.seeds is not None, "--seeds"),
+                          (ns.leave_one_out is not None, "--leave-one-out"),
+                          (hasattr(cls, "protocol"), f"--algo {ns.algo} (several runs of the loop)"),
+                          (bool(ns.holdout_client), "--holdout-client"),
+                          (ns.layer is not None, "the privacy and fault layer (--dp-*, "
+                           "--secagg, --dropout-prob, --aggregator, --attack)")):
+            if bad:
+                raise fedmed.UsageError(f"{what} does not run on Flower yet; run it with "
+                                        "python run.py")
+
+    def bind(self, algo, cfg, clients, holdout, rec, out, resume) -> None:
+        super().bind(algo, cfg, clients, holdout, rec, out, resume)
+        self.argv = list(rec["argv"])
+        self.identity = rec["data_identity"]
+        self.token = uuid.uuid4().hex                   # names the nodes' state files; a
+                                                        # --resume reads it from the checkpoint
+        self.state_round = {c.name: 0 for c in clients}
+        self.clients = clients
+        self._discover()
+
+    def checkpoint(self) -> dict:
+        return {"transport": {"flower": {"token": self.token,
+                                         "state_round": dict(self.state_round)}}}
+
+    def restore(self, ck: dict) -> None:
+        saved = (ck.get("transport") or {}).get("flower")
+        if saved is None:
+            raise fedmed.UsageError("--resume on Flower: the checkpoint was not written by a "
+                                    "Flower run; resume it with python run.py")
+        self.token = saved["token"]
+        self.state_round = dict(saved["state_round"])
+
+    def holds_states(self, algo) -> bool:
+        return not algo.private_keys          # the private tensors stay on the nodes
+
+    # -- messages ---------------------------------------------------------------------
+    def _message(self, kind: str, node: int, t: int, **values) -> Message:
+        values.update(argv=json.dumps(self.argv), token=self.token, round=t)
+        return Message(record(**values), dst_node_id=node, message_type=kind,
+                       group_id=str(t + 1))
+
+    def _exchange(self, messages: dict, timeout: float | None) -> tuple[dict, dict]:
+        """Send {key: Message}; return ({key: reply}, {key: why it is lost}) once every
+        key has a reply, its node has left the federation, or `timeout` has passed."""
+        node = {k: m.metadata.dst_node_id for k, m in messages.items()}
+        lost = {k: f"its node {node[k]} was lost earlier in this run" for k in messages
+                if node[k] in self.down}
+        live = [m for k, m in messages.items() if k not in lost]
+        ids = dict(zip(self.grid.push_messages(live) if live else [],
+                       [k for k in messages if k not in lost]))
+        for m in live:
+            self.wire["sent"] += _size(m)
+        replies, t0, last_check = {}, time.monotonic(), time.monotonic()
+        while len(replies) + len(lost) < len(messages):
+            for r in self.grid.pull_messages([i for i, k in ids.items()
+                                              if k not in replies and k not in lost]):
+                k = ids.get(r.metadata.reply_to_message_id)
+                if k is None:
+                    continue
+                if r.has_error() and r.error.code == ErrorCode.NODE_UNAVAILABLE:
+                    lost[k] = f"its node {node[k]} stopped reporting to the SuperLink"
+                    continue
+                replies[k] = r
+                self.wire["received"] += _size(r)
+            now = time.monotonic()
+            if now - last_check > 1.0:                  # a node that left: its reply is lost
+                last_check = now
+                online = set(self.grid.get_node_ids())
+                for k in messages:
+                    if k not in replies and node[k] not in online:
+                        lost[k] = f"its node {node[k]} left the federation"
+            if timeout is not None and now - t0 > timeout:
+                for k in messages:
+                    if k not in replies and k not in lost:
+                        lost[k] = f"no reply within round-timeout = {timeout:g} s"
+            if len(replies) + len(lost) < len(messages):
+                time.sleep(0.1)
+        self.down |= {node[k] for k in lost}            # not waited for again in this run
+        return replies, lost
+
+    def _discover(self) -> None:
+        """Ask every node which client it holds until each client has one (or fail after
+        node-timeout seconds, naming the clients without a node)."""
+        want = {c.name for c in self.clients}
+        asked: set = set()
+        t0 = time.monotonic()
+        while not want <= set(self.node_of):
+            new = [n for n in self.grid.get_node_ids() if n not in asked]
+            if new:
+                asked |= set(new)
+                replies, lost = self._exchange(
+                    {n: self._message("query", n, -1, identity=json.dumps(self.identity))
+                     for n in new}, self.node_timeout)
+                for n in new:
+                    if n in lost:
+                        self.log(f"flower: node {n} did not answer ({lost[n]})")
+                        continue
+                    name = _content(replies[n], f"node {n}")["client"]
+                    if name in self.node_of and self.node_of[name] != n:
+                        raise fedmed.UsageError(f"nodes {self.node_of[name]} and {n} both hold "
+                                                f"client {name}; give each node its own client")
+                    self.node_of[name] = n
+                    self.log(f"flower: node {n} holds client {name}")
+            if time.monotonic() - t0 > self.node_timeout and not want <= set(self.node_of):
+                missing = sorted(want - set(self.node_of))
+                raise fedmed.UsageError(f"no Flower node holds client {missing[0]} "
+                                        f"({len(missing)} client(s) without a node after "
+                                        f"node-timeout = {self.node_timeout:g} s); start a "
+                                        f"supernode with --node-config 'client=\"{missing[0]}\"'")
+            time.sleep(0.2)
+
+    def train(self, t, server, participants, status):
+        algo = self.algo
+        sent, down = {}, {}
+        for c in participants:                          # the hooks in the loop's order
+            data = pack(algo.broadcast(server, c))
+            down[c.name] = len(data)
+            sent[c.name] = self._message("train", self.node_of[c.name], t, payload=data,
+                                         client=c.name, state_round=self.state_round[c.name])
+        status(f"round {t + 1}/{algo.cfg.rounds}: training {len(sent)} client(s) on Flower")
+        replies, lost = self._exchange(sent, self.round_timeout)
+        for c in participants:                          # fold in the loop's order
+            if c.name in lost:
+                self._lost(t, c.name, lost[c.name])
+                yield c, None, 0, down[c.name]
+                continue
+            rec = _content(replies.pop(c.name), f"node {self.node_of[c.name]} (client {c.name})")
+            self.state_round[c.name] = t + 1
+            self.node_seconds["train"] += float(rec.get("seconds", 0.0))
+            data = rec["upload"]
+            yield c, unpack(data), len(data), down[c.name]
+
+    def _lost(self, t: int, name: str, why: str) -> None:
+        if self.on_dropout == "fail":
+            raise fedmed.UsageError(f"round {t + 1}: client {name} was lost ({why}); start its "
+                                    "node again and continue with --resume")
+        self.log(f"flower: round {t + 1}: client {name} dropped out ({why}); the round "
+                 "completes with the others")
+
+    def evaluate(self, t, server, clients, holdout, up_bytes, down_bytes, seconds) -> list:
+        data = pack({"weights": server.weights, "state": server.state})
+        sent = {c.name: self._message("evaluate", self.node_of[c.name], t, server=data,
+                                      client=c.name, state_round=self.state_round[c.name],
+                                      up=int(up_bytes.get(c.id, 0)),
+                                      down=int(down_bytes.get(c.id, 0)))
+                for c in clients}
+        replies, lost = self._exchange(sent, self.round_timeout)
+        lines, ys, probs = [], {}, {}
+        for c in clients:
+            if c.name in lost:
+                self._lost(t, c.name, lost[c.name] + "; not evaluated this round")
+                continue
+            rec = _content(replies.pop(c.name), f"node {self.node_of[c.name]} (client {c.name})")
+            self.node_seconds["evaluate"] += float(rec.get("seconds", 0.0))
+            lines += json.loads(rec["lines"])
+            for view, (y, prob) in unpack(rec["seen"]).items():
+                ys.setdefault(view, []).append(y.numpy())
+                probs.setdefault(view, []).append(prob.numpy())
+        return lines + fedmed.pooled_lines(ys, probs, t, up_bytes, down_bytes, seconds)
+
+
+def _size(m: Message) -> int:
+    """Bytes of a message's content as Flower serialises it (its records)."""
+    try:
+        return len(m.content.deflate()) + sum(len(r.deflate()) for r in m.content.values())
+    except Exception:  # noqa: BLE001 - a message without content (an error reply)
+        return 0
+
+
+server_app = ServerApp()
+
+
+@server_app.main()
+def server_main(grid: Grid, context: Context) -> None:
+    """run.py's command line (run config `args`) with the clients on Flower nodes."""
+    argv = shlex.split(str(context.run_config.get("args", "")))
+    transport = FlowerTransport(grid, context.run_config)
+    try:
+        rc = cli.main(argv, transport=transport)
+    except BaseException:
+        traceback.print_exc()
+        sys.stderr.flush()
+        raise
+    print(f"flower: message bytes sent {transport.wire['sent']:,}, received "
+          f"{transport.wire['received']:,}; seconds on the nodes in local_update "
+          f"{transport.node_seconds['train']:.3f}, in evaluation "
+          f"{transport.node_seconds['evaluate']:.3f}", file=sys.stderr, flush=True)
+    sys.stderr.flush()
+    if rc:
+        time.sleep(1)                                   # let Flower ship the last log lines
+        raise SystemExit(rc)
+
+
+# ---------------------------------------------------------------- the node side
+
+def _state_dir(context: Context) -> str:
+    default = os.environ.get("FEDMED_NODE_STATE", "~/.fedmed/flower-nodes")
+    return os.path.expanduser(str(context.node_config.get("state-dir", default)))
+
+
+_BUILT: dict = {}                      # one built run per process (see _built)
+
+
+def _built(argv_json: str, data_dir: str | None):
+    """(algo, client records, federation, each client's state after setup) of the run
+    whose command line is `argv_json`, with this node's data folder. A deployment starts
+    a process per message, so this is built once per message there; the simulation
+    runtime keeps its ClientApp processes, which then build it once, like run.py."""
+    key = (argv_json, data_dir)
+    if key not in _BUILT:
+        _BUILT.clear()
+        argv = json.loads(argv_json)
+        ns = cli.build_parser().parse_args(argv)
+        given = cli.given_flags(cli.build_parser(), argv)
+        if data_dir is not None and ns.dataset not in ("synthetic", "synthetic-multilabel"):
+            ns.data_dir = data_dir
+        ns.quiet = True
+        cfg, cls, args, _ = cli.configure(ns, given)
+        fed = cli.load_federation(ns, cfg, cls, args)
+        algo, cfg, clients, _, _ = fedmed.build(cfg, args, fed, ns.layer, quiet=True)
+        _BUILT[key] = (algo, clients, fed, [copy.deepcopy(c.state) for c in clients])
+    return _BUILT[key]
+
+
+class _Node:
+    """This node's view of the run: the method built from the run's command line, the
+    federation its data flags describe, and its own client (with its kept state)."""
+
+    def __init__(self, msg: Message, context: Context):
+        rec = msg.content[KEY]
+        conf = context.node_config
+        who = (f"client {conf['client']}" if "client" in conf else
+               f"partition-id {conf['partition-id']}" if "partition-id" in conf else None)
+        if who is None:
+            raise fedmed.UsageError(f"node {context.node_id}: its --node-config names no client; "
+                                    "give client=\"NAME\" or partition-id=K")
+        self.who = f"node {context.node_id} ({who})"
+        data_dir = conf.get("data-dir")
+        if data_dir is not None:
+            data_dir = os.path.expanduser(str(data_dir))
+            if not os.path.isdir(data_dir):
+                raise fedmed.UsageError(f"{self.who}: its data folder {data_dir} does not exist; "
+                                        "fix data-dir in its --node-config")
+        self.algo, clients, self.fed, setup = _built(rec["argv"], data_dir)
+        if "client" in conf:
+            mine = [c for c in clients if c.name == str(conf["client"])]
+        else:
+            k = int(conf["partition-id"])
+            mine = clients[k:k + 1] if 0 <= k else []
+        if not mine:
+            raise fedmed.UsageError(f"{self.who}: the federation has no such client (its "
+                                    f"clients: {', '.join(c.name for c in clients)})")
+        self.client = mine[0]
+        self.setup_state = setup[self.client.id]
+        folder = os.path.join(_state_dir(context), str(rec["token"]))
+        self.folder, self.stem = folder, fedmed._file_stem(self.client.name)
+
+    def state_path(self, rnd: int) -> str:
+        return os.path.join(self.folder, f"{self.stem}.r{rnd}.pt")
+
+    def load_state(self, rnd: int) -> None:
+        """client.state as it was after round `rnd` (0: as setup made it)."""
+        if rnd == 0:
+            self.client.state = copy.deepcopy(self.setup_state)
+            return
+        path = self.state_path(rnd)
+        if not os.path.isfile(path):
+            raise fedmed.UsageError(f"{self.who}: its state after round {rnd} ({path}) is "
+                                    "missing; start the node with the state-dir it had")
+        self.client.state = fedmed.load_checkpoint(path, self.who)["state"]
+
+    def save_state(self, rnd: int, keep: int) -> None:
+        """Write client.state after round `rnd`; delete the files of rounds other than
+        `keep` (the state it started from, which a --resume may need again) and `rnd`."""
+        os.makedirs(self.folder, exist_ok=True)
+        fedmed.save_checkpoint({"state": self.client.state}, self.state_path(rnd))
+        for n in os.listdir(self.folder):
+            if n.startswith(self.stem + ".r") and n not in (os.path.basename(self.state_path(rnd)),
+                                                             os.path.basename(self.state_path(keep))):
+                try:
+                    os.remove(os.path.join(self.folder, n))
+                except FileNotFoundError:
+                    pass
+
+
+def _answer(fn):
+    """A node's handler: FedMed's one-line errors travel back as such."""
+    def handler(msg: Message, context: Context) -> Message:
+        try:
+            content = fn(msg, context)
+        except (fedmed.UsageError, fedmed.Diverged) as e:
+            content = _reply_error(e)
+        return Message(content, reply_to=msg)
+    handler.__name__ = fn.__name__
+    return handler
+
+
+client_app = ClientApp()
+
+
+@client_app.query()
+@_answer
+def describe(msg: Message, context: Context) -> RecordDict:
+    """Which client this node holds; refuses data whose split differs from the server's."""
+    node = _Node(msg, context)
+    want = json.loads(msg.content[KEY]["identity"]).get(node.client.name)
+    have = fedmed.data_identity(node.fed)[node.client.name]
+    if want != have:
+        raise fedmed.UsageError(f"{node.who}: the images, labels or split of client "
+                                f"{node.client.name} differ from the server's; give every "
+                                "site the same data flags and code version")
+    return record(client=node.client.name)
+
+
+@client_app.train()
+@_answer
+def train(msg: Message, context: Context) -> RecordDict:
+    """One local update of this node's client (the loop's broadcast -> local_update)."""
+    node = _Node(msg, context)
+    rec = msg.content[KEY]
+    t, start = int(rec["round"]), int(rec["state_round"])
+    node.load_state(start)
+    node.algo.set_round(t)
+    c = node.client
+    t0 = time.perf_counter()
+    upload = node.algo.local_update(c, unpack(rec["payload"]))
+    seconds = time.perf_counter() - t0
+    bad = fedmed.first_nonfinite(c.state.get("private"))
+    if bad:
+        raise fedmed.Diverged(f"round {t + 1}, client {c.name}: weight {bad} is NaN or "
+                              "infinite after local training")
+    node.save_state(t + 1, start)
+    return record(upload=pack(upload), seconds=seconds)
+
+
+@client_app.evaluate()
+@_answer
+def evaluate(msg: Message, context: Context) -> RecordDict:
+    """This client's metric lines of the round with the aggregated server state, and its
+    test labels and predicted probabilities (for the pooled line)."""
+    node = _Node(msg, context)
+    rec = msg.content[KEY]
+    t = int(rec["round"])
+    node.load_state(int(rec["state_round"]))
+    node.algo.set_round(t)
+    server = fedmed.ServerState(**fedmed.safe_torch_load(io.BytesIO(rec["server"])))
+    t0 = time.perf_counter()
+    lines, seen = fedmed.client_lines(node.algo, server, node.client, t, int(rec["up"]),
+                                      int(rec["down"]))
+    seconds = time.perf_counter() - t0
+    seen = {v: (torch.from_numpy(y), torch.from_numpy(p)) for v, (y, p) in seen.items()}
+    return record(lines=json.dumps(lines, default=fedmed._jsonable), seen=pack(seen),
+                  seconds=seconds)
+
+
+# ---------------------------------------------------------------- a local deployment
+
+class LocalDeployment:
+    """A SuperLink and one SuperNode per entry of `nodes` (each a node config dict, e.g.
+    {"partition-id": 0, "state-dir": "..."}) as processes on this machine, on free
+    localhost ports, with their own FLWR_HOME under `home`; `run` submits this checkout as
+    a Flower app (`flwr run --stream`). For tests and bench/vs_flower.py; the README gives
+    the same three commands for real sites."""
+
+    def __init__(self, home: str, nodes: list, env: dict | None = None,
+                 simulation: int = 0):
+        """`simulation` = K > 0: no SuperNodes; the SuperLink runs Flower's simulation
+        runtime with K virtual nodes (partition-id 0..K-1) on one CPU (needs ray:
+        pip install "flwr[simulation]==1.42.*")."""
+        import shutil
+        self.home, self.nodes, self.simulation = os.path.abspath(home), nodes, simulation
+        os.makedirs(self.home, exist_ok=True)
+        here = os.path.dirname(sys.executable)
+        self.bin = {n: (os.path.join(here, n) if os.path.exists(os.path.join(here, n))
+                        else shutil.which(n) or n)
+                    for n in ("flower-superlink", "flower-supernode", "flwr")}
+        self.env = {**os.environ, **(env or {}), "FLWR_HOME": os.path.join(self.home, "flwr"),
+                    "PATH": here + os.pathsep + os.environ.get("PATH", "")}
+        self.env.setdefault("OMP_NUM_THREADS", "1")
+        self.procs: dict = {}
+        self.port = _free_port()
+
+    def _spawn(self, key, argv) -> None:
+        import subprocess
+        log = open(os.path.join(self.home, f"{key}.log"), "ab")
+        self.procs[key] = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
+                                           env=self.env, start_new_session=True)
+
+    def start(self) -> "LocalDeployment":
+        os.makedirs(self.env["FLWR_HOME"], exist_ok=True)
+        with open(os.path.join(self.env["FLWR_HOME"], "config.toml"), "w") as f:
+            f.write(f'[superlink]\ndefault = "local-fedmed"\n\n[superlink.local-fedmed]\n'
+                    f'address = "127.0.0.1:{self.port}"\ninsecure = true\n')
+        self._spawn("superlink", [self.bin["flower-superlink"], "--insecure", "--host",
+                                  "127.0.0.1", "--port", str(self.port), "--database",
+                                  ":flwr-in-memory:"]
+                    + (["--simulation"] if self.simulation else []))
+        _wait_port(self.port, 60)
+        for k in range(len(self.nodes)):
+            self.start_node(k)
+        return self
+
+    def start_node(self, k: int) -> None:
+        conf = " ".join(f"{key}={json.dumps(v)}" for key, v in self.nodes[k].items())
+        self._spawn(f"node{k}", [self.bin["flower-supernode"], "--insecure", "--superlink",
+                                 f"127.0.0.1:{self.port}", "--port", str(_free_port()),
+                                 "--node-config", conf])
+
+    def kill_node(self, k: int) -> None:
+        """SIGKILL node k's SuperNode and whatever ClientApp it is running."""
+        import signal
+        p = self.procs.pop(f"node{k}")
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+
+    def run(self, args: str, app: str | None = None, timeout: float = 600, **config):
+        """`flwr run APP --stream` with run config args=ARGS (+ `config`); returns the
+        CompletedProcess (its output is the server's log)."""
+        import subprocess
+        conf = " ".join(f"{k}={json.dumps(v)}" for k, v in {"args": args, **config}.items())
+        app = app or os.path.dirname(os.path.abspath(__file__))
+        sim = (["--federation-config", f"num_supernodes={self.simulation} "
+                "client_resources_num_cpus=1 init_args_num_cpus=1"] if self.simulation else [])
+        return subprocess.run([self.bin["flwr"], "run", app, "local-fedmed", "--stream",
+                               "--run-config", conf, *sim], capture_output=True, text=True,
+                              env=self.env, timeout=timeout)
+
+    def log(self, key: str) -> str:
+        with open(os.path.join(self.home, f"{key}.log"), errors="replace") as f:
+            return f.read()
+
+    def stop(self) -> None:
+        import signal
+        for key in list(self.procs):
+            p = self.procs.pop(key)
+            try:
+                os.killpg(p.pid, signal.SIGTERM)
+                p.wait(10)
+            except (ProcessLookupError, OSError):
+                pass
+            except Exception:  # noqa: BLE001 - did not stop in time
+                os.killpg(p.pid, signal.SIGKILL)
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_port(port: int, timeout: float) -> None:
+    import socket
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout:g} s")
+
+
+if __name__ == "__main__":
+    print(__doc__.split("\n\n")[1])

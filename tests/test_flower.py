@@ -1,0 +1,225 @@
+"""FedMed on Flower's deployment engine (flower_app.py) against `python run.py`.
+
+A SuperLink and 3 SuperNodes run on localhost as separate processes (one client each,
+chosen by --node-config partition-id); `flwr run` submits this checkout. The runs must
+end with the same weights as run.py on the same seed, bit for bit (server weights, and
+under --bn local each node's private BN tensors), and write the same metrics.jsonl and
+summary.json but for wall-clock seconds: every node rebuilds the method from the same
+command line (same seed, same streams), trains with the same single thread, and the
+payloads travel as the bytes fedmed.transmit counts, so nothing may differ.
+
+Skipped where flwr is not installed (pip install -r requirements-flower.txt; .ci/run
+installs it)."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("flwr", reason="flwr is not installed (pip install -r "
+                    "requirements-flower.txt): the Flower deployment is not tested")
+
+import fedmed  # noqa: E402
+import flower_app  # noqa: E402
+from helpers import drop_seconds, read_json, read_jsonl  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = "--clients 3 --local-steps 2 --batch-size 8 --quiet --seed 3"
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory):
+    home = tmp_path_factory.mktemp("flower")
+    nodes = [{"partition-id": k, "state-dir": str(home / f"state{k}")} for k in range(3)]
+    d = flower_app.LocalDeployment(str(home), nodes, env={"OMP_NUM_THREADS": "1"})
+    with d:
+        yield d
+
+
+def run_py(args: str, out) -> None:
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "run.py"), *args.split(),
+                        "--out", str(out)], capture_output=True, text=True,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert p.returncode == 0, p.stderr
+
+
+def flower(deployment, args: str, out, **config):
+    p = deployment.run(f"{args} --out {out}", timeout=600, **{"node-timeout": 60, **config})
+    assert p.returncode == 0, p.stdout + p.stderr
+    return p.stdout + p.stderr
+
+
+def assert_same_run(ref, fl) -> dict:
+    """Same server weights and state (bit for bit), metrics and summary but for seconds."""
+    a = fedmed.load_checkpoint(os.path.join(ref, "checkpoint.pt"))
+    b = fedmed.load_checkpoint(os.path.join(fl, "checkpoint.pt"))
+    assert a["round"] == b["round"]
+    wa, wb = a["server"]["weights"], b["server"]["weights"]
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+    assert fedmed.state_digest(a["server"]["state"]) == fedmed.state_digest(b["server"]["state"])
+    assert a["totals"]["bytes_up"] == b["totals"]["bytes_up"]
+    assert a["totals"]["bytes_down"] == b["totals"]["bytes_down"]
+    assert drop_seconds(read_jsonl(os.path.join(ref, "metrics.jsonl"))) == \
+        drop_seconds(read_jsonl(os.path.join(fl, "metrics.jsonl")))
+    sa, sb = read_json(os.path.join(ref, "summary.json")), read_json(os.path.join(fl, "summary.json"))
+    for s in (sa, sb):                 # models that need the nodes' private tensors
+        s.pop("exported", None)        # are not exported by a Flower server
+        s.pop("client_n", None)
+    assert drop_seconds(sa) == drop_seconds(sb)
+    ca, cb = read_json(os.path.join(ref, "config.json")), read_json(os.path.join(fl, "config.json"))
+    assert fedmed.comparable_config(ca) == fedmed.comparable_config(cb)
+    assert ca["data_identity"] == cb["data_identity"]
+    return a, b
+
+
+def test_fedavg_on_three_supernodes_equals_run_py(deployment, tmp_path):
+    """fedavg, 3 rounds, 3 clients on 3 SuperNodes == python run.py: identical weights,
+    metrics (each client evaluated on its node), bytes and summary; model.pt exported."""
+    args = f"--algo fedavg --rounds 3 {SMALL}"
+    run_py(args, tmp_path / "ref")
+    log = flower(deployment, args, tmp_path / "fl")
+    assert_same_run(str(tmp_path / "ref"), str(tmp_path / "fl"))
+    for k in range(3):
+        assert f"holds client site{k}" in log
+    a = torch.load(tmp_path / "ref" / "model.pt", weights_only=True)
+    b = torch.load(tmp_path / "fl" / "model.pt", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_fedbn_stopped_and_resumed_on_flower_equals_run_py(deployment, tmp_path):
+    """--bn local (FedBN: each client's BN layers never leave its node), stopped after
+    round 2 and continued with --resume from the server checkpoint and the nodes' kept
+    states == one uninterrupted python run.py: identical global weights, identical
+    private BN tensors on every node, identical metrics."""
+    args = f"--algo fedavg --bn local --rounds 3 {SMALL}"
+    run_py(args, tmp_path / "ref")
+    out = tmp_path / "fl"
+    log = flower(deployment, args + " --stop-after 2", out)
+    assert "stopped after round 2" in log
+    assert fedmed.load_checkpoint(os.path.join(out, "checkpoint.pt"))["round"] == 2
+    flower(deployment, args + " --resume", out)
+    a, b = assert_same_run(str(tmp_path / "ref"), str(out))
+    token = b["transport"]["flower"]["token"]
+    for k, saved in enumerate(a["clients"]):
+        path = os.path.join(deployment.nodes[k]["state-dir"], token, f"site{k}.r3.pt")
+        mine = fedmed.load_checkpoint(path)["state"]["private"]
+        assert mine.keys() == saved["state"]["private"].keys() and mine
+        for key in mine:
+            assert torch.equal(mine[key], saved["state"]["private"][key]), (k, key)
+
+
+# ---------------------------------------------------------------- without processes
+# The server's and the nodes' code over a Grid that hands each message to
+# flower_app.client_app in this process (as a SuperNode does, one ClientApp call per
+# message), so that a node can be made to vanish at an exact message.
+
+class InProcessGrid:
+    """A stand-in for Flower's Grid. `vanish = (client, message type, round)`: that
+    client's node leaves the federation when that message is pushed (never answers)."""
+
+    def __init__(self, nodes: list, vanish=None):
+        from flwr.supercore.task_identity import TaskIdentity
+        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+        self.nodes = {1000 + k: conf for k, conf in enumerate(nodes)}
+        self.vanish, self.gone, self.pending, self.count = vanish, set(), {}, 0
+
+    def get_node_ids(self):
+        return [n for n in self.nodes if n not in self.gone]
+
+    def push_messages(self, messages):
+        from flwr.app import Context, RecordDict
+        ids = []
+        for m in messages:
+            self.count += 1
+            m.metadata.__dict__["_message_id"] = mid = f"m{self.count}"
+            node, rec = m.metadata.dst_node_id, m.content[flower_app.KEY]
+            if self.vanish == (rec.get("client"), m.metadata.message_type, rec["round"] + 1):
+                self.gone.add(node)
+            if node not in self.gone:
+                ctx = Context(run_id=1, node_id=node, node_config=self.nodes[node],
+                              state=RecordDict(), run_config={})
+                self.pending[mid] = flower_app.client_app(m, ctx)
+            ids.append(mid)
+        return ids
+
+    def pull_messages(self, ids):
+        return [self.pending.pop(i) for i in list(ids) if i in self.pending]
+
+
+def on_grid(grid, args: str, log: list, **config) -> int:
+    import run
+    t = flower_app.FlowerTransport(grid, {"node-timeout": 5, **config}, log=log.append)
+    return run.main(args.split(), transport=t)
+
+
+def nodes_in(tmp_path, **extra):
+    return [{"partition-id": k, "state-dir": str(tmp_path / f"state{k}"), **extra}
+            for k in range(3)]
+
+
+ARGS = "--algo fedavg --rounds 3 --clients 3 --local-steps 1 --batch-size 8 --quiet --seed 5"
+
+
+def test_a_lost_client_is_logged_and_the_round_completes_with_the_others(tmp_path):
+    """on-dropout = continue: site1's node vanishes when its round-2 update is sent; the
+    server names it in the log, rounds 2 and 3 aggregate sites 0 and 2 (no upload bytes
+    from site1) and are evaluated without it."""
+    log = []
+    out = tmp_path / "fl"
+    grid = InProcessGrid(nodes_in(tmp_path), vanish=("site1", "train", 2))
+    assert on_grid(grid, f"{ARGS} --out {out}", log) == 0
+    assert any("round 2: client site1 dropped out" in s for s in log), log
+    lines = read_jsonl(out / "metrics.jsonl")
+    assert {m["client"] for m in lines if m["round"] == 1} == {"site0", "site1", "site2", "pooled"}
+    for r in (2, 3):
+        assert {m["client"] for m in lines if m["round"] == r} == {"site0", "site2", "pooled"}
+    assert sum("site1 dropped out" in s for s in log) == 4, log   # train + evaluate, rounds 2, 3
+    one = {m["client"]: m for m in lines if m["round"] == 1}
+    two = {m["client"]: m for m in lines if m["round"] == 2}
+    assert two["pooled"]["bytes_up"] == two["site0"]["bytes_up"] + two["site2"]["bytes_up"]
+    assert two["pooled"]["bytes_down"] == 3 * one["site1"]["bytes_down"]   # it was sent
+    assert read_json(out / "summary.json")["rounds"] == 3
+
+
+def test_a_lost_client_stops_the_run_with_on_dropout_fail_and_resume_ends_as_run_py(
+        tmp_path, capsys):
+    """on-dropout = fail: site1's node vanishes during round 2; the run stops with one
+    line naming the client and --resume, round 1's checkpoint kept. The node comes back
+    (a new node id, the same state folder), --resume finishes the run, and it ends bit
+    for bit as python run.py (run in this process) on the same seed."""
+    import run
+    out = tmp_path / "fl"
+    grid = InProcessGrid(nodes_in(tmp_path), vanish=("site1", "train", 2))
+    capsys.readouterr()
+    assert on_grid(grid, f"{ARGS} --out {out}", [], **{"on-dropout": "fail"}) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "client site1" in err and "--resume" in err, err
+    assert fedmed.load_checkpoint(str(out / "checkpoint.pt"))["round"] == 1
+    assert on_grid(InProcessGrid(nodes_in(tmp_path)), f"{ARGS} --resume --out {out}", []) == 0
+    assert run.main(f"{ARGS} --out {tmp_path / 'ref'}".split()) == 0
+    assert_same_run(str(tmp_path / "ref"), str(out))
+
+
+def test_a_node_whose_data_folder_is_missing_fails_in_one_line(tmp_path, capsys):
+    """A node whose --node-config data-dir does not exist: the run fails (exit 2) with one
+    line naming the node and the folder, before any round."""
+    missing = tmp_path / "no-such-folder"
+    capsys.readouterr()
+    grid = InProcessGrid(nodes_in(tmp_path, **{"data-dir": str(missing)}))
+    assert on_grid(grid, f"{ARGS} --out {tmp_path / 'fl'}", []) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(missing) in err and "node " in err, err
+    assert not (tmp_path / "fl" / "checkpoint.pt").exists()
+
+
+def test_a_client_without_a_node_is_named(tmp_path, capsys):
+    """Only two of the three clients have a node: after node-timeout the run fails in one
+    line naming the client without one and how to start its node."""
+    capsys.readouterr()
+    grid = InProcessGrid(nodes_in(tmp_path)[:2])
+    assert on_grid(grid, f"{ARGS} --out {tmp_path / 'fl'}", [], **{"node-timeout": 1}) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "site2" in err and "--node-config" in err, err
