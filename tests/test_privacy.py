@@ -1000,3 +1000,15 @@ def test_fault_layer_runs_the_base_round_hook_and_counts_a_single_view_method(tm
 def test_the_first_flag_named_is_one_the_method_cannot_take(tmp_path, capsys, flags, message):
     rc, out = cli(tmp_path, *flags, name="bad", rounds=1)
     one_line_error(capsys, rc, message, out=out)
+
+
+def test_field_elements_are_four_32_bit_draws_masked_to_127_bits():
+    """_field_int: the big-endian concatenation of four uniform 32-bit draws, its top bit
+    dropped (a uniform 127-bit integer), redrawn when it is 0 or >= 2^127 - 1."""
+    for seed in range(5):
+        rng, ref = np.random.default_rng(seed), np.random.default_rng(seed)
+        for _ in range(3):
+            w = [int(x) for x in ref.integers(0, 2 ** 32, size=4, dtype=np.uint64)]
+            v = ((w[0] << 96) | (w[1] << 64) | (w[2] << 32) | w[3]) % (2 ** 127)
+            assert 0 < v < privacy.PRIME                   # a redraw has probability ~2^-127
+            assert privacy._field_int(rng) == v
