@@ -1012,3 +1012,12 @@ def test_field_elements_are_four_32_bit_draws_masked_to_127_bits():
             v = ((w[0] << 96) | (w[1] << 64) | (w[2] << 32) | w[3]) % (2 ** 127)
             assert 0 < v < privacy.PRIME                   # a redraw has probability ~2^-127
             assert privacy._field_int(rng) == v
+
+
+def test_an_update_under_the_clip_norm_is_not_marked_clipped(tmp_path):
+    """dp_clipped is true exactly when the factor min(1, S / ||Delta||) is below 1: with
+    S far above every norm nothing is clipped (and the flag says so on every line)."""
+    rc, out = cli(tmp_path, "--dp-clip", "1e9", "--dp-noise", "0", name="big", rounds=2)
+    assert rc == 0
+    lines = [m for m in read_jsonl(os.path.join(out, "metrics.jsonl")) if "dp_norm" in m]
+    assert lines and all(m["dp_clipped"] is False and m["dp_norm"] < 1e9 for m in lines)
