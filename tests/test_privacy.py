@@ -1021,3 +1021,18 @@ def test_an_update_under_the_clip_norm_is_not_marked_clipped(tmp_path):
     assert rc == 0
     lines = [m for m in read_jsonl(os.path.join(out, "metrics.jsonl")) if "dp_norm" in m]
     assert lines and all(m["dp_clipped"] is False and m["dp_norm"] < 1e9 for m in lines)
+
+
+def test_a_round_nobody_joins_still_releases_noise_through_the_loop(tmp_path):
+    """Seed 0, K = 3, q = 0.1: Poisson sampling draws nobody in round 1. The loop still
+    calls the layer's aggregate (aggregate_empty), which adds N(0, z^2 S^2) / (qK) to
+    w_t: two such runs differing only in z end with different weights."""
+    assert privacy.poisson_sample(0, 0, 3, 0.1) == []
+    w = {}
+    for z in ("0.5", "1"):
+        rc, out = cli(tmp_path, "--dp-clip", "1", "--dp-noise", z, "--fraction", "0.1",
+                      "--seed", "0", name=f"empty-{z}", rounds=1)
+        assert rc == 0
+        w[z] = server_weights(out)
+    floats = [k for k in w["1"] if w["1"][k].is_floating_point()]
+    assert floats and any(not torch.equal(w["0.5"][k], w["1"][k]) for k in floats)
