@@ -1036,3 +1036,19 @@ def test_a_round_nobody_joins_still_releases_noise_through_the_loop(tmp_path):
         w[z] = server_weights(out)
     floats = [k for k in w["1"] if w["1"][k].is_floating_point()]
     assert floats and any(not torch.equal(w["0.5"][k], w["1"][k]) for k in floats)
+
+
+def test_an_unmasking_message_is_one_16_byte_share_per_participant(tmp_path, monkeypatch):
+    """A Shamir share of a field element below 2^127 is 16 bytes; each answering client
+    sends one per participant of the round (the message fedmed.transmit counts)."""
+    sent = []
+    orig = fedmed.transmit
+
+    def record(payload):
+        if isinstance(payload, dict) and isinstance(payload.get("shares"), torch.Tensor):
+            sent.append(tuple(payload["shares"].shape))
+        return orig(payload)
+    monkeypatch.setattr(fedmed, "transmit", record)
+    rc, _ = cli(tmp_path, "--clients", "4", "--secagg", name="shares", rounds=1)
+    assert rc == 0
+    assert sent == [(4, 16)] * 4
