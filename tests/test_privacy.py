@@ -1052,3 +1052,21 @@ def test_an_unmasking_message_is_one_16_byte_share_per_participant(tmp_path, mon
     rc, _ = cli(tmp_path, "--clients", "4", "--secagg", name="shares", rounds=1)
     assert rc == 0
     assert sent == [(4, 16)] * 4
+
+
+def test_shamir_shares_are_f_at_1_to_n_and_the_guards_take_the_edges():
+    """Shamir (1979): share i is (i, f(i)), i = 1..n, f(x) = secret + sum_j a_j x^j over
+    GF(2^127 - 1) with a_j the stream's next field elements; secrets 0 and PRIME - 1 and
+    t = 1 or n are valid, PRIME, -1, t = 0 and t = n + 1 are not."""
+    rng, ref = np.random.default_rng(7), np.random.default_rng(7)
+    shares = privacy.shamir_share(12345, 3, 5, rng)
+    a = [privacy._field_int(ref) for _ in range(2)]
+    P = privacy.PRIME
+    assert shares == [(x, (12345 + a[0] * x + a[1] * x * x) % P) for x in range(1, 6)]
+    for secret in (0, P - 1):
+        assert privacy.shamir_reconstruct(privacy.shamir_share(secret, 2, 3, rng)[:2]) == secret
+    assert privacy.shamir_share(9, 1, 3, rng) == [(1, 9), (2, 9), (3, 9)]
+    assert len(privacy.shamir_share(9, 3, 3, rng)) == 3
+    for secret, t, n in ((P, 2, 3), (-1, 2, 3), (9, 0, 3), (9, 4, 3)):
+        with pytest.raises(ValueError):
+            privacy.shamir_share(secret, t, n, rng)
