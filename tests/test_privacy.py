@@ -1070,3 +1070,21 @@ def test_shamir_shares_are_f_at_1_to_n_and_the_guards_take_the_edges():
     for secret, t, n in ((P, 2, 3), (-1, 2, 3), (9, 0, 3), (9, 4, 3)):
         with pytest.raises(ValueError):
             privacy.shamir_share(secret, t, n, rng)
+
+
+def test_prg_settings_defaults_and_round_guard():
+    """PRG(seed): SHA-256 of the seed's 32 little-endian bytes keys numpy's Philox (its
+    first 16 bytes as two uint64 words), d draws in [0, M); the defaults are Flower's
+    (Q = 2^22 levels, range c = 8, M = 2^32); a round's threshold lies in 1..n."""
+    import hashlib
+    seed = 2 ** 100 + 12345
+    key = np.frombuffer(hashlib.sha256(seed.to_bytes(32, "little")).digest()[:16], dtype=np.uint64)
+    ref = np.random.Generator(np.random.Philox(key=key)).integers(0, 2 ** 32, size=7, dtype=np.uint64)
+    assert np.array_equal(privacy.prg(seed, 7, 2 ** 32), ref)
+    sa = privacy.SecAggSettings()
+    assert (sa.levels, sa.clip_range, sa.modulus) == (2 ** 22, 8.0, 2 ** 32)
+    privacy.SecAggRound(0, 0, [0, 1, 2], 1, 2 ** 32, 2)
+    privacy.SecAggRound(0, 0, [0, 1, 2], 3, 2 ** 32, 2)
+    for t in (0, 4):
+        with pytest.raises(ValueError, match="threshold"):
+            privacy.SecAggRound(0, 0, [0, 1, 2], t, 2 ** 32, 2)
