@@ -526,6 +526,12 @@ def client_lines(lines: list) -> list:
     return [m for m in lines if m.get("client") != "pooled" and m.get("view") == view]
 
 
+def dropout_draws(seed: int, t: int, k: int) -> np.ndarray:
+    """Two uniforms of the stream (seed, "dropout", t, k): client k fails in round t when
+    the first is below p; the second chooses before / after uploading (PrivacyLayer)."""
+    return fedmed.np_rng(seed, "dropout", t, k).random(2)
+
+
 def check_attackers(faults: FaultSettings, clients: list) -> None:
     names = [c.name for c in clients]
     for a in faults.attackers:
@@ -622,7 +628,7 @@ class PrivacyLayer(fedmed.Wrapper):
     def _fails(self, client) -> str | None:
         if not self.dropout:
             return None
-        u = fedmed.np_rng(self.cfg.seed, "dropout", self.round, client.id).random(2)
+        u = dropout_draws(self.cfg.seed, self.round, client.id)
         if u[0] >= self.dropout:
             return None
         return "before_upload" if u[1] < 0.5 else "after_upload"
@@ -873,7 +879,7 @@ class FaultLayer(fedmed.Wrapper):
 
     def local_update(self, client, payload):
         p = self.faults.dropout
-        if p and fedmed.np_rng(self.cfg.seed, "dropout", self.round, client.id).random() < p:
+        if p and dropout_draws(self.cfg.seed, self.round, client.id)[0] < p:
             self._lines.setdefault(client.id, {})["dropout"] = "before_upload"
             return {}
         up = self.base.local_update(client, payload)
@@ -902,25 +908,26 @@ class FaultLayer(fedmed.Wrapper):
         return out
 
 
-def _has_float(obj) -> bool:
+def _map_floats(obj, fn):
+    """obj with fn applied to every floating tensor (dicts, lists and tuples walked)."""
     if isinstance(obj, torch.Tensor):
-        return obj.is_floating_point()
+        return fn(obj) if obj.is_floating_point() else obj
     if isinstance(obj, dict):
-        return any(_has_float(v) for v in obj.values())
+        return {k: _map_floats(v, fn) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return any(_has_float(v) for v in obj)
-    return False
+        return type(obj)(_map_floats(v, fn) for v in obj)
+    return obj
+
+
+def _has_float(obj) -> bool:
+    found = []
+    _map_floats(obj, found.append)
+    return bool(found)
 
 
 def _times_nan(obj):
-    """obj with every floating tensor replaced by NaN (dicts and lists walked)."""
-    if isinstance(obj, torch.Tensor):
-        return torch.full_like(obj, math.nan) if obj.is_floating_point() else obj
-    if isinstance(obj, dict):
-        return {k: _times_nan(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_times_nan(v) for v in obj)
-    return obj
+    """obj with every floating tensor replaced by NaN."""
+    return _map_floats(obj, lambda x: torch.full_like(x, math.nan))
 
 
 def check_faults_only(cls, ns, given: set) -> None:
@@ -937,8 +944,9 @@ def check_faults_only(cls, ns, given: set) -> None:
     if ns.attack == "nan" and getattr(cls, "coded_upload", False):
         raise UsageError(f"--attack nan does not apply to --algo {name}: its upload is coded "
                          "bytes, so no NaN can be injected; use --dropout-prob, or drop --attack")
-    other = ["--" + f.replace("_", "-") for f in FLAGS + SECAGG_FLAGS + (
-        "aggregator", "trim_fraction", "krum_f", "reject_factor", "attack_scale") if f in given]
+    allowed = ("dropout_prob", "attack", "attackers")      # what FaultLayer simulates
+    other = ["--" + f.replace("_", "-") for f in FLAGS + SECAGG_FLAGS + FAULT_FLAGS
+             if f in given and f not in allowed]
     if ns.attack not in (None, "nan"):
         other.insert(0, f"--attack {ns.attack}")
     if other:

@@ -235,7 +235,7 @@ def soft_ce(logits: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None) 
     return -(y * logp * w).sum() / len(logits)
 
 
-def _cycle(pool: np.ndarray, size: int, gen: torch.Generator):
+def cycle(pool: np.ndarray, size: int, gen: torch.Generator):
     """Endless batches of `size` from concatenated random permutations of `pool`."""
     buf = torch.zeros(0, dtype=torch.long)
     pool = torch.as_tensor(pool, dtype=torch.long)
@@ -365,8 +365,8 @@ class FedLSM(Algorithm):
         opt = self.make_optimizer(client)
         dev = self.device
         with seeded(cfg.seed, "local", self.round, client.id):
-            it_p = _cycle(P, B_P, gen)
-            it_u, it_c = (_cycle(U, a.batch_u, gen), _cycle(Cf, a.batch_u, gen)) if mix else (None, None)
+            it_p = cycle(P, B_P, gen)
+            it_u, it_c = (cycle(U, a.batch_u, gen), cycle(Cf, a.batch_u, gen)) if mix else (None, None)
             for _ in range(steps):                                    # (3)
                 iP = next(it_p)
                 # self.batch also gathers fed.y: discarded, the targets come from Y only

@@ -100,7 +100,7 @@ from torch import nn
 
 from fedmed import (IMAGENET_MEAN, IMAGENET_STD, Algorithm, Diverged, UsageError, register,
                     seeded, torch_rng, weighted_average)
-from algorithms.fedlsm import ema_update  # (EMA), the project's one teacher EMA
+from algorithms.fedlsm import cycle, ema_update  # FedLSM's batch cycle and (EMA)
 
 
 def _h(text: str) -> dict:
@@ -237,17 +237,6 @@ def strong(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 def normalise(x: torch.Tensor) -> torch.Tensor:
     return (x - IMAGENET_MEAN) / IMAGENET_STD
-
-
-def cycle(pool: np.ndarray, size: int, gen: torch.Generator):
-    """Endless batches of `size` from concatenated random permutations of `pool`."""
-    buf = torch.zeros(0, dtype=torch.long)
-    pool = torch.as_tensor(pool, dtype=torch.long)
-    while True:
-        while len(buf) < size:
-            buf = torch.cat([buf, pool[torch.randperm(len(pool), generator=gen)]])
-        yield buf[:size]
-        buf = buf[size:]
 
 
 class Perturbed:

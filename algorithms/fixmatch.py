@@ -28,7 +28,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from algorithms.fgasl import cycle, flips, normalise, strong
+from algorithms.fedlsm import cycle
+from algorithms.fgasl import flips, normalise, strong
 from fedmed import Algorithm, Diverged, UsageError, register, seeded, torch_rng
 
 
