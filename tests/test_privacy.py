@@ -1088,3 +1088,10 @@ def test_prg_settings_defaults_and_round_guard():
     for t in (0, 4):
         with pytest.raises(ValueError, match="threshold"):
             privacy.SecAggRound(0, 0, [0, 1, 2], t, 2 ** 32, 2)
+
+
+def test_client_lines_keep_the_first_view_without_pooled():
+    lines = [{"client": "a", "view": "x"}, {"client": "a", "view": "y"},
+             {"client": "pooled", "view": "x"}, {"client": "b", "view": "x"}]
+    assert privacy.client_lines(lines) == [lines[0], lines[3]]
+    assert privacy.client_lines([]) == []
