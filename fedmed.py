@@ -364,6 +364,10 @@ class Algorithm:
     primary_view = "global"           # name of the evaluated model in metrics.jsonl
     quiet = False                     # no progress bar (run.py --quiet); set by the loop
     adam_betas = (0.9, 0.999)         # --optimizer adam: torch's; a paper's recipe may differ
+    crosses_sites = ""                # where the method reads a client's images or labels
+                                      # outside that client's own local_update / predict
+                                      # ("": nowhere); a Flower run, where each client's
+                                      # data stay on its node, refuses it with this reason
 
     def __init__(self, cfg: Config, args, fed):
         self._bind(cfg, args, fed)

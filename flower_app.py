@@ -35,7 +35,8 @@ Deviations from `python run.py`: the server, like every node, builds the federat
 the data flags (to know the clients, their sizes and the split it records in
 config.json; with --dataset synthetic every party regenerates it from the seed), so a
 site without images cannot act as server yet; --seeds, --leave-one-out, protocols that run
-the loop several times (fcu), --holdout-client and the privacy layer are refused;
+the loop several times (fcu), the privacy layer, and methods that read a client's data
+outside its own node (`crosses_sites`: pooled, FACMIC, FedAL) are refused;
 models that need every client's private tensors (model-CLIENT.pt, and model.pt under
 --bn local) are not exported by the server.
 """
@@ -141,12 +142,15 @@ class FlowerTransport(fedmed.InProcess):
         for bad, what in ((ns.seeds is not None, "--seeds"),
                           (ns.leave_one_out is not None, "--leave-one-out"),
                           (hasattr(cls, "protocol"), f"--algo {ns.algo} (several runs of the loop)"),
-                          (bool(ns.holdout_client), "--holdout-client"),
                           (ns.layer is not None, "the privacy and fault layer (--dp-*, "
                            "--secagg, --dropout-prob, --aggregator, --attack)")):
             if bad:
                 raise fedmed.UsageError(f"{what} does not run on Flower yet; run it with "
                                         "python run.py")
+        if cls.crosses_sites:
+            raise fedmed.UsageError(f"--algo {ns.algo} does not run on Flower: {cls.crosses_sites}, "
+                                    "while each site's data stay on its node; run it with "
+                                    "python run.py")
 
     def bind(self, algo, cfg, clients, holdout, rec, out, resume) -> None:
         super().bind(algo, cfg, clients, holdout, rec, out, resume)
@@ -154,8 +158,9 @@ class FlowerTransport(fedmed.InProcess):
         self.identity = rec["data_identity"]
         self.token = uuid.uuid4().hex                   # names the nodes' state files; a
                                                         # --resume reads it from the checkpoint
-        self.state_round = {c.name: 0 for c in clients}
-        self.clients = clients
+        self.state_round = {c.name: 0 for c in clients + holdout}
+        self.clients = clients + holdout          # every one on a node (a held-out client's
+                                                  # node only evaluates)
         self._discover()
 
     def checkpoint(self) -> dict:
@@ -283,10 +288,10 @@ class FlowerTransport(fedmed.InProcess):
                                       client=c.name, state_round=self.state_round[c.name],
                                       up=int(up_bytes.get(c.id, 0)),
                                       down=int(down_bytes.get(c.id, 0)))
-                for c in clients}
+                for c in clients + holdout}
         replies, lost = self._exchange(sent, self.round_timeout)
         lines, ys, probs = [], {}, {}
-        for c in clients:
+        for c in clients + holdout:
             if c.name in lost:
                 self._lost(t, c.name, lost[c.name] + "; not evaluated this round")
                 continue
@@ -357,8 +362,9 @@ def _built(argv_json: str, data_dir: str | None):
         ns.quiet = True
         cfg, cls, args, _ = cli.configure(ns, given)
         fed = cli.load_federation(ns, cfg, cls, args)
-        algo, cfg, clients, _, _ = fedmed.build(cfg, args, fed, ns.layer, quiet=True)
-        _BUILT[key] = (algo, clients, fed, [copy.deepcopy(c.state) for c in clients])
+        algo, cfg, clients, holdout, _ = fedmed.build(cfg, args, fed, ns.layer, quiet=True)
+        everyone = clients + holdout
+        _BUILT[key] = (algo, everyone, fed, {c.name: copy.deepcopy(c.state) for c in everyone})
     return _BUILT[key]
 
 
@@ -391,7 +397,7 @@ class _Node:
             raise fedmed.UsageError(f"{self.who}: the federation has no such client (its "
                                     f"clients: {', '.join(c.name for c in clients)})")
         self.client = mine[0]
-        self.setup_state = setup[self.client.id]
+        self.setup_state = setup[self.client.name]
         folder = os.path.join(_state_dir(context), str(rec["token"]))
         self.folder, self.stem = folder, fedmed._file_stem(self.client.name)
 

@@ -109,6 +109,8 @@ class Args(ClipArgs):
 @register("facmic")
 class FACMIC(FedCLIP):
     Args = Args
+    crosses_sites = ("every client trains on the images of the target (held-out) client "
+                     "(transductive domain adaptation)")
     recipe = {"rounds": 50, "local_epochs": 1, "batch_size": 32, "lr": 5e-5,
               "optimizer": "adam", "weight_decay": 0.02, "keep_optimizer": True}
 

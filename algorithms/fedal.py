@@ -281,6 +281,8 @@ def parse_base_args(Base, text: str):
 @register("fedal")
 class FedAL(Wrapper):
     Args = Args
+    crosses_sites = ("its acquisition step, in the server's begin_round, scores each "
+                     "client's unlabelled pool and reveals the labels chosen")
 
     def __init__(self, cfg: Config, args: Args, fed):
         a = args

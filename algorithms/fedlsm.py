@@ -330,6 +330,9 @@ class FedLSM(Algorithm):
                 server.state["bytes_up_once"] += nbytes
             server.state["pos_weight"] = torch.where(pos > 0, neg / pos.clamp(min=1),
                                                      torch.ones(len(pos))).float()
+        self.pos_weight = server.state.get("pos_weight")     # sent to every client once,
+                                                             # here (None: single-label or
+                                                             # --class-weights none)
 
     def local_update(self, client, payload):
         up = super().local_update(client, payload)
@@ -434,10 +437,6 @@ class FedLSM(Algorithm):
         y_u, m_u, _ = pseudo_single(Yu, tU, a.tau_u, L)
         y_c, m_c, _ = pseudo_single(Yc, tC, a.tau_p, L)
         return y_u, m_u, y_c, m_c
-
-    def broadcast(self, server, client):
-        self.pos_weight = server.state.get("pos_weight")             # sent once, in setup
-        return super().broadcast(server, client)
 
     def aggregate(self, server, uploads):
         """(AGG-f) n_k-weighted mean of every tensor, then (AGG-c) each classifier row c

@@ -66,7 +66,11 @@ Deviations:
    takes part (the downlink of those rounds is sent and counted then, the loop counts a
    downlink at the start of a round), and a client's first contact receives the current
    S-bar dense (it cannot know the initialisation otherwise). Its student is then bit for
-   bit the server's S-bar, as if it had applied each broadcast when sent.
+   bit the server's S-bar, as if it had applied each broadcast when sent. What each
+   client holds is the server's own record (server.state["synced"]: the round of the
+   client's last received upload), never read from the client's state, so the server
+   side runs without the clients' states (a Flower server, flower_app.py); the queue
+   keeps the broadcasts from the oldest such round on.
  * a factorisation that is not smaller than its matrix (r (m + n + 1) >= m n) is sent as
    the dense dW (exact) [ours]: with T = 1 this is FedKD without SVD exactly, never more
    bytes than the dense update.
@@ -277,7 +281,7 @@ class FedMIC(Algorithm):
     # -- state ------------------------------------------------------------------------
     def setup(self, server, clients):
         super().setup(server, clients)
-        server.state.update(queue=[], ranks_down={}, residual={})
+        server.state.update(queue=[], ranks_down={}, residual={}, synced={})
         for c in clients:
             c.state["teacher"] = {k: v.clone() for k, v in self.teacher_init.items()}
             c.state["adapter"] = {k: v.clone() for k, v in self.adapter_init.items()}
@@ -286,10 +290,10 @@ class FedMIC(Algorithm):
     def broadcast(self, server, client):
         """(C1): the current S-bar dense at a first contact, else every broadcast update
         the client has not applied yet, in order."""
-        if "student" not in client.state:
-            return {"student": {k: server.weights[k] for k in self.sync_keys},
+        v = server.state["synced"].get(client.id)      # the server's own record, never
+        if v is None:                                   # the client's state (a Flower node
+            return {"student": {k: server.weights[k] for k in self.sync_keys},   # keeps it)
                     "version": self.round}
-        v = client.state["version"]
         return {"updates": [b["update"] for b in server.state["queue"] if b["round"] >= v]}
 
     def local_update(self, client, payload):
@@ -342,7 +346,9 @@ class FedMIC(Algorithm):
             if self.args.error_feedback:
                 server.state["residual"][k] = dW - reconstruct(update[k], dW)
         apply_update(server.weights, update)                       # (BCAST) the server's S-bar
-        oldest = min(c.state["version"] for c in self.clients if "version" in c.state)
+        for k in uploads:                       # an upload means the client applied the
+            server.state["synced"][k] = self.round  # broadcast: it holds S-bar of this round
+        oldest = min(server.state["synced"].values())
         server.state["queue"] = [b for b in server.state["queue"] if b["round"] >= oldest]
         server.state["queue"].append({"round": self.round, "update": update})
         server.state["ranks_down"] = {"round": self.round, "ranks": ranks}

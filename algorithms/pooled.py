@@ -17,6 +17,7 @@ class Pooled(Algorithm):
     Args = None
     primary_view = "centralised"
     faults_apply = False              # one centralised model: no site sends anything
+    crosses_sites = "it trains one model on the union of every client's training images"
     pooled_kinds = {"centralised": "one model trained on the union of the clients' training "
                                    "sets, on every client's test set, joined"}
 

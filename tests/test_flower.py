@@ -223,3 +223,91 @@ def test_a_client_without_a_node_is_named(tmp_path, capsys):
     assert on_grid(grid, f"{ARGS} --out {tmp_path / 'fl'}", [], **{"node-timeout": 1}) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "site2" in err and "--node-config" in err, err
+
+
+# ---------------------------------------------------------------- every method on Flower
+# Each registered method through the Flower transport (the Grid stand-in above: the
+# server's code and the nodes' code, every message a ClientApp call) against run.py in
+# this process, bit for bit. A method whose server-side code read a client's state, or
+# kept on `self` in `broadcast` what its `local_update` needs, fails here: on Flower the
+# server never holds the clients' states and a node never runs `broadcast`.
+
+TINY_CLIP = {"embed_dim": 32,
+             "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8,
+                            "head_width": 32},
+             "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2,
+                          "layers": 2}}
+EVERY = "--clients 3 --local-steps 1 --batch-size 8 --quiet --seed 5 --rounds 2 --image-size 16"
+CLIP = "--clip-model {tiny} --pretrained none --feature-cache {cache}"
+ON_FLOWER = {
+    "fedavg": "", "fedprox": "", "local": "", "fedbn": "--algo fedavg --bn local",
+    "clip_zeroshot": CLIP, "clip_linear": CLIP, "fedclip": CLIP,
+    "fedmedclip": CLIP + " --mask-compat code",
+    "clip_svm": CLIP + " --image-tower mobilenet_v2 --svm --clients 4 --holdout-client site1",
+    "fedlsm": "--dataset synthetic-multilabel --n-u 8 --n-c 20",
+    "fedmic": "", "fgasl": "--unlabeled-fraction 0.6 --clients 4 --holdout-client site3",
+    "fixmatch": "--unlabeled-fraction 0.6", "meanteacher": "--unlabeled-fraction 0.6",
+}
+NOT_ON_FLOWER = {"pooled": "", "facmic": CLIP + " --clients 4 --holdout-client site3",
+                 "fedal": "", "fcu": "--forget-client site0"}
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory):
+    from helpers import register_clip_config
+    return (register_clip_config(tmp_path_factory, "fedmed-tiny-flower", TINY_CLIP),
+            str(tmp_path_factory.mktemp("features")))
+
+
+def command(name: str, extra: str, tiny_clip) -> str:
+    extra = extra.format(tiny=tiny_clip[0], cache=tiny_clip[1])
+    algo = "" if "--algo" in extra else f" --algo {name}"
+    return f"{EVERY} {extra}{algo}"
+
+
+def test_every_registered_method_is_either_checked_on_flower_or_refused():
+    """A method added later must be put in one of the two lists (and so be checked)."""
+    import algorithms
+    algorithms.load_all()
+    named = set(ON_FLOWER) - {"fedbn"} | set(NOT_ON_FLOWER)
+    assert named == set(fedmed.ALGORITHMS)
+    for name in NOT_ON_FLOWER:
+        cls = fedmed.ALGORITHMS[name]
+        assert cls.crosses_sites or hasattr(cls, "protocol"), name
+    for name in set(ON_FLOWER) - {"fedbn"}:
+        assert not fedmed.ALGORITHMS[name].crosses_sites, name
+
+
+@pytest.mark.parametrize("name", sorted(ON_FLOWER))
+def test_every_method_on_flower_ends_as_run_py(tmp_path, tiny_clip, name):
+    """2 rounds on the Flower transport (one node per client, held-out clients on nodes
+    of their own that only evaluate) == python run.py on the same seed: same server
+    weights and state, bytes, metrics.jsonl and summary.json but for seconds."""
+    import run
+    args = command(name, ON_FLOWER[name], tiny_clip)
+    n = int(args.split("--clients")[-1].split()[0])
+    nodes = [{"partition-id": k, "state-dir": str(tmp_path / f"state{k}")} for k in range(n)]
+    assert run.main(f"{args} --out {tmp_path / 'ref'}".split()) == 0
+    log: list = []
+    assert on_grid(InProcessGrid(nodes), f"{args} --out {tmp_path / 'fl'}", log) == 0, log
+    assert_same_run(str(tmp_path / "ref"), str(tmp_path / "fl"))
+    if "--holdout-client" in args:
+        held = args.split("--holdout-client")[-1].split()[0]
+        assert any(f"holds client {held}" in s for s in log), log
+        lines = read_jsonl(tmp_path / "fl" / "metrics.jsonl")
+        assert {m["round"] for m in lines if m["client"] == held and m["holdout"]} == {1, 2}
+
+
+@pytest.mark.parametrize("name", sorted(NOT_ON_FLOWER))
+def test_methods_that_read_a_client_s_data_elsewhere_are_refused_on_flower(
+        tmp_path, tiny_clip, capsys, name):
+    """pooled, FACMIC (every client trains on the target's images), FedAL (acquisition
+    in the server's hook) and fcu (several runs of the loop): one line naming the method,
+    exit 2, before any node is asked (a Grid without nodes)."""
+    args = command(name, NOT_ON_FLOWER[name], tiny_clip)
+    capsys.readouterr()
+    out = tmp_path / "fl"
+    assert on_grid(InProcessGrid([]), f"{args} --out {out}", []) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"--algo {name}" in err and "python run.py" in err, err
+    assert not out.exists() or not (out / "checkpoint.pt").exists()
