@@ -522,14 +522,18 @@ def onehot_labels(rows: list, path: Path, classes: list, never: tuple = ()) -> n
     return y
 
 
-def stat_files(root: Path, files: list, named_in) -> list:
+def stat_files(root: Path, files: list, named_in, missing_ok: bool = False) -> list:
     """(bytes, mtime_ns) of every file; a UsageError naming the first missing one and
-    where it was named (`named_in(i)`)."""
+    where it was named (`named_in(i)`). `missing_ok`: (-1, -1) for a missing file (a
+    site's folder on a Flower node holds only that site's images; see `load`)."""
     out = []
     for i, f in enumerate(files):
         try:
             st = os.stat(root / f)
         except OSError:
+            if missing_ok:
+                out.append((-1, -1))
+                continue
             raise UsageError(f"{root / f}: image not found (named in {named_in(i)}); "
                              "restore the file or delete that row")
         out.append((st.st_size, st.st_mtime_ns))
@@ -583,9 +587,10 @@ def fed_isic2019_centre(lesion_id: str, ham_source) -> str | None:
     return centre
 
 
-def catalog_isic2019(root: Path) -> Catalog:
+def catalog_isic2019(root: Path, missing_ok: bool = False) -> Catalog:
     """ISIC 2019 training set, official layout, with the Fed-ISIC2019 centre of each
-    image (`fed_isic2019_centre`; -1 where it has no lesion_id)."""
+    image (`fed_isic2019_centre`; -1 where it has no lesion_id). `missing_ok`: images the
+    CSVs name may be absent (a site that holds only its own images)."""
     gt_path = root / "ISIC_2019_Training_GroundTruth.csv"
     md_path = root / "ISIC_2019_Training_Metadata.csv"
     ham_path = root / "HAM10000_metadata.csv"
@@ -625,7 +630,7 @@ def catalog_isic2019(root: Path) -> Catalog:
             site[i] = ISIC2019_CENTRES.index(centre)
         groups.append(lesion[name] or name)          # no lesion id: the image is its own
     files = [f"ISIC_2019_Training_Input/{r['image']}.jpg" for r in gt]
-    stats = stat_files(root, files, lambda i: f"row {gt[i]['_line']} of {gt_path}")
+    stats = stat_files(root, files, lambda i: f"row {gt[i]['_line']} of {gt_path}", missing_ok)
     present = [ISIC2019_CENTRES[s] for s in sorted(set(site[site >= 0].tolist()))]
     absent = [c for c in ISIC2019_CENTRES if c not in present]
     notes = [f"{len(gt):,} images; {int((site < 0).sum()):,} have no lesion_id, so no "
@@ -1003,6 +1008,9 @@ def catalog_medmnist(path: Path) -> Catalog:
 CATALOGS = {"isic2019": catalog_isic2019, "ham10000": catalog_ham10000,
             "isic2018": catalog_isic2018, "imagefolder": catalog_imagefolder,
             "medmnist": catalog_medmnist}
+# Datasets whose catalog a site can read from the CSVs while holding only its own images
+# (the files are named by the CSVs, not found by a listing): a Flower node's data folder.
+PARTIAL_SITES = {"isic2019"}
 
 
 # ---------------------------------------------------------------- images and their cache
@@ -1388,10 +1396,19 @@ def build(cat: Catalog, ns: argparse.Namespace, seed: int, log=None) -> Federati
     used = np.unique(np.concatenate([np.concatenate([c.train, c.test, c.unlabeled])
                                      for c in members]).astype(np.int64))
     size = ns.image_size = ns.image_size or cat.default_size
-    check_memory(len(used) * 3 * size * size, size, f"{len(used):,} images",
-                 " or --max-images-per-client")
+    only = pixels_of(members, getattr(ns, "decode_only", None))
+    if only is not None and not len(only):            # a Flower server: no pixels at all
+        x, where = np.zeros((0, 3, size, size), np.uint8), {"decoded": 0}
+    else:
+        check_memory(len(used) * 3 * size * size, size, f"{len(used):,} images",
+                     " or --max-images-per-client")
     t0 = time.perf_counter()
-    x, where = load_images(cat, used, size, ns.color_constancy, cache_dir(ns), log=log)
+    if only is None:
+        x, where = load_images(cat, used, size, ns.color_constancy, cache_dir(ns), log=log)
+    elif len(only):                                   # a Flower node: its own client's
+        x = np.zeros((len(used), 3, size, size), np.uint8)
+        mine, where = load_images(cat, only, size, ns.color_constancy, cache_dir(ns), log=log)
+        x[np.searchsorted(used, only)] = mine
     for c in members:
         for f in ("train", "test", "unlabeled"):
             setattr(c, f, np.searchsorted(used, getattr(c, f)).astype(np.int64))
@@ -1647,6 +1664,36 @@ def check_memory(nbytes: int, size: int, what: str, hint: str = "") -> None:
                          f"lower --image-size{hint}")
 
 
+def pixels_of(members: list, decode_only) -> np.ndarray | None:
+    """The image rows whose pixels a party reads: None = every member's (an ordinary
+    run); else the rows of the members named in `decode_only` (client names, or indices
+    into clients + held-out clients, as a Flower node's partition-id), sorted. Empty: no
+    pixels at all (a Flower server: it never reads an image)."""
+    if decode_only is None:
+        return None
+    mine = [c for k, c in enumerate(members) if c.name in decode_only or k in decode_only]
+    if not mine:
+        return np.zeros(0, np.int64)
+    return np.unique(np.concatenate([np.concatenate([c.train, c.test, c.unlabeled])
+                                     for c in mine]).astype(np.int64))
+
+
+def keep_pixels(fed: Federation, decode_only) -> Federation:
+    """`fed` with the pixels a party may read (see `pixels_of`; the rows of other
+    clients zeroed, or none at all): for data generated in full (the synthetic sets),
+    so that a Flower node reads its own client's images only, as with real data."""
+    only = pixels_of(fed.clients + fed.holdout, decode_only)
+    if only is None:
+        return fed
+    if not len(only):
+        fed.x = fed.x[:0].clone()
+        return fed
+    keep = torch.zeros(len(fed.x), dtype=torch.bool)
+    keep[torch.as_tensor(only)] = True
+    fed.x = torch.where(keep.view(-1, *[1] * (fed.x.dim() - 1)), fed.x, torch.zeros((), dtype=fed.x.dtype))
+    return fed
+
+
 def load_catalog(ns: argparse.Namespace) -> Catalog:
     """The catalog of --dataset at --data-dir, with a one-line error for a bad path."""
     if not ns.data_dir:
@@ -1662,6 +1709,8 @@ def load_catalog(ns: argparse.Namespace) -> Catalog:
     if root.is_file() and ns.dataset != "medmnist":
         raise UsageError(f"--data-dir {ns.data_dir} is a file; give the folder of the "
                          f"{ns.dataset} download")
+    if getattr(ns, "decode_only", None) is not None and ns.dataset in PARTIAL_SITES:
+        return CATALOGS[ns.dataset](root.resolve(), missing_ok=True)
     return CATALOGS[ns.dataset](root.resolve())
 
 
@@ -1700,7 +1749,7 @@ def load(args: argparse.Namespace, seed: int, check=None) -> Federation:
         fed.info["notes"] = notes
         if check is not None:
             check(fed.classes, True)
-        return fed
+        return keep_pixels(fed, getattr(args, "decode_only", None))
     if args.dataset == "synthetic":
         if args.partition not in (None, "natural"):
             raise UsageError("--partition: the synthetic dataset has natural sites only; "
@@ -1720,7 +1769,7 @@ def load(args: argparse.Namespace, seed: int, check=None) -> Federation:
             fed.info["notes"] = notes
         if check is not None:
             check(fed.classes, False)
-        return fed
+        return keep_pixels(fed, getattr(args, "decode_only", None))
     quiet = getattr(args, "quiet", False)
     log = None if quiet else (lambda s: print(s, file=sys.stderr, flush=True))
     cat = load_catalog(args)

@@ -147,6 +147,7 @@ class FlowerTransport(fedmed.InProcess):
             if bad:
                 raise fedmed.UsageError(f"{what} does not run on Flower yet; run it with "
                                         "python run.py")
+        ns.decode_only = ()                     # the server reads no image (datasets.pixels_of)
         if cls.crosses_sites:
             raise fedmed.UsageError(f"--algo {ns.algo} does not run on Flower: {cls.crosses_sites}, "
                                     "while each site's data stay on its node; run it with "
@@ -346,12 +347,15 @@ def _state_dir(context: Context) -> str:
 _BUILT: dict = {}                      # one built run per process (see _built)
 
 
-def _built(argv_json: str, data_dir: str | None):
+def _built(argv_json: str, data_dir: str | None, mine):
     """(algo, client records, federation, each client's state after setup) of the run
-    whose command line is `argv_json`, with this node's data folder. A deployment starts
+    whose command line is `argv_json`, with this node's data folder, where only the
+    images of this node's client (`mine`: its name or its index in clients + held-out
+    clients) are read: other clients' pixels are zeros (datasets.pixels_of), and with
+    --dataset isic2019 the folder may hold this site's images only. A deployment starts
     a process per message, so this is built once per message there; the simulation
     runtime keeps its ClientApp processes, which then build it once, like run.py."""
-    key = (argv_json, data_dir)
+    key = (argv_json, data_dir, mine)
     if key not in _BUILT:
         _BUILT.clear()
         argv = json.loads(argv_json)
@@ -359,7 +363,7 @@ def _built(argv_json: str, data_dir: str | None):
         given = cli.given_flags(cli.build_parser(), argv)
         if data_dir is not None and ns.dataset not in ("synthetic", "synthetic-multilabel"):
             ns.data_dir = data_dir
-        ns.quiet = True
+        ns.quiet, ns.decode_only = True, (mine,)
         cfg, cls, args, _ = cli.configure(ns, given)
         fed = cli.load_federation(ns, cfg, cls, args)
         algo, cfg, clients, holdout, _ = fedmed.build(cfg, args, fed, ns.layer, quiet=True)
@@ -387,7 +391,8 @@ class _Node:
             if not os.path.isdir(data_dir):
                 raise fedmed.UsageError(f"{self.who}: its data folder {data_dir} does not exist; "
                                         "fix data-dir in its --node-config")
-        self.algo, clients, self.fed, setup = _built(rec["argv"], data_dir)
+        mine = str(conf["client"]) if "client" in conf else int(conf["partition-id"])
+        self.algo, clients, self.fed, setup = _built(rec["argv"], data_dir, mine)
         if "client" in conf:
             mine = [c for c in clients if c.name == str(conf["client"])]
         else:

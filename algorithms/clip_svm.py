@@ -417,6 +417,9 @@ class ClipSVM(Algorithm):
     Args = Args
     losses = LOSSES                   # the --loss values this method trains with (run.py)
     takes_weights = True              # --weights: the image tower's (run.py)
+    crosses_sites = ("its end-of-run summary (the paper's metrics and the federated "
+                     "SVM / KNN) fits and scores every client's features in the server's "
+                     "process (summary_extra), not on each client")
     recipe = {"optimizer": "adam", "lr": 1e-3, "weight_decay": 0.01, "batch_size": 32,
               "rounds": 50, "local_epochs": 1, "loss": "contrastive", "class_weights": "none"}
 

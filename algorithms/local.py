@@ -17,6 +17,8 @@ from fedmed import Algorithm, register
 class Local(Algorithm):
     Args = None
     primary_view = "local"
+    crosses_sites = ("in the last round every client's model is evaluated on every other "
+                     "client's test set (views model:NAME)")
     pooled_kinds = {"local": "each client's own model on its own test set, joined (no single "
                              "model)"}
 

@@ -50,7 +50,7 @@ def flower(deployment, args: str, out, **config):
     return p.stdout + p.stderr
 
 
-def assert_same_run(ref, fl) -> dict:
+def assert_same_run(ref, fl, data_dir_differs: bool = False) -> dict:
     """Same server weights and state (bit for bit), metrics and summary but for seconds."""
     a = fedmed.load_checkpoint(os.path.join(ref, "checkpoint.pt"))
     b = fedmed.load_checkpoint(os.path.join(fl, "checkpoint.pt"))
@@ -70,6 +70,8 @@ def assert_same_run(ref, fl) -> dict:
         s.pop("client_n", None)
     assert drop_seconds(sa) == drop_seconds(sb)
     ca, cb = read_json(os.path.join(ref, "config.json")), read_json(os.path.join(fl, "config.json"))
+    if data_dir_differs:               # the server's folder holds the CSVs only
+        assert ca["data"].pop("data_dir") != cb["data"].pop("data_dir")
     assert fedmed.comparable_config(ca) == fedmed.comparable_config(cb)
     assert ca["data_identity"] == cb["data_identity"]
     return a, b
@@ -240,16 +242,17 @@ TINY_CLIP = {"embed_dim": 32,
 EVERY = "--clients 3 --local-steps 1 --batch-size 8 --quiet --seed 5 --rounds 2 --image-size 16"
 CLIP = "--clip-model {tiny} --pretrained none --feature-cache {cache}"
 ON_FLOWER = {
-    "fedavg": "", "fedprox": "", "local": "", "fedbn": "--algo fedavg --bn local",
+    "fedavg": "", "fedprox": "", "fedbn": "--algo fedavg --bn local",
     "clip_zeroshot": CLIP, "clip_linear": CLIP, "fedclip": CLIP,
     "fedmedclip": CLIP + " --mask-compat code",
-    "clip_svm": CLIP + " --image-tower mobilenet_v2 --svm --clients 4 --holdout-client site1",
     "fedlsm": "--dataset synthetic-multilabel --n-u 8 --n-c 20",
     "fedmic": "", "fgasl": "--unlabeled-fraction 0.6 --clients 4 --holdout-client site3",
     "fixmatch": "--unlabeled-fraction 0.6", "meanteacher": "--unlabeled-fraction 0.6",
 }
 NOT_ON_FLOWER = {"pooled": "", "facmic": CLIP + " --clients 4 --holdout-client site3",
-                 "fedal": "", "fcu": "--forget-client site0"}
+                 "fedal": "", "fcu": "--forget-client site0", "local": "",
+                 "clip_svm": CLIP + " --image-tower mobilenet_v2 --svm --clients 4 "
+                 "--holdout-client site1"}
 
 
 @pytest.fixture(scope="module")
@@ -302,7 +305,9 @@ def test_every_method_on_flower_ends_as_run_py(tmp_path, tiny_clip, name):
 def test_methods_that_read_a_client_s_data_elsewhere_are_refused_on_flower(
         tmp_path, tiny_clip, capsys, name):
     """pooled, FACMIC (every client trains on the target's images), FedAL (acquisition
-    in the server's hook) and fcu (several runs of the loop): one line naming the method,
+    in the server's hook), clip_svm (its summary fits every client's features in the
+    server's process), local (the last round evaluates each client's model on every
+    client's test set) and fcu (several runs of the loop): one line naming the method,
     exit 2, before any node is asked (a Grid without nodes)."""
     args = command(name, NOT_ON_FLOWER[name], tiny_clip)
     capsys.readouterr()
@@ -311,3 +316,76 @@ def test_methods_that_read_a_client_s_data_elsewhere_are_refused_on_flower(
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and f"--algo {name}" in err and "python run.py" in err, err
     assert not out.exists() or not (out / "checkpoint.pt").exists()
+
+
+# ---------------------------------------------------------------- real data, real sites
+
+ISIC = os.path.join(os.path.dirname(ROOT), "shared", "data", "isic2019-mini")
+CSVS = ("ISIC_2019_Training_GroundTruth.csv", "ISIC_2019_Training_Metadata.csv",
+        "HAM10000_metadata.csv")
+
+
+def site_folder(path, images=()) -> str:
+    """An ISIC 2019 folder of symlinks: the three CSVs and the images named."""
+    os.makedirs(os.path.join(path, "ISIC_2019_Training_Input"))
+    for name in CSVS:
+        os.symlink(os.path.join(ISIC, name), os.path.join(path, name))
+    for f in images:
+        os.symlink(os.path.join(ISIC, f), os.path.join(path, f))
+    return str(path)
+
+
+@pytest.mark.skipif(not os.path.isfile(os.path.join(ISIC, CSVS[0])),
+                    reason=f"real data absent: {ISIC} (the shared isic2019-mini copy)")
+def test_isic_sites_holding_only_their_own_images_and_a_server_with_none_end_as_run_py(
+        tmp_path):
+    """Real ISIC 2019 (three Fed-ISIC2019 centres): each node's folder holds the CSVs and
+    its own centre's images only, the server's folder the CSVs only; the run ends bit
+    for bit as python run.py on the whole folder (FedBN: private BN layers on the
+    nodes). A node never decodes another centre's image (they are not there), the server
+    none."""
+    import datasets
+    import run
+    cat = datasets.catalog_isic2019(datasets.Path(ISIC))
+    names = ["HAM_vidir_modern", "HAM_rosendahl", "MSK"]
+    nodes = []
+    for k, name in enumerate(names):
+        mine = [f for f, s in zip(cat.files, cat.site) if s == datasets.ISIC2019_CENTRES.index(name)]
+        nodes.append({"client": name, "state-dir": str(tmp_path / f"state{k}"),
+                      "data-dir": site_folder(tmp_path / f"site{k}", mine)})
+    args = ("--algo fedavg --bn local --dataset isic2019 --only-clients HAM_vidir_modern,HAM_rosendahl,MSK "
+            "--max-images-per-client 40 --image-size 32 --rounds 2 --local-steps 1 "
+            "--batch-size 8 --cache-dir none --quiet --seed 1")
+    assert run.main(f"{args} --data-dir {ISIC} --out {tmp_path / 'ref'}".split()) == 0
+    server = site_folder(tmp_path / "server")
+    log: list = []
+    assert on_grid(InProcessGrid(nodes), f"{args} --data-dir {server} --out {tmp_path / 'fl'}",
+                   log) == 0, log
+    assert_same_run(str(tmp_path / "ref"), str(tmp_path / "fl"), data_dir_differs=True)
+    info = read_json(tmp_path / "fl" / "config.json")["dataset_info"]
+    assert info["images_decoded"] == 0 and info["images"] == 120
+
+
+@pytest.mark.skipif(not os.path.isfile(os.path.join(ISIC, CSVS[0])),
+                    reason=f"real data absent: {ISIC} (the shared isic2019-mini copy)")
+def test_a_site_missing_one_of_its_own_images_fails_in_one_line_naming_it(tmp_path, capsys):
+    """A site whose folder lacks an image of its own client: one line naming the file and
+    the node, exit 2, before any round (another site's images are not needed)."""
+    import datasets
+    cat = datasets.catalog_isic2019(datasets.Path(ISIC))
+    mine = [f for f, s in zip(cat.files, cat.site) if s == datasets.ISIC2019_CENTRES.index("MSK")]
+    folder = site_folder(tmp_path / "site", mine)
+    args = ("--algo fedavg --dataset isic2019 --only-clients MSK --max-images-per-client 40 "
+            "--image-size 32 --rounds 1 --local-steps 1 --batch-size 8 --cache-dir none --quiet "
+            "--seed 0")
+    used = datasets.load(datasets.namespace(dataset="isic2019", data_dir=ISIC, only_clients="MSK",
+                                            max_images_per_client=40, image_size=32,
+                                            cache_dir="none"), seed=0).files
+    os.remove(os.path.join(folder, used[0]))
+    capsys.readouterr()
+    node = {"client": "MSK", "state-dir": str(tmp_path / "state"), "data-dir": folder}
+    assert on_grid(InProcessGrid([node]), f"{args} --data-dir {site_folder(tmp_path / 'server')} "
+                   f"--out {tmp_path / 'fl'}", []) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and used[0] in err and "node " in err, err
+    assert not (tmp_path / "fl" / "checkpoint.pt").exists()
