@@ -127,11 +127,13 @@ class FlowerTransport(fedmed.InProcess):
         self.node_timeout = float(run_config.get("node-timeout", 120))
         self.round_timeout = float(run_config.get("round-timeout", 0)) or None
         self.on_dropout = str(run_config.get("on-dropout", "continue"))
-        if self.on_dropout not in ("continue", "fail"):
-            raise fedmed.UsageError(f"on-dropout = {self.on_dropout!r}: use \"continue\" or "
-                                    "\"fail\"")
+        if self.on_dropout not in ("continue", "fail", "wait"):
+            raise fedmed.UsageError(f"on-dropout = {self.on_dropout!r}: use \"continue\", "
+                                    "\"wait\" or \"fail\"")
         self.log = log or (lambda s: print(s, file=sys.stderr, flush=True))
         self.node_of: dict = {}                         # client name -> node id
+        self.asked: set = set()                         # node ids asked which client they hold
+        self.rounds_begun = False                       # a client's node may be replaced then
         self.state_round: dict = {}                     # client name -> round of its state
         self.down: set = set()                          # nodes lost during this run
         self.wire = {"sent": 0, "received": 0}          # Flower message bytes (Message API)
@@ -185,9 +187,10 @@ class FlowerTransport(fedmed.InProcess):
         return Message(record(**values), dst_node_id=node, message_type=kind,
                        group_id=str(t + 1))
 
-    def _exchange(self, messages: dict, timeout: float | None) -> tuple[dict, dict]:
+    def _exchange(self, messages: dict, timeout: float | None, enough=None) -> tuple[dict, dict]:
         """Send {key: Message}; return ({key: reply}, {key: why it is lost}) once every
-        key has a reply, its node has left the federation, or `timeout` has passed."""
+        key has a reply, its node has left the federation, or `timeout` has passed; or
+        as soon as `enough(replies)` is true (the others are then neither)."""
         node = {k: m.metadata.dst_node_id for k, m in messages.items()}
         lost = {k: f"its node {node[k]} was lost earlier in this run" for k in messages
                 if node[k] in self.down}
@@ -213,58 +216,97 @@ class FlowerTransport(fedmed.InProcess):
                 last_check = now
                 online = set(self.grid.get_node_ids())
                 for k in messages:
-                    if k not in replies and node[k] not in online:
+                    if k not in replies and k not in lost and node[k] not in online:
                         lost[k] = f"its node {node[k]} left the federation"
+                    elif k not in replies and k not in lost and node[k] in self.down:
+                        lost[k] = f"its node {node[k]} was replaced"
             if timeout is not None and now - t0 > timeout:
                 for k in messages:
                     if k not in replies and k not in lost:
                         lost[k] = f"no reply within round-timeout = {timeout:g} s"
+            if enough is not None and enough(replies):
+                break
             if len(replies) + len(lost) < len(messages):
                 time.sleep(0.1)
         self.down |= {node[k] for k in lost}            # not waited for again in this run
         return replies, lost
 
-    def _discover(self) -> None:
-        """Ask every node which client it holds until each client has one (or fail after
-        node-timeout seconds, naming the clients without a node)."""
-        want = {c.name for c in self.clients}
-        asked: set = set()
+    def _discover(self, want: set | None = None) -> None:
+        """Ask every node not asked yet which client it holds until each client of `want`
+        (default: all) has one, or fail after node-timeout seconds, naming the clients
+        without a node."""
+        want = {c.name for c in self.clients} if want is None else set(want)
         t0 = time.monotonic()
         while not want <= set(self.node_of):
-            new = [n for n in self.grid.get_node_ids() if n not in asked]
+            new = [n for n in self.grid.get_node_ids() if n not in self.asked and n not in self.down]
             if new:
-                asked |= set(new)
-                replies, lost = self._exchange(
+                self.asked |= set(new)
+                replies, lost = self._exchange(   # a node that left without the SuperLink
                     {n: self._message("query", n, -1, identity=json.dumps(self.identity))
-                     for n in new}, self.node_timeout)
+                     for n in new}, self.node_timeout,  # knowing yet is not waited for
+                    enough=lambda r: want <= set(self.node_of) | {_claim(x) for x in r.values()})
                 for n in new:
                     if n in lost:
                         self.log(f"flower: node {n} did not answer ({lost[n]})")
                         continue
+                    if n not in replies:
+                        self.asked.discard(n)           # asked again if still needed
+                        continue
                     name = _content(replies[n], f"node {n}")["client"]
-                    if name in self.node_of and self.node_of[name] != n:
-                        raise fedmed.UsageError(f"nodes {self.node_of[name]} and {n} both hold "
-                                                f"client {name}; give each node its own client")
+                    old = self.node_of.get(name)
+                    if old not in (None, n):
+                        if not self.rounds_begun:        # two nodes given one client
+                            raise fedmed.UsageError(f"nodes {old} and {n} both hold client "
+                                                    f"{name}; give each node its own client")
+                        self.down.add(old)               # its SuperNode was started again
+                        self.log(f"flower: node {n} holds client {name} (in place of node "
+                                 f"{old}, not used any more)")
+                    else:
+                        self.log(f"flower: node {n} holds client {name}")
                     self.node_of[name] = n
-                    self.log(f"flower: node {n} holds client {name}")
             if time.monotonic() - t0 > self.node_timeout and not want <= set(self.node_of):
                 missing = sorted(want - set(self.node_of))
                 raise fedmed.UsageError(f"no Flower node holds client {missing[0]} "
                                         f"({len(missing)} client(s) without a node after "
                                         f"node-timeout = {self.node_timeout:g} s); start a "
-                                        f"supernode with --node-config 'client=\"{missing[0]}\"'")
+                                        f"supernode with --node-config 'client=\"{missing[0]}\"'"
+                                        + ("" if self.state_round.get(missing[0], 0) == 0 else
+                                           " and the state-dir it had, then continue with "
+                                           "--resume"))
             time.sleep(0.2)
+
+    def _gather(self, t: int, make: dict, kind: str) -> tuple[dict, dict]:
+        """Send make[name](node id) to the node of each client `name`; ({name: reply},
+        {name: why it is lost}). on-dropout = wait: a lost client's message goes again,
+        the same one, to the node that next claims that client (the SuperNode started
+        again with the state folder it had: it answers from the state it had kept), for
+        up to node-timeout seconds each time."""
+        replies, lost = self._exchange({n: f(self.node_of[n]) for n, f in make.items()},
+                                       self.round_timeout)
+        while lost and self.on_dropout == "wait":
+            for name, why in lost.items():
+                self.log(f"flower: round {t + 1}: client {name} was lost ({why}); waiting up to "
+                         f"node-timeout = {self.node_timeout:g} s for its node to come back "
+                         f"({kind} is sent again)")
+                self.node_of.pop(name)
+            self._discover(set(lost))
+            more, lost = self._exchange({n: make[n](self.node_of[n]) for n in lost},
+                                        self.round_timeout)
+            replies.update(more)
+        return replies, lost
 
     def train(self, t, server, participants, status):
         algo = self.algo
-        sent, down = {}, {}
+        self.rounds_begun = True
+        make, down = {}, {}
         for c in participants:                          # the hooks in the loop's order
             data = pack(algo.broadcast(server, c))
             down[c.name] = len(data)
-            sent[c.name] = self._message("train", self.node_of[c.name], t, payload=data,
-                                         client=c.name, state_round=self.state_round[c.name])
-        status(f"round {t + 1}/{algo.cfg.rounds}: training {len(sent)} client(s) on Flower")
-        replies, lost = self._exchange(sent, self.round_timeout)
+            make[c.name] = (lambda node, data=data, c=c: self._message(
+                "train", node, t, payload=data, client=c.name,
+                state_round=self.state_round[c.name]))
+        status(f"round {t + 1}/{algo.cfg.rounds}: training {len(make)} client(s) on Flower")
+        replies, lost = self._gather(t, make, "its update")
         for c in participants:                          # fold in the loop's order
             if c.name in lost:
                 self._lost(t, c.name, lost[c.name])
@@ -285,12 +327,12 @@ class FlowerTransport(fedmed.InProcess):
 
     def evaluate(self, t, server, clients, holdout, up_bytes, down_bytes, seconds) -> list:
         data = pack({"weights": server.weights, "state": server.state})
-        sent = {c.name: self._message("evaluate", self.node_of[c.name], t, server=data,
-                                      client=c.name, state_round=self.state_round[c.name],
-                                      up=int(up_bytes.get(c.id, 0)),
-                                      down=int(down_bytes.get(c.id, 0)))
+        make = {c.name: (lambda node, c=c: self._message(
+                    "evaluate", node, t, server=data, client=c.name,
+                    state_round=self.state_round[c.name], up=int(up_bytes.get(c.id, 0)),
+                    down=int(down_bytes.get(c.id, 0))))
                 for c in clients + holdout}
-        replies, lost = self._exchange(sent, self.round_timeout)
+        replies, lost = self._gather(t, make, "its evaluation")
         lines, ys, probs = [], {}, {}
         for c in clients + holdout:
             if c.name in lost:
@@ -303,6 +345,11 @@ class FlowerTransport(fedmed.InProcess):
                 ys.setdefault(view, []).append(y.numpy())
                 probs.setdefault(view, []).append(prob.numpy())
         return lines + fedmed.pooled_lines(ys, probs, t, up_bytes, down_bytes, seconds)
+
+
+def _claim(reply: Message):
+    """The client a node's answer to "query" names (None: an error)."""
+    return None if reply.has_error() else dict(reply.content[KEY]).get("client")
 
 
 def _size(m: Message) -> int:

@@ -13,6 +13,7 @@ installs it)."""
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -113,6 +114,43 @@ def test_fedbn_stopped_and_resumed_on_flower_equals_run_py(deployment, tmp_path)
             assert torch.equal(mine[key], saved["state"]["private"][key]), (k, key)
 
 
+def test_a_supernode_killed_mid_run_and_started_again_ends_as_run_py(deployment, tmp_path):
+    """A real SuperNode process (site1's) is killed with SIGKILL as soon as it has kept
+    its state after round 1, and started again (a new node id, the same state folder).
+    With on-dropout = wait the server names the lost client, waits for the node to come
+    back (the SuperLink reports the killed node gone after its missed heartbeats, about
+    a minute), sends it the lost message again, and the run (FedBN: private BN layers on
+    the nodes) ends bit for bit as python run.py."""
+    import glob
+    import threading
+    args = f"--algo fedavg --bn local --rounds 3 {SMALL}"
+    run_py(args, tmp_path / "ref")
+    out, done = tmp_path / "fl", {}
+    th = threading.Thread(target=lambda: done.update(p=deployment.run(
+        f"{args} --out {out}", timeout=600, **{"node-timeout": 180, "on-dropout": "wait"})))
+    th.start()
+    kept = os.path.join(deployment.nodes[1]["state-dir"], "*", "site1.r1.pt")
+    t0 = time.monotonic()
+    while not glob.glob(kept) and th.is_alive() and time.monotonic() - t0 < 400:
+        time.sleep(0.2)
+    assert glob.glob(kept), "site1's node never kept its round-1 state"
+    deployment.kill_node(1)
+    time.sleep(1)
+    deployment.start_node(1)
+    th.join()
+    p = done["p"]
+    log = p.stdout + p.stderr
+    assert p.returncode == 0, log
+    assert "client site1 was lost" in log and "waiting up to" in log, log
+    a, b = assert_same_run(str(tmp_path / "ref"), str(out))
+    token = b["transport"]["flower"]["token"]
+    for k, saved in enumerate(a["clients"]):
+        path = os.path.join(deployment.nodes[k]["state-dir"], token, f"site{k}.r3.pt")
+        mine = fedmed.load_checkpoint(path)["state"]["private"]
+        for key in mine:
+            assert torch.equal(mine[key], saved["state"]["private"][key]), (k, key)
+
+
 # ---------------------------------------------------------------- without processes
 # The server's and the nodes' code over a Grid that hands each message to
 # flower_app.client_app in this process (as a SuperNode does, one ClientApp call per
@@ -120,13 +158,15 @@ def test_fedbn_stopped_and_resumed_on_flower_equals_run_py(deployment, tmp_path)
 
 class InProcessGrid:
     """A stand-in for Flower's Grid. `vanish = (client, message type, round)`: that
-    client's node leaves the federation when that message is pushed (never answers)."""
+    client's node leaves the federation when that message is pushed (never answers);
+    `rejoin`: a new node (a new id, the same node config and state folder) then joins."""
 
-    def __init__(self, nodes: list, vanish=None):
+    def __init__(self, nodes: list, vanish=None, rejoin: bool = False):
         from flwr.supercore.task_identity import TaskIdentity
         TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
         self.nodes = {1000 + k: conf for k, conf in enumerate(nodes)}
         self.vanish, self.gone, self.pending, self.count = vanish, set(), {}, 0
+        self.rejoin = rejoin
 
     def get_node_ids(self):
         return [n for n in self.nodes if n not in self.gone]
@@ -140,6 +180,9 @@ class InProcessGrid:
             node, rec = m.metadata.dst_node_id, m.content[flower_app.KEY]
             if self.vanish == (rec.get("client"), m.metadata.message_type, rec["round"] + 1):
                 self.gone.add(node)
+                self.vanish = None                  # once
+                if self.rejoin:
+                    self.nodes[max(self.nodes) + 1] = self.nodes[node]
             if node not in self.gone:
                 ctx = Context(run_id=1, node_id=node, node_config=self.nodes[node],
                               state=RecordDict(), run_config={})
@@ -203,6 +246,37 @@ def test_a_lost_client_stops_the_run_with_on_dropout_fail_and_resume_ends_as_run
     assert on_grid(InProcessGrid(nodes_in(tmp_path)), f"{ARGS} --resume --out {out}", []) == 0
     assert run.main(f"{ARGS} --out {tmp_path / 'ref'}".split()) == 0
     assert_same_run(str(tmp_path / "ref"), str(out))
+
+
+@pytest.mark.parametrize("kind,rnd", [("train", 2), ("evaluate", 2), ("train", 1)])
+def test_on_dropout_wait_sends_again_to_the_node_that_comes_back_and_ends_as_run_py(
+        tmp_path, kind, rnd):
+    """on-dropout = wait: site1's node vanishes when its round-`rnd` message of `kind` is
+    sent; the server names the client in the log, waits, a new node with the same state
+    folder claims site1, the same message goes to it, and the run ends bit for bit as
+    python run.py (every client trained and evaluated every round)."""
+    import run
+    log: list = []
+    out = tmp_path / "fl"
+    grid = InProcessGrid(nodes_in(tmp_path), vanish=("site1", kind, rnd), rejoin=True)
+    assert on_grid(grid, f"{ARGS} --out {out}", log, **{"on-dropout": "wait"}) == 0
+    assert any(f"round {rnd}: client site1 was lost" in s and "waiting" in s for s in log), log
+    assert any("node 1003 holds client site1" in s for s in log), log
+    assert run.main(f"{ARGS} --out {tmp_path / 'ref'}".split()) == 0
+    assert_same_run(str(tmp_path / "ref"), str(out))
+
+
+def test_on_dropout_wait_stops_in_one_line_when_no_node_comes_back(tmp_path, capsys):
+    """on-dropout = wait, the node never returns: after node-timeout one line naming the
+    client, its state folder and --resume; round 1's checkpoint kept."""
+    out = tmp_path / "fl"
+    grid = InProcessGrid(nodes_in(tmp_path), vanish=("site1", "train", 2))
+    capsys.readouterr()
+    assert on_grid(grid, f"{ARGS} --out {out}", [], **{"on-dropout": "wait",
+                                                         "node-timeout": 1}) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "site1" in err and "--resume" in err, err
+    assert fedmed.load_checkpoint(str(out / "checkpoint.pt"))["round"] == 1
 
 
 def test_a_node_whose_data_folder_is_missing_fails_in_one_line(tmp_path, capsys):
