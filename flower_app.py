@@ -22,23 +22,29 @@ metrics.jsonl needs them). Payloads travel as the bytes fedmed.transmit counts (
 of the payload), so bytes_up/bytes_down are the same as in process.
 
 Node config (flower-supernode --node-config): `client` (its name in the federation, e.g.
-"site-0") or `partition-id` (its index), `data-dir` (this site's data folder; replaces
+"site-0") or `partition-id` (its index in the training clients, then the held-out ones), `data-dir` (this site's data folder; replaces
 --data-dir of the command line), `state-dir` (where it keeps its client state between
 rounds; default ~/.fedmed/flower-nodes). Run config (pyproject.toml [tool.flwr.app.config],
 `flwr run -c`): `args` (run.py's command line; --out should be an absolute path on the
 server), `node-timeout` (seconds to wait for every client's node to appear),
 `round-timeout` (seconds a round waits for a reply, 0: no limit), `on-dropout`
 ("continue": the round completes with the clients that answered, the lost ones are named
-in the log; "fail": the run stops, resumable with --resume).
+in the log; "wait": the same message goes again to the node that next claims a lost
+client, e.g. its SuperNode started again with its state folder; "fail": the run stops,
+resumable with --resume).
+
+A node reads its own client's images only and the server none (datasets.pixels_of: the
+others' pixels are zeros, the server's image tensor is empty, so any server-side read of
+an image fails loudly); with --dataset isic2019 a site's folder may hold its own images
+and the CSVs only.
 
 Deviations from `python run.py`: the server, like every node, builds the federation from
-the data flags (to know the clients, their sizes and the split it records in
-config.json; with --dataset synthetic every party regenerates it from the seed), so a
-site without images cannot act as server yet; --seeds, --leave-one-out, protocols that run
-the loop several times (fcu), the privacy layer, and methods that read a client's data
-outside its own node (`crosses_sites`: pooled, FACMIC, FedAL) are refused;
-models that need every client's private tensors (model-CLIENT.pt, and model.pt under
---bn local) are not exported by the server.
+the data flags (to know the clients, their sizes, labels and the split it records in
+config.json; with --dataset synthetic every party regenerates it from the seed); --seeds,
+--leave-one-out, protocols that run the loop several times (fcu), the privacy layer, and
+methods that read a client's data outside its own node (`crosses_sites`: pooled, FACMIC,
+FedAL, clip_svm, local) are refused; models that need every client's private tensors
+(model-CLIENT.pt, and model.pt under --bn local) are not exported by the server.
 """
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
 """Datasets and partitioners on generated data: every property is checked against a
 second, independent computation (counts, set algebra, the rule written out again)."""
+import copy
 import csv
 import os
 import sys
@@ -578,3 +579,29 @@ def test_color_constancy_flag_changes_pixels_and_cache_key(tmp_path):
     j = 3
     ref = datasets.shades_of_gray(plain.x[j].numpy().transpose(1, 2, 0))
     assert np.array_equal(sog.x[j].numpy().transpose(1, 2, 0), ref)
+
+
+def test_pixels_of_and_keep_pixels_leave_a_party_only_the_images_it_may_read():
+    """A Flower node keeps its own client's pixels (named, or by index into clients +
+    held-out clients) and zeros for every other row; a server keeps none (an empty
+    tensor, so that a read fails); None is an ordinary run (unchanged)."""
+    fed = datasets.make_synthetic(seed=1, clients=3, image_size=16)
+    fed.holdout = datasets.take_holdout(fed.clients, "site2", [])
+    x = fed.x.clone()
+    members = fed.clients + fed.holdout
+    assert datasets.pixels_of(members, None) is None
+    assert len(datasets.pixels_of(members, ())) == 0
+    rows = lambda c: np.unique(np.concatenate([c.train, c.test, c.unlabeled]))   # noqa: E731
+    assert np.array_equal(datasets.pixels_of(members, ("site1",)), rows(fed.clients[1]))
+    assert np.array_equal(datasets.pixels_of(members, (2,)), rows(fed.holdout[0]))
+    assert datasets.keep_pixels(fed, None).x is fed.x
+    mine = datasets.keep_pixels(copy.copy(fed), ("site1",)).x
+    own = torch.as_tensor(rows(fed.clients[1]))
+    others = torch.ones(len(x), dtype=torch.bool)
+    others[own] = False
+    assert torch.equal(mine[own], x[own]) and x[own].any()
+    assert not mine[others].any() and x[others].any()
+    server = datasets.keep_pixels(copy.copy(fed), ()).x
+    assert server.shape == (0, *x.shape[1:])
+    with pytest.raises(IndexError):
+        server[torch.as_tensor(fed.clients[0].test)]
