@@ -572,8 +572,16 @@ class Algorithm:
         self.load_model(server.weights, private)
         return self.forward_probs(idx)
 
+    def reads_every_private(self, client: ClientState) -> bool:
+        """Whether `predict` for `client` in this round reads the private tensors of every
+        training client (the held-out rule above). A transport whose clients live apart
+        (flower_app.py) gathers them first; in process they are read in place."""
+        return client.id < 0 and bool(self.private_keys)
+
     # -- pieces the hooks share -------------------------------------------------------
     def average_private(self) -> dict:
+        if not self.private_keys:
+            return {}
         cs = [c for c in self.clients if c.state.get("private")]
         if not cs:
             return {}
@@ -776,6 +784,9 @@ class Wrapper(Algorithm):
 
     def predict(self, server: ServerState, client: ClientState, idx: np.ndarray):
         return self.base.predict(server, client, idx)
+
+    def reads_every_private(self, client: ClientState) -> bool:
+        return self.base.reads_every_private(client)
 
     def line_extra(self, server: ServerState, client: ClientState) -> dict:
         return self.base.line_extra(server, client)
@@ -1228,6 +1239,10 @@ class InProcess:
             payload, down = transmit(algo.broadcast(server, client))
             read = page_in(self.out, client)
             upload, up = transmit(algo.local_update(client, payload))
+            bad = first_nonfinite(client.state.get("private"))
+            if bad:
+                raise Diverged(f"round {t + 1}, client {client.name}: weight {bad} is NaN or "
+                               "infinite after local training")
             page_out(self.out, client, t + 1, read)
             del read, payload
             yield client, upload, up, down
@@ -1244,6 +1259,15 @@ class InProcess:
     def checkpoint(self) -> dict:
         """Extra keys of the per-round checkpoint ({}: none)."""
         return {}
+
+    def client_records(self, clients: list) -> list:
+        """What the per-round checkpoint keeps of each client: its state, its labelled
+        and unlabelled indices."""
+        return [{"state": c.state, "train": c.train, "unlabeled": c.unlabeled} for c in clients]
+
+    def checkpointed(self, clients: list) -> None:
+        """After the checkpoint is written: the optimiser files it does not name go."""
+        prune_optimizer_files(self.out, clients)
 
     def restore(self, ck: dict) -> None:
         """--resume: read back what `checkpoint` added."""
@@ -1348,8 +1372,8 @@ def _rounds(cfg, algo, server, clients, holdout, record, out, stop_after, log, s
             acc = algo.begin_aggregate(sum(algo.upload_weight(c.n) for c in participants))
         try:
             for client, upload, up, down in transport.train(t, server, participants, bar.status):
-                bad = first_nonfinite(upload) or first_nonfinite(client.state.get("private"))
-                if bad:
+                bad = first_nonfinite(upload)             # (the private tensors: checked
+                if bad:                                   # where they are, in train)
                     raise Diverged(f"round {t + 1}, client {client.name}: weight {bad} is NaN "
                                    "or infinite after local training")
                 up_bytes[client.id], down_bytes[client.id] = up, down
@@ -1387,9 +1411,8 @@ def _rounds(cfg, algo, server, clients, holdout, record, out, stop_after, log, s
                            "threads": torch.get_num_threads(),
                            **transport.checkpoint(),
                            "server": dataclasses.asdict(server),
-                           "clients": [{"state": c.state, "train": c.train,
-                                        "unlabeled": c.unlabeled} for c in clients]}, ckpt_path)
-        prune_optimizer_files(out, clients)               # only now: the checkpoint moved on
+                           "clients": transport.client_records(clients)}, ckpt_path)
+        transport.checkpointed(clients)                   # only now: the checkpoint moved on
         _RoundsDone[out] = t + 1
         pooled = [m for m in _primary(last) if m["client"] == "pooled"][0]
         bar.step(f"round {t + 1}: mean BA {_mean_ba(last):.3f}  pooled BA "

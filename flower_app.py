@@ -101,6 +101,35 @@ def record(**values) -> RecordDict:
     return RecordDict({KEY: ConfigRecord(values)})
 
 
+class Elsewhere(dict):
+    """The state of a client that is held by another party (on the server: every
+    client's, which live on their nodes; on a node: every other client's). Any use is a
+    one-line error naming the method, instead of a silent read of the state `setup` made
+    (what the copy here would hold)."""
+
+    def __init__(self, name: str, algo: str, where: str):
+        super().__init__()
+        self.text = (f"--algo {algo} reads client {name}'s state {where}, where it is not "
+                     "(it stays on that client's node); this does not run on Flower yet, "
+                     "run it with python run.py")
+
+    def _refuse(self, *a, **k):
+        raise fedmed.UsageError(self.text)
+
+    __getitem__ = __setitem__ = __delitem__ = __contains__ = __iter__ = __len__ = _refuse
+    get = keys = items = values = pop = setdefault = update = copy = _refuse
+
+    def __reduce__(self):
+        self._refuse()
+
+
+def elsewhere(clients: list, algo: str, where: str, keep=None) -> None:
+    """Put an `Elsewhere` in place of the state of every client but `keep`."""
+    for c in clients:
+        if c is not keep:
+            c.state = Elsewhere(c.name, algo, where)
+
+
 class NodeError(fedmed.UsageError):
     """A node's ClientApp failed with an error that is not FedMed's own (its traceback is
     in the node's log): the server stops with one line naming the node (exit 2)."""
@@ -170,11 +199,18 @@ class FlowerTransport(fedmed.InProcess):
         self.state_round = {c.name: 0 for c in clients + holdout}
         self.clients = clients + holdout          # every one on a node (a held-out client's
                                                   # node only evaluates)
+        elsewhere(self.clients, cfg.algo, "on the server")
         self._discover()
 
     def checkpoint(self) -> dict:
         return {"transport": {"flower": {"token": self.token,
                                          "state_round": dict(self.state_round)}}}
+
+    def client_records(self, clients: list) -> list:
+        return [{"state": {}, "train": c.train, "unlabeled": c.unlabeled} for c in clients]
+
+    def checkpointed(self, clients: list) -> None:
+        """(The optimiser state of each client is in its node's state file.)"""
 
     def restore(self, ck: dict) -> None:
         saved = (ck.get("transport") or {}).get("flower")
@@ -183,6 +219,7 @@ class FlowerTransport(fedmed.InProcess):
                                     "Flower run; resume it with python run.py")
         self.token = saved["token"]
         self.state_round = dict(saved["state_round"])
+        elsewhere(self.clients, self.algo.cfg.algo, "on the server")
 
     def holds_states(self, algo) -> bool:
         return not algo.private_keys          # the private tensors stay on the nodes
@@ -331,12 +368,33 @@ class FlowerTransport(fedmed.InProcess):
         self.log(f"flower: round {t + 1}: client {name} dropped out ({why}); the round "
                  "completes with the others")
 
+    def _privates(self, t: int, clients: list) -> bytes:
+        """Every training client's private tensors after round t (a "query" to each node),
+        for the evaluations that read them all (Algorithm.reads_every_private: the held-out
+        rule, local's cross-evaluation); a lost client's as {} (left out of an average)."""
+        make = {c.name: (lambda node, c=c: self._message(
+                    "query", node, t, ask="private", client=c.name,
+                    state_round=self.state_round[c.name]))
+                for c in clients if c.name in self.node_of}
+        replies, lost = self._gather(t, make, "the query for its private tensors")
+        got = {}
+        for c in clients:
+            if c.name in replies:
+                rec = _content(replies[c.name], f"node {self.node_of[c.name]} (client {c.name})")
+                got[c.name] = unpack(rec["private"])
+            else:
+                got[c.name] = {}
+        return pack({"all": got})
+
     def evaluate(self, t, server, clients, holdout, up_bytes, down_bytes, seconds) -> list:
         data = pack({"weights": server.weights, "state": server.state})
+        need = [c.name for c in clients + holdout if self.algo.reads_every_private(c)]
+        privates = self._privates(t, clients) if need else b""
         make = {c.name: (lambda node, c=c: self._message(
                     "evaluate", node, t, server=data, client=c.name,
                     state_round=self.state_round[c.name], up=int(up_bytes.get(c.id, 0)),
-                    down=int(down_bytes.get(c.id, 0))))
+                    down=int(down_bytes.get(c.id, 0)),
+                    privates=privates if c.name in need else b""))
                 for c in clients + holdout}
         replies, lost = self._gather(t, make, "its evaluation")
         lines, ys, probs = [], {}, {}
@@ -456,6 +514,8 @@ class _Node:
                                     f"clients: {', '.join(c.name for c in clients)})")
         self.client = mine[0]
         self.setup_state = setup[self.client.name]
+        elsewhere(clients, self.algo.cfg.algo, f"on the node of client {self.client.name}",
+                  keep=self.client)
         folder = os.path.join(_state_dir(context), str(rec["token"]))
         self.folder, self.stem = folder, fedmed._file_stem(self.client.name)
 
@@ -505,8 +565,13 @@ client_app = ClientApp()
 @client_app.query()
 @_answer
 def describe(msg: Message, context: Context) -> RecordDict:
-    """Which client this node holds; refuses data whose split differs from the server's."""
+    """Which client this node holds; refuses data whose split differs from the server's.
+    With ask = "private": its client's private tensors after round `state_round`."""
     node = _Node(msg, context)
+    rec = msg.content[KEY]
+    if rec.get("ask") == "private":
+        node.load_state(int(rec["state_round"]))
+        return record(private=pack(node.client.state.get("private", {})))
     want = json.loads(msg.content[KEY]["identity"]).get(node.client.name)
     have = fedmed.data_identity(node.fed)[node.client.name]
     if want != have:
@@ -547,6 +612,9 @@ def evaluate(msg: Message, context: Context) -> RecordDict:
     t = int(rec["round"])
     node.load_state(int(rec["state_round"]))
     node.algo.set_round(t)
+    for c in node.algo.clients:                     # this evaluation reads them all
+        if rec.get("privates") and c is not node.client:
+            c.state = {"private": unpack(rec["privates"])["all"][c.name]}
     server = fedmed.ServerState(**fedmed.safe_torch_load(io.BytesIO(rec["server"])))
     t0 = time.perf_counter()
     lines, seen = fedmed.client_lines(node.algo, server, node.client, t, int(rec["up"]),

@@ -17,8 +17,6 @@ from fedmed import Algorithm, register
 class Local(Algorithm):
     Args = None
     primary_view = "local"
-    crosses_sites = ("in the last round every client's model is evaluated on every other "
-                     "client's test set (views model:NAME)")
     pooled_kinds = {"local": "each client's own model on its own test set, joined (no single "
                              "model)"}
 
@@ -39,6 +37,9 @@ class Local(Algorithm):
     def local_update(self, client, payload):
         super().local_update(client, payload)
         return {}
+
+    def reads_every_private(self, client):
+        return client.id < 0 or self.round == self.cfg.rounds - 1      # + cross-evaluation
 
     def predict(self, server, client, idx):
         own = super().predict(server, client, idx)

@@ -317,14 +317,16 @@ EVERY = "--clients 3 --local-steps 1 --batch-size 8 --quiet --seed 5 --rounds 2 
 CLIP = "--clip-model {tiny} --pretrained none --feature-cache {cache}"
 ON_FLOWER = {
     "fedavg": "", "fedprox": "", "fedbn": "--algo fedavg --bn local",
+    "fedbn_holdout": "--algo fedavg --bn local --clients 4 --holdout-client site3",
+    "local": "--clients 4 --holdout-client site3",
     "clip_zeroshot": CLIP, "clip_linear": CLIP, "fedclip": CLIP,
     "fedmedclip": CLIP + " --mask-compat code",
     "fedlsm": "--dataset synthetic-multilabel --n-u 8 --n-c 20",
-    "fedmic": "", "fgasl": "--unlabeled-fraction 0.6 --clients 4 --holdout-client site3",
+    "fedmic": "--bn local --clients 4 --holdout-client site3", "fgasl": "--unlabeled-fraction 0.6 --clients 4 --holdout-client site3",
     "fixmatch": "--unlabeled-fraction 0.6", "meanteacher": "--unlabeled-fraction 0.6",
 }
 NOT_ON_FLOWER = {"pooled": "", "facmic": CLIP + " --clients 4 --holdout-client site3",
-                 "fedal": "", "fcu": "--forget-client site0", "local": "",
+                 "fedal": "", "fcu": "--forget-client site0",
                  "clip_svm": CLIP + " --image-tower mobilenet_v2 --svm --clients 4 "
                  "--holdout-client site1"}
 
@@ -346,12 +348,13 @@ def test_every_registered_method_is_either_checked_on_flower_or_refused():
     """A method added later must be put in one of the two lists (and so be checked)."""
     import algorithms
     algorithms.load_all()
-    named = set(ON_FLOWER) - {"fedbn"} | set(NOT_ON_FLOWER)
+    variants = {"fedbn", "fedbn_holdout"}
+    named = set(ON_FLOWER) - variants | set(NOT_ON_FLOWER)
     assert named == set(fedmed.ALGORITHMS)
     for name in NOT_ON_FLOWER:
         cls = fedmed.ALGORITHMS[name]
         assert cls.crosses_sites or hasattr(cls, "protocol"), name
-    for name in set(ON_FLOWER) - {"fedbn"}:
+    for name in set(ON_FLOWER) - variants:
         assert not fedmed.ALGORITHMS[name].crosses_sites, name
 
 
@@ -375,13 +378,46 @@ def test_every_method_on_flower_ends_as_run_py(tmp_path, tiny_clip, name):
         assert {m["round"] for m in lines if m["client"] == held and m["holdout"]} == {1, 2}
 
 
+def peeking(where: str):
+    """fedavg whose server-side `aggregate` (where = "server") or whose `local_update` on
+    a node (where = "node") reads another client's state, as a wiring slip would."""
+    base = fedmed.ALGORITHMS["fedavg"]
+
+    class Peeking(base):
+        def aggregate(self, server, uploads):
+            if where == "server":
+                self.clients[1].state.get("private")
+            return super().aggregate(server, uploads)
+
+        def local_update(self, client, payload):
+            if where == "node":
+                [c.state.get("private") for c in self.clients]
+            return super().local_update(client, payload)
+    return Peeking
+
+
+@pytest.mark.parametrize("where,needle", [("server", "client site1's state on the server"),
+                                          ("node", "on the node of client site0")])
+def test_a_method_that_reads_a_client_s_state_where_it_is_not_fails_in_one_line(
+        tmp_path, capsys, monkeypatch, where, needle):
+    """In process every state is at hand; on Flower the server holds none and a node only
+    its own client's. A read of another's (which would silently see the state `setup`
+    made) is one line naming the method and the client, exit 2; run.py runs it."""
+    import run
+    monkeypatch.setitem(fedmed.ALGORITHMS, "fedavg", peeking(where))
+    assert run.main(f"{ARGS} --out {tmp_path / 'ref'}".split()) == 0
+    capsys.readouterr()
+    assert on_grid(InProcessGrid(nodes_in(tmp_path)), f"{ARGS} --out {tmp_path / 'fl'}", []) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and needle in err and "--algo fedavg" in err, err
+
+
 @pytest.mark.parametrize("name", sorted(NOT_ON_FLOWER))
 def test_methods_that_read_a_client_s_data_elsewhere_are_refused_on_flower(
         tmp_path, tiny_clip, capsys, name):
     """pooled, FACMIC (every client trains on the target's images), FedAL (acquisition
     in the server's hook), clip_svm (its summary fits every client's features in the
-    server's process), local (the last round evaluates each client's model on every
-    client's test set) and fcu (several runs of the loop): one line naming the method,
+    server's process) and fcu (several runs of the loop): one line naming the method,
     exit 2, before any node is asked (a Grid without nodes)."""
     args = command(name, NOT_ON_FLOWER[name], tiny_clip)
     capsys.readouterr()
