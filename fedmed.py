@@ -572,6 +572,15 @@ class Algorithm:
         self.load_model(server.weights, private)
         return self.forward_probs(idx)
 
+    def note_of(self, client: ClientState) -> dict:
+        """What the method noted about `client` in this round for its metric line
+        (`line_extra`), JSON-able; {} by default. A transport whose clients live apart
+        (flower_app.py) carries it with each message between the server and the node."""
+        return {}
+
+    def set_note(self, client: ClientState, note: dict) -> None:
+        """Take the other party's `note_of(client)` in place of this one's."""
+
     def reads_every_private(self, client: ClientState) -> bool:
         """Whether `predict` for `client` in this round reads the private tensors of every
         training client (the held-out rule above). A transport whose clients live apart
@@ -787,6 +796,12 @@ class Wrapper(Algorithm):
 
     def reads_every_private(self, client: ClientState) -> bool:
         return self.base.reads_every_private(client)
+
+    def note_of(self, client: ClientState) -> dict:
+        return self.base.note_of(client)
+
+    def set_note(self, client: ClientState, note: dict) -> None:
+        self.base.set_note(client, note)
 
     def line_extra(self, server: ServerState, client: ClientState) -> dict:
         return self.base.line_extra(server, client)

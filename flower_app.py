@@ -41,10 +41,13 @@ and the CSVs only.
 Deviations from `python run.py`: the server, like every node, builds the federation from
 the data flags (to know the clients, their sizes, labels and the split it records in
 config.json; with --dataset synthetic every party regenerates it from the seed); --seeds,
---leave-one-out, protocols that run the loop several times (fcu), the privacy layer, and
-methods that read a client's data outside its own node (`crosses_sites`: pooled, FACMIC,
-FedAL, clip_svm, local) are refused; models that need every client's private tensors
-(model-CLIENT.pt, and model.pt under --bn local) are not exported by the server.
+--leave-one-out, protocols that run the loop several times (fcu), --secagg (simulated in
+one process), and methods that read a client's data outside its own node
+(`crosses_sites`: pooled, FACMIC, FedAL, clip_svm) are refused; evaluations that read every
+client's private tensors (Algorithm.reads_every_private) get them from the nodes first
+(not counted in the bytes, as in process); models that need every client's private
+tensors (model-CLIENT.pt, and model.pt under --bn local) are not exported by the server.
+A client's state is read only where it lives (`Elsewhere`).
 """
 from __future__ import annotations
 
@@ -179,8 +182,9 @@ class FlowerTransport(fedmed.InProcess):
         for bad, what in ((ns.seeds is not None, "--seeds"),
                           (ns.leave_one_out is not None, "--leave-one-out"),
                           (hasattr(cls, "protocol"), f"--algo {ns.algo} (several runs of the loop)"),
-                          (ns.layer is not None, "the privacy and fault layer (--dp-*, "
-                           "--secagg, --dropout-prob, --aggregator, --attack)")):
+                          (bool(ns.layer_settings and ns.layer_settings[1]),
+                           "--secagg (its key agreement and unmasking are simulated in one "
+                           "process)")):
             if bad:
                 raise fedmed.UsageError(f"{what} does not run on Flower yet; run it with "
                                         "python run.py")
@@ -222,6 +226,8 @@ class FlowerTransport(fedmed.InProcess):
         elsewhere(self.clients, self.algo.cfg.algo, "on the server")
 
     def holds_states(self, algo) -> bool:
+        while isinstance(algo, fedmed.Wrapper):   # (a layer: the method it wraps)
+            algo = algo.base
         return not algo.private_keys          # the private tensors stay on the nodes
 
     # -- messages ---------------------------------------------------------------------
@@ -347,7 +353,7 @@ class FlowerTransport(fedmed.InProcess):
             down[c.name] = len(data)
             make[c.name] = (lambda node, data=data, c=c: self._message(
                 "train", node, t, payload=data, client=c.name,
-                state_round=self.state_round[c.name]))
+                state_round=self.state_round[c.name], note=json.dumps(algo.note_of(c))))
         status(f"round {t + 1}/{algo.cfg.rounds}: training {len(make)} client(s) on Flower")
         replies, lost = self._gather(t, make, "its update")
         for c in participants:                          # fold in the loop's order
@@ -357,6 +363,7 @@ class FlowerTransport(fedmed.InProcess):
                 continue
             rec = _content(replies.pop(c.name), f"node {self.node_of[c.name]} (client {c.name})")
             self.state_round[c.name] = t + 1
+            algo.set_note(c, json.loads(rec["note"]))   # e.g. the privacy layer's dp_norm
             self.node_seconds["train"] += float(rec.get("seconds", 0.0))
             data = rec["upload"]
             yield c, unpack(data), len(data), down[c.name]
@@ -394,7 +401,8 @@ class FlowerTransport(fedmed.InProcess):
                     "evaluate", node, t, server=data, client=c.name,
                     state_round=self.state_round[c.name], up=int(up_bytes.get(c.id, 0)),
                     down=int(down_bytes.get(c.id, 0)),
-                    privates=privates if c.name in need else b""))
+                    privates=privates if c.name in need else b"",
+                    note=json.dumps(self.algo.note_of(c))))
                 for c in clients + holdout}
         replies, lost = self._gather(t, make, "its evaluation")
         lines, ys, probs = [], {}, {}
@@ -591,6 +599,7 @@ def train(msg: Message, context: Context) -> RecordDict:
     node.load_state(start)
     node.algo.set_round(t)
     c = node.client
+    node.algo.set_note(c, json.loads(rec["note"]))
     t0 = time.perf_counter()
     upload = node.algo.local_update(c, unpack(rec["payload"]))
     seconds = time.perf_counter() - t0
@@ -599,7 +608,7 @@ def train(msg: Message, context: Context) -> RecordDict:
         raise fedmed.Diverged(f"round {t + 1}, client {c.name}: weight {bad} is NaN or "
                               "infinite after local training")
     node.save_state(t + 1, start)
-    return record(upload=pack(upload), seconds=seconds)
+    return record(upload=pack(upload), seconds=seconds, note=json.dumps(node.algo.note_of(c)))
 
 
 @client_app.evaluate()
@@ -616,6 +625,7 @@ def evaluate(msg: Message, context: Context) -> RecordDict:
         if rec.get("privates") and c is not node.client:
             c.state = {"private": unpack(rec["privates"])["all"][c.name]}
     server = fedmed.ServerState(**fedmed.safe_torch_load(io.BytesIO(rec["server"])))
+    node.algo.set_note(node.client, json.loads(rec["note"]))
     t0 = time.perf_counter()
     lines, seen = fedmed.client_lines(node.algo, server, node.client, t, int(rec["up"]),
                                       int(rec["down"]))

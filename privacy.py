@@ -661,6 +661,12 @@ class PrivacyLayer(fedmed.Wrapper):
     def _line(self, client) -> dict:
         return self._lines.setdefault(client.id, {})
 
+    def note_of(self, client):
+        return dict(self._lines.get(client.id, {}))
+
+    def set_note(self, client, note):
+        self._lines[client.id] = dict(note)
+
     def local_update(self, client, payload):                                 # (2)
         fails = self._fails(client)
         if fails:
@@ -897,6 +903,12 @@ class FaultLayer(fedmed.Wrapper):
 
     def line_extra(self, server, client):
         return {**self.base.line_extra(server, client), **self._lines.get(client.id, {})}
+
+    def note_of(self, client):
+        return dict(self._lines.get(client.id, {}))
+
+    def set_note(self, client, note):
+        self._lines[client.id] = dict(note)
 
     def summary_extra(self, server, lines):
         out = dict(self.base.summary_extra(server, lines))

@@ -319,6 +319,9 @@ ON_FLOWER = {
     "fedavg": "", "fedprox": "", "fedbn": "--algo fedavg --bn local",
     "fedbn_holdout": "--algo fedavg --bn local --clients 4 --holdout-client site3",
     "local": "--clients 4 --holdout-client site3",
+    "dp": "--algo fedavg --bn local --dp-clip 1 --dp-noise 0.5 --dropout-prob 0.3 --rounds 3",
+    "robust": "--algo fedavg --reject-factor 2 --attack scale --attackers site0 --clients 4",
+    "faults": "--algo fedmic --dropout-prob 0.3 --attack nan --attackers site1 --rounds 3",
     "clip_zeroshot": CLIP, "clip_linear": CLIP, "fedclip": CLIP,
     "fedmedclip": CLIP + " --mask-compat code",
     "fedlsm": "--dataset synthetic-multilabel --n-u 8 --n-c 20",
@@ -348,7 +351,7 @@ def test_every_registered_method_is_either_checked_on_flower_or_refused():
     """A method added later must be put in one of the two lists (and so be checked)."""
     import algorithms
     algorithms.load_all()
-    variants = {"fedbn", "fedbn_holdout"}
+    variants = {"fedbn", "fedbn_holdout", "dp", "robust", "faults"}
     named = set(ON_FLOWER) - variants | set(NOT_ON_FLOWER)
     assert named == set(fedmed.ALGORITHMS)
     for name in NOT_ON_FLOWER:
@@ -371,6 +374,11 @@ def test_every_method_on_flower_ends_as_run_py(tmp_path, tiny_clip, name):
     log: list = []
     assert on_grid(InProcessGrid(nodes), f"{args} --out {tmp_path / 'fl'}", log) == 0, log
     assert_same_run(str(tmp_path / "ref"), str(tmp_path / "fl"))
+    notes = {"dp": ["dp_norm", "dropout"], "robust": ["rejected", "attack"],
+             "faults": ["dropout", "rejected"]}.get(name, [])
+    lines = read_jsonl(tmp_path / "fl" / "metrics.jsonl")
+    for key in notes:                  # the layer's notes travelled (node -> server -> node)
+        assert any(key in m for m in lines), key
     if "--holdout-client" in args:
         held = args.split("--holdout-client")[-1].split()[0]
         assert any(f"holds client {held}" in s for s in log), log
@@ -410,6 +418,14 @@ def test_a_method_that_reads_a_client_s_state_where_it_is_not_fails_in_one_line(
     assert on_grid(InProcessGrid(nodes_in(tmp_path)), f"{ARGS} --out {tmp_path / 'fl'}", []) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and needle in err and "--algo fedavg" in err, err
+
+
+def test_secure_aggregation_is_refused_on_flower(tmp_path, capsys):
+    """--secagg simulates its key agreement and unmasking in one process: one line."""
+    capsys.readouterr()
+    assert on_grid(InProcessGrid([]), f"{ARGS} --secagg --out {tmp_path / 'fl'}", []) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--secagg" in err and "python run.py" in err, err
 
 
 @pytest.mark.parametrize("name", sorted(NOT_ON_FLOWER))
