@@ -179,9 +179,7 @@ class FlowerTransport(fedmed.InProcess):
 
     # -- what run.py and fedmed.run ask --------------------------------------------------
     def check(self, ns, cls) -> None:
-        for bad, what in ((ns.seeds is not None, "--seeds"),
-                          (ns.leave_one_out is not None, "--leave-one-out"),
-                          (hasattr(cls, "protocol"), f"--algo {ns.algo} (several runs of the loop)"),
+        for bad, what in ((hasattr(cls, "protocol"), f"--algo {ns.algo} (several runs of the loop)"),
                           (bool(ns.layer_settings and ns.layer_settings[1]),
                            "--secagg (its key agreement and unmasking are simulated in one "
                            "process)")):
@@ -195,8 +193,12 @@ class FlowerTransport(fedmed.InProcess):
                                     "python run.py")
 
     def bind(self, algo, cfg, clients, holdout, rec, out, resume) -> None:
+        """Before each run of the loop (one per seed and fold of --seeds and
+        --leave-one-out): the nodes are asked again which client they hold, with this
+        run's data identity."""
         super().bind(algo, cfg, clients, holdout, rec, out, resume)
-        self.argv = list(rec["argv"])
+        self.argv = one_run_argv(rec["argv"], cfg.seed, [c.name for c in holdout])
+        self.node_of, self.asked, self.rounds_begun = {}, set(), False
         self.identity = rec["data_identity"]
         self.token = uuid.uuid4().hex                   # names the nodes' state files; a
                                                         # --resume reads it from the checkpoint
@@ -417,6 +419,27 @@ class FlowerTransport(fedmed.InProcess):
                 ys.setdefault(view, []).append(y.numpy())
                 probs.setdefault(view, []).append(prob.numpy())
         return lines + fedmed.pooled_lines(ys, probs, t, up_bytes, down_bytes, seconds)
+
+
+def one_run_argv(argv: list, seed: int, holdout: list) -> list:
+    """The command line a node builds this run from: run.py's, with --seeds S ... replaced
+    by this run's --seed and --leave-one-out [NAMES] by this fold's --holdout-client."""
+    out, i, loco = [], 0, False
+    while i < len(argv):
+        a = argv[i]
+        i += 1
+        if a == "--seeds":
+            while i < len(argv) and argv[i].lstrip("-").isdigit():
+                i += 1
+        elif a == "--leave-one-out" or a.startswith("--leave-one-out="):
+            loco = True
+            if a == "--leave-one-out" and i < len(argv) and not argv[i].startswith("-"):
+                i += 1
+        elif a != "--seed" or (i < len(argv) and not argv[i].lstrip("-").isdigit()):
+            out.append(a)
+        else:
+            i += 1                                      # --seed S: given again below
+    return out + ["--seed", str(seed)] + (["--holdout-client", ",".join(holdout)] if loco else [])
 
 
 def _claim(reply: Message):

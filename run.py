@@ -444,8 +444,9 @@ def _main(argv, made: dict, transport=None) -> int:
         return 0
     out = ns.out or os.path.join("runs", f"{cfg.algo}-{ns.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
     _OUT["out"] = out
-    if transport is not None:                           # e.g. Flower: one run of the loop
+    if transport is not None:                           # e.g. Flower
         transport.check(ns, cls)
+    ns.transport = transport                            # (fedmed.run's; None: in process)
     if ns.leave_one_out is not None:
         return _leave_one_out(ns, cfg, cls, args, out, rounds_given, given)
     if ns.seeds is not None:
@@ -455,7 +456,6 @@ def _main(argv, made: dict, transport=None) -> int:
         if not ns.resume and not (os.path.isdir(out) and
                                   [n for n in os.listdir(out) if n != fedmed.LOCK_NAME]):
             made.update(out=out, existed=os.path.isdir(out))
-        ns.transport = transport                         # (fedmed.run's; None: in process)
         return _train(ns, cfg, cls, args, out, rounds_given)
 
 

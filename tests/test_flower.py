@@ -420,6 +420,29 @@ def test_a_method_that_reads_a_client_s_state_where_it_is_not_fails_in_one_line(
     assert len(err.splitlines()) == 1 and needle in err and "--algo fedavg" in err, err
 
 
+@pytest.mark.parametrize("flags,subs", [
+    ("--seeds 4 5", ["seed-4", "seed-5"]),
+    ("--leave-one-out --seeds 4", ["fold-site0/seed-4", "fold-site1/seed-4", "fold-site2/seed-4"])])
+def test_seeds_and_leave_one_out_on_flower_end_as_run_py(tmp_path, flags, subs):
+    """--seeds and --leave-one-out run the loop once per seed and fold; each run's nodes
+    build it from that run's command line (--seed S, --holdout-client FOLD) and are asked
+    again which client they hold (nodes named by client, as sites are): every run and
+    the mean +- sd table equal python run.py's."""
+    import run
+    args = f"--algo fedavg --bn local --rounds 2 --clients 3 --local-steps 1 --batch-size 8 --quiet {flags}"
+    nodes = [{"client": f"site{k}", "state-dir": str(tmp_path / f"state{k}")} for k in range(3)]
+    assert run.main(f"{args} --out {tmp_path / 'ref'}".split()) == 0
+    log: list = []
+    assert on_grid(InProcessGrid(nodes), f"{args} --out {tmp_path / 'fl'}", log) == 0, log
+    for sub in subs:
+        assert_same_run(str(tmp_path / "ref" / sub), str(tmp_path / "fl" / sub))
+    table = "loco.json" if "fold" in subs[0] else "seeds.json"
+    a, b = read_json(tmp_path / "ref" / table), read_json(tmp_path / "fl" / table)
+    assert a.pop("argv") != b.pop("argv")                  # (--out differs)
+    assert drop_seconds(a) == drop_seconds(b) and a["status"] == "done"
+    assert sum("holds client site0" in s for s in log) == len(subs)
+
+
 def test_secure_aggregation_is_refused_on_flower(tmp_path, capsys):
     """--secagg simulates its key agreement and unmasking in one process: one line."""
     capsys.readouterr()
