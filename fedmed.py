@@ -1266,10 +1266,9 @@ class InProcess:
         return evaluate_all(self.algo, server, clients, holdout, t, up_bytes, down_bytes,
                             seconds)
 
-    def holds_states(self, algo) -> bool:
-        """Whether this process holds every client's state (so that the end-of-run models
-        that need it can be exported)."""
-        return True
+    def export(self, algo, server, clients) -> dict:
+        """The end-of-run models (`export_models`), with every client's state at hand."""
+        return algo.export_models(server, clients)
 
     def checkpoint(self) -> dict:
         """Extra keys of the per-round checkpoint ({}: none)."""
@@ -1443,7 +1442,7 @@ def _rounds(cfg, algo, server, clients, holdout, record, out, stop_after, log, s
     for view, v in summary.get("views", {}).items():
         v["pooled_kind"] = algo.pooled_kind(view)
     summary.update(algo.summary_extra(server, history))
-    exported = algo.export_models(server, clients) if transport.holds_states(algo) else {}
+    exported = transport.export(algo, server, clients)
     for stem, sd in exported.items():                 # plain weights, for --weights
         atomic_torch_save(sd, os.path.join(out, _file_stem(stem) + ".pt"))
     if exported:

@@ -40,14 +40,14 @@ and the CSVs only.
 
 Deviations from `python run.py`: the server, like every node, builds the federation from
 the data flags (to know the clients, their sizes, labels and the split it records in
-config.json; with --dataset synthetic every party regenerates it from the seed); --seeds,
---leave-one-out, protocols that run the loop several times (fcu), --secagg (simulated in
-one process), and methods that read a client's data outside its own node
-(`crosses_sites`: pooled, FACMIC, FedAL, clip_svm) are refused; evaluations that read every
-client's private tensors (Algorithm.reads_every_private) get them from the nodes first
-(not counted in the bytes, as in process); models that need every client's private
-tensors (model-CLIENT.pt, and model.pt under --bn local) are not exported by the server.
-A client's state is read only where it lives (`Elsewhere`).
+config.json; with --dataset synthetic every party regenerates it from the seed);
+protocols that run the loop several times (fcu), --secagg (simulated in one process),
+and methods that read a client's data outside its own node (`crosses_sites`: pooled,
+FACMIC, FedAL, clip_svm) are refused; evaluations and exported models that read every
+client's private tensors (Algorithm.reads_every_private; model.pt under --bn local,
+model-CLIENT.pt) get them from the nodes first (not counted in the bytes, as in process).
+A client's state is read only where it lives (`Elsewhere`). --seeds and --leave-one-out
+send each run's own command line to the nodes (`one_run_argv`).
 """
 from __future__ import annotations
 
@@ -227,10 +227,22 @@ class FlowerTransport(fedmed.InProcess):
         self.state_round = dict(saved["state_round"])
         elsewhere(self.clients, self.algo.cfg.algo, "on the server")
 
-    def holds_states(self, algo) -> bool:
-        while isinstance(algo, fedmed.Wrapper):   # (a layer: the method it wraps)
-            algo = algo.base
-        return not algo.private_keys          # the private tensors stay on the nodes
+    def export(self, algo, server, clients) -> dict:
+        """The end-of-run models; where they need the clients' private tensors (FedBN's
+        model.pt is the held-out rule's n_k-average, model-CLIENT.pt each client's own),
+        those are gathered from the nodes first, as for such an evaluation."""
+        inner = algo
+        while isinstance(inner, fedmed.Wrapper):   # (a layer: the method it wraps)
+            inner = inner.base
+        if not inner.private_keys:
+            return algo.export_models(server, clients)
+        got = unpack(self._privates(algo.cfg.rounds - 1, clients))["all"]
+        for c in clients:
+            c.state = {"private": got[c.name]}
+        try:
+            return algo.export_models(server, clients)
+        finally:
+            elsewhere(clients, algo.cfg.algo, "on the server")
 
     # -- messages ---------------------------------------------------------------------
     def _message(self, kind: str, node: int, t: int, **values) -> Message:

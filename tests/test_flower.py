@@ -66,10 +66,11 @@ def assert_same_run(ref, fl, data_dir_differs: bool = False) -> dict:
     assert drop_seconds(read_jsonl(os.path.join(ref, "metrics.jsonl"))) == \
         drop_seconds(read_jsonl(os.path.join(fl, "metrics.jsonl")))
     sa, sb = read_json(os.path.join(ref, "summary.json")), read_json(os.path.join(fl, "summary.json"))
-    for s in (sa, sb):                 # models that need the nodes' private tensors
-        s.pop("exported", None)        # are not exported by a Flower server
-        s.pop("client_n", None)
     assert drop_seconds(sa) == drop_seconds(sb)
+    for name in sa.get("exported", []):     # model.pt, model-CLIENT.pt: the same tensors
+        ea = torch.load(os.path.join(ref, name), weights_only=True)
+        eb = torch.load(os.path.join(fl, name), weights_only=True)
+        assert ea.keys() == eb.keys() and all(torch.equal(ea[k], eb[k]) for k in ea), name
     ca, cb = read_json(os.path.join(ref, "config.json")), read_json(os.path.join(fl, "config.json"))
     if data_dir_differs:               # the server's folder holds the CSVs only
         assert ca["data"].pop("data_dir") != cb["data"].pop("data_dir")
