@@ -21,7 +21,8 @@ test labels and predicted probabilities (evaluate; the pooled test-set line of
 metrics.jsonl needs them). Payloads travel as the bytes fedmed.transmit counts (torch.save
 of the payload), so bytes_up/bytes_down are the same as in process.
 
-Node config (flower-supernode --node-config): `client` (its name in the federation, e.g.
+Node config (flower-supernode --node-config): `isolate` (true: read only this client's
+images even of a generated dataset; implied by `data-dir`), `client` (its name in the federation, e.g.
 "site-0") or `partition-id` (its index in the training clients, then the held-out ones), `data-dir` (this site's data folder; replaces
 --data-dir of the command line), `state-dir` (where it keeps its client state between
 rounds; default ~/.fedmed/flower-nodes). Run config (pyproject.toml [tool.flwr.app.config],
@@ -503,12 +504,15 @@ _BUILT: dict = {}                      # one built run per process (see _built)
 
 def _built(argv_json: str, data_dir: str | None, mine):
     """(algo, client records, federation, each client's state after setup) of the run
-    whose command line is `argv_json`, with this node's data folder, where only the
-    images of this node's client (`mine`: its name or its index in clients + held-out
-    clients) are read: other clients' pixels are zeros (datasets.pixels_of), and with
-    --dataset isic2019 the folder may hold this site's images only. A deployment starts
-    a process per message, so this is built once per message there; the simulation
-    runtime keeps its ClientApp processes, which then build it once, like run.py."""
+    whose command line is `argv_json`, with this node's data folder. `mine` (the node's
+    client: its name or its index in clients + held-out clients): only that client's
+    images are read, the others' pixels are zeros (datasets.pixels_of; with --dataset
+    isic2019 the folder may hold this site's images only): a node with a `data-dir`, or
+    with `isolate = true` in its node config. Else (`mine` None: a generated dataset
+    without isolate, e.g. Flower's simulation runtime, whose processes each serve many
+    virtual nodes) the whole federation is built once per process and shared by the
+    nodes it serves; every other client's state is still out of reach (`Elsewhere`). A
+    deployment starts a process per message, so this is built once per message there."""
     key = (argv_json, data_dir, mine)
     if key not in _BUILT:
         _BUILT.clear()
@@ -517,7 +521,7 @@ def _built(argv_json: str, data_dir: str | None, mine):
         given = cli.given_flags(cli.build_parser(), argv)
         if data_dir is not None and ns.dataset not in ("synthetic", "synthetic-multilabel"):
             ns.data_dir = data_dir
-        ns.quiet, ns.decode_only = True, (mine,)
+        ns.quiet, ns.decode_only = True, None if mine is None else (mine,)
         cfg, cls, args, _ = cli.configure(ns, given)
         fed = cli.load_federation(ns, cfg, cls, args)
         algo, cfg, clients, holdout, _ = fedmed.build(cfg, args, fed, ns.layer, quiet=True)
@@ -546,7 +550,9 @@ class _Node:
                 raise fedmed.UsageError(f"{self.who}: its data folder {data_dir} does not exist; "
                                         "fix data-dir in its --node-config")
         mine = str(conf["client"]) if "client" in conf else int(conf["partition-id"])
-        self.algo, clients, self.fed, setup = _built(rec["argv"], data_dir, mine)
+        isolate = data_dir is not None or str(conf.get("isolate", "")).lower() in ("1", "true")
+        self.algo, clients, self.fed, setup = _built(rec["argv"], data_dir,
+                                                     mine if isolate else None)
         if "client" in conf:
             mine = [c for c in clients if c.name == str(conf["client"])]
         else:

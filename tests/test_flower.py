@@ -202,8 +202,8 @@ def on_grid(grid, args: str, log: list, **config) -> int:
 
 
 def nodes_in(tmp_path, **extra):
-    return [{"partition-id": k, "state-dir": str(tmp_path / f"state{k}"), **extra}
-            for k in range(3)]
+    return [{"partition-id": k, "state-dir": str(tmp_path / f"state{k}"), "isolate": True,
+             **extra} for k in range(3)]
 
 
 ARGS = "--algo fedavg --rounds 3 --clients 3 --local-steps 1 --batch-size 8 --quiet --seed 5"
@@ -370,7 +370,8 @@ def test_every_method_on_flower_ends_as_run_py(tmp_path, tiny_clip, name):
     import run
     args = command(name, ON_FLOWER[name], tiny_clip)
     n = int(args.split("--clients")[-1].split()[0])
-    nodes = [{"partition-id": k, "state-dir": str(tmp_path / f"state{k}")} for k in range(n)]
+    nodes = [{"partition-id": k, "state-dir": str(tmp_path / f"state{k}"), "isolate": True}
+             for k in range(n)]
     assert run.main(f"{args} --out {tmp_path / 'ref'}".split()) == 0
     log: list = []
     assert on_grid(InProcessGrid(nodes), f"{args} --out {tmp_path / 'fl'}", log) == 0, log
@@ -385,6 +386,22 @@ def test_every_method_on_flower_ends_as_run_py(tmp_path, tiny_clip, name):
         assert any(f"holds client {held}" in s for s in log), log
         lines = read_jsonl(tmp_path / "fl" / "metrics.jsonl")
         assert {m["round"] for m in lines if m["client"] == held and m["holdout"]} == {1, 2}
+
+
+def test_nodes_sharing_one_process_end_as_run_py(tmp_path):
+    """Without `isolate` (Flower's simulation runtime: one process serves many virtual
+    nodes) the nodes share one build of the federation; each still sees only its own
+    client's state (FedBN with a held-out client, whose evaluation gathers the others'
+    BN layers): bit for bit as run.py."""
+    import run
+    args = EVERY + " --algo fedavg --bn local --clients 4 --holdout-client site3"
+    nodes = [{"partition-id": k, "state-dir": str(tmp_path / f"state{k}")} for k in range(4)]
+    assert run.main(f"{args} --out {tmp_path / 'ref'}".split()) == 0
+    flower_app._BUILT.clear()
+    log: list = []
+    assert on_grid(InProcessGrid(nodes), f"{args} --out {tmp_path / 'fl'}", log) == 0, log
+    assert len(flower_app._BUILT) == 1 and list(flower_app._BUILT)[0][2] is None
+    assert_same_run(str(tmp_path / "ref"), str(tmp_path / "fl"))
 
 
 def peeking(where: str):
@@ -431,7 +448,8 @@ def test_seeds_and_leave_one_out_on_flower_end_as_run_py(tmp_path, flags, subs):
     the mean +- sd table equal python run.py's."""
     import run
     args = f"--algo fedavg --bn local --rounds 2 --clients 3 --local-steps 1 --batch-size 8 --quiet {flags}"
-    nodes = [{"client": f"site{k}", "state-dir": str(tmp_path / f"state{k}")} for k in range(3)]
+    nodes = [{"client": f"site{k}", "state-dir": str(tmp_path / f"state{k}"), "isolate": True}
+             for k in range(3)]
     assert run.main(f"{args} --out {tmp_path / 'ref'}".split()) == 0
     log: list = []
     assert on_grid(InProcessGrid(nodes), f"{args} --out {tmp_path / 'fl'}", log) == 0, log
