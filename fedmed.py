@@ -369,6 +369,11 @@ class Algorithm:
                                       # ("": nowhere); a Flower run, where each client's
                                       # data stay on its node, refuses it with this reason
 
+    @classmethod
+    def crosses_sites_of(cls, ns) -> str:
+        """`crosses_sites` under the command line `ns` (a flag may add such a read)."""
+        return cls.crosses_sites
+
     def __init__(self, cfg: Config, args, fed):
         self._bind(cfg, args, fed)
         with seeded(cfg.seed, "init"):
@@ -571,6 +576,14 @@ class Algorithm:
             private = self.average_private()
         self.load_model(server.weights, private)
         return self.forward_probs(idx)
+
+    def at_clients(self, server: ServerState, clients: list, step: str, *args) -> list:
+        """[getattr(self, step)(server, c, *args) for c in clients]: a step of the server's
+        code that reads what only each client holds (its images, its state), run where the
+        client is: here, in process; on Flower, on each client's node (flower_app replaces
+        this method on the instance). A step must not change the client's state; its
+        arguments and result are tensors, numbers, strings, lists and dicts of them."""
+        return [getattr(self, step)(server, c, *args) for c in clients]
 
     def note_of(self, client: ClientState) -> dict:
         """What the method noted about `client` in this round for its metric line

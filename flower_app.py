@@ -44,7 +44,8 @@ the data flags (to know the clients, their sizes, labels and the split it record
 config.json; with --dataset synthetic every party regenerates it from the seed);
 protocols that run the loop several times (fcu), --secagg (simulated in one process),
 and methods that read a client's data outside its own node (`crosses_sites`: pooled,
-FACMIC, FedAL, clip_svm) are refused; evaluations and exported models that read every
+FACMIC, FedAL; clip_svm's --svm-pooled and --unseen-dir) are refused; a step of the
+server's code that reads what only a client holds runs on its node (Algorithm.at_clients); evaluations and exported models that read every
 client's private tensors (Algorithm.reads_every_private; model.pt under --bn local,
 model-CLIENT.pt) get them from the nodes first (not counted in the bytes, as in process).
 A client's state is read only where it lives (`Elsewhere`). --seeds and --leave-one-out
@@ -188,8 +189,9 @@ class FlowerTransport(fedmed.InProcess):
                 raise fedmed.UsageError(f"{what} does not run on Flower yet; run it with "
                                         "python run.py")
         ns.decode_only = ()                     # the server reads no image (datasets.pixels_of)
-        if cls.crosses_sites:
-            raise fedmed.UsageError(f"--algo {ns.algo} does not run on Flower: {cls.crosses_sites}, "
+        why = cls.crosses_sites_of(ns)
+        if why:
+            raise fedmed.UsageError(f"--algo {ns.algo} does not run on Flower: {why}, "
                                     "while each site's data stay on its node; run it with "
                                     "python run.py")
 
@@ -200,10 +202,18 @@ class FlowerTransport(fedmed.InProcess):
         super().bind(algo, cfg, clients, holdout, rec, out, resume)
         self.argv = one_run_argv(rec["argv"], cfg.seed, [c.name for c in holdout])
         self.node_of, self.asked, self.rounds_begun = {}, set(), False
+        level, depth = algo, 0                      # the server's steps that read a client
+        while True:                                 # run on its node (Algorithm.at_clients)
+            level.at_clients = (lambda server, who, step, *args, d=depth:
+                                self._at_clients(d, server, who, step, args))
+            if not isinstance(level, fedmed.Wrapper):
+                break
+            level, depth = level.base, depth + 1
         self.identity = rec["data_identity"]
         self.token = uuid.uuid4().hex                   # names the nodes' state files; a
                                                         # --resume reads it from the checkpoint
         self.state_round = {c.name: 0 for c in clients + holdout}
+        self.clients_training = clients
         self.clients = clients + holdout          # every one on a node (a held-out client's
                                                   # node only evaluates)
         elsewhere(self.clients, cfg.algo, "on the server")
@@ -408,6 +418,28 @@ class FlowerTransport(fedmed.InProcess):
                 got[c.name] = {}
         return pack({"all": got})
 
+    def _at_clients(self, depth: int, server, clients: list, step: str, args: tuple) -> list:
+        """Algorithm.at_clients on Flower: the step runs on each client's node (on the
+        method `depth` wrappers down), with the server state and the arguments sent there;
+        every client must answer."""
+        t = self.algo.round
+        data = pack({"weights": server.weights, "state": server.state})
+        given = pack({"args": list(args)})
+        privates = (self._privates(t, self.clients_training)
+                    if any(self.algo.reads_every_private(c) for c in clients) else b"")
+        make = {c.name: (lambda node, c=c: self._message(
+                    "query", node, t, ask="step", step=step, depth=depth, args=given,
+                    server=data, client=c.name, state_round=self.state_round[c.name],
+                    privates=privates))
+                for c in clients}
+        replies, lost = self._gather(t, make, f"its step {step}")
+        for name, why in lost.items():
+            raise fedmed.UsageError(f"{step}: client {name} was lost ({why}); every client "
+                                    "must answer it; start its node again and continue "
+                                    "with --resume")
+        return [unpack(_content(replies[c.name], f"node {self.node_of[c.name]} (client "
+                                f"{c.name})")["result"])["result"] for c in clients]
+
     def evaluate(self, t, server, clients, holdout, up_bytes, down_bytes, seconds) -> list:
         data = pack({"weights": server.weights, "state": server.state})
         need = [c.name for c in clients + holdout if self.algo.reads_every_private(c)]
@@ -611,6 +643,16 @@ def _answer(fn):
 client_app = ClientApp()
 
 
+def _take_privates(node: _Node, rec) -> None:
+    """Every training client's private tensors, where the server sent them (an
+    evaluation or step that reads them all: Algorithm.reads_every_private)."""
+    if rec.get("privates"):
+        got = unpack(rec["privates"])["all"]
+        for c in node.algo.clients:
+            if c is not node.client:
+                c.state = {"private": got[c.name]}
+
+
 @client_app.query()
 @_answer
 def describe(msg: Message, context: Context) -> RecordDict:
@@ -621,6 +663,16 @@ def describe(msg: Message, context: Context) -> RecordDict:
     if rec.get("ask") == "private":
         node.load_state(int(rec["state_round"]))
         return record(private=pack(node.client.state.get("private", {})))
+    if rec.get("ask") == "step":                    # Algorithm.at_clients
+        node.load_state(int(rec["state_round"]))
+        node.algo.set_round(int(rec["round"]))
+        _take_privates(node, rec)
+        server = fedmed.ServerState(**fedmed.safe_torch_load(io.BytesIO(rec["server"])))
+        level = node.algo
+        for _ in range(int(rec["depth"])):
+            level = level.base
+        result = getattr(level, str(rec["step"]))(server, node.client, *unpack(rec["args"])["args"])
+        return record(result=pack({"result": result}))
     want = json.loads(msg.content[KEY]["identity"]).get(node.client.name)
     have = fedmed.data_identity(node.fed)[node.client.name]
     if want != have:
@@ -662,9 +714,7 @@ def evaluate(msg: Message, context: Context) -> RecordDict:
     t = int(rec["round"])
     node.load_state(int(rec["state_round"]))
     node.algo.set_round(t)
-    for c in node.algo.clients:                     # this evaluation reads them all
-        if rec.get("privates") and c is not node.client:
-            c.state = {"private": unpack(rec["privates"])["all"][c.name]}
+    _take_privates(node, rec)
     server = fedmed.ServerState(**fedmed.safe_torch_load(io.BytesIO(rec["server"])))
     node.algo.set_note(node.client, json.loads(rec["note"]))
     t0 = time.perf_counter()

@@ -417,9 +417,17 @@ class ClipSVM(Algorithm):
     Args = Args
     losses = LOSSES                   # the --loss values this method trains with (run.py)
     takes_weights = True              # --weights: the image tower's (run.py)
-    crosses_sites = ("its end-of-run summary (the paper's metrics and the federated "
-                     "SVM / KNN) fits and scores every client's features in the server's "
-                     "process (summary_extra), not on each client")
+
+    @staticmethod
+    def crosses_sites_of(ns) -> str:
+        """What reads clients' data in one place (a Flower run refuses it): --svm-pooled
+        fits one classifier on every client's features pooled; --unseen-dir adds an
+        unseen site that no node holds."""
+        if getattr(ns, "svm_pooled", False):
+            return "--svm-pooled fits one classifier on every client's features pooled"
+        if getattr(ns, "unseen_dir", ""):
+            return "--unseen-dir adds an unseen site whose images no node holds"
+        return ""
     recipe = {"optimizer": "adam", "lr": 1e-3, "weight_decay": 0.01, "batch_size": 32,
               "rounds": 50, "local_epochs": 1, "loss": "contrastive", "class_weights": "none"}
 
@@ -542,54 +550,89 @@ class ClipSVM(Algorithm):
             out.append(z.float().cpu())
         return torch.cat(out).numpy().astype(np.float64)
 
+    def fit_own(self, server, client) -> dict:
+        """(C1)-(C2): {svm, knn}: this client's classifiers, fitted on its own training
+        features only (each party's)."""
+        a, C = self.args, self.fed.num_classes
+        z, y = self.features(server, client, client.train), self.fed.y.numpy()[client.train]
+        return {kind: fit_classifier(kind, z, y, C, svm_c=a.svm_c, knn_k=a.knn_k,
+                                     seed=derive_seed(self.cfg.seed, "svm", client.id))
+                for kind in ("svm", "knn")}
+
     def fit_parties(self, server) -> dict:
         """(C1)-(C2), (C4): {kind: [fitted party, ...]}: one per training client for svm and
         knn, fitted on that client's training features only; one on the pooled source
         features for svm_pooled / knn_pooled (--svm-pooled)."""
         a, C, y_all = self.args, self.fed.num_classes, self.fed.y.numpy()
-        src = [(c, self.features(server, c, c.train), y_all[c.train]) for c in self.clients]
-        fitted = {kind: [fit_classifier(kind, z, y, C, svm_c=a.svm_c, knn_k=a.knn_k,
-                                        seed=derive_seed(self.cfg.seed, "svm", c.id))
-                         for c, z, y in src] for kind in ("svm", "knn")}
+        own = [self.fit_own(server, c) for c in self.clients]
+        fitted = {kind: [o[kind] for o in own] for kind in ("svm", "knn")}
         if a.svm_pooled:
-            Z = np.concatenate([z for _, z, _ in src])
-            Y = np.concatenate([y for _, _, y in src])
+            Z = np.concatenate([self.features(server, c, c.train) for c in self.clients])
+            Y = np.concatenate([y_all[c.train] for c in self.clients])
             for kind in ("svm", "knn"):
                 fitted[f"{kind}_pooled"] = [fit_classifier(
                     kind, Z, Y, C, svm_c=a.svm_c, knn_k=a.knn_k,
                     seed=derive_seed(self.cfg.seed, "svm", "pooled"))]
         return fitted
 
-    def feature_classifiers(self, server) -> dict:
-        """(C3), (C5): the fitted parties and the deep head on every held-out client's
-        images (none of which any party saw)."""
+    # steps that run where a client is (Algorithm.at_clients): each reads its own images
+    def party_probs(self, server, client, zs: list) -> list:
+        """(C3) at training client `client`: its own svm and knn, fitted on its own
+        features, applied to each held-out client's features in `zs`."""
+        own, C = self.fit_own(server, client), self.fed.num_classes
+        return [{kind: torch.from_numpy(classifier_probs(f, z.numpy(), C))
+                 for kind, f in own.items()} for z in zs]
+
+    def test_probs(self, server, client) -> torch.Tensor:
+        """The deep head's probabilities on this client's test images."""
+        return torch.from_numpy(np.asarray(self.predict(server, client, client.test)))
+
+    def unseen_view(self, server, client) -> dict:
+        """At a held-out client: the deep head's probabilities and (--svm) the features of
+        its images."""
+        out = {"deep": self.test_probs(server, client)}
+        if self.args.svm:
+            out["z"] = torch.from_numpy(self.features(server, client, client.test))
+        return out
+
+    def feature_classifiers(self, server, held: list | None = None) -> dict:
+        """(C3), (C5): the parties' classifiers and the deep head on every held-out
+        client's images (none of which any party saw). The federated SVM / KNN of a
+        held-out client is the sum of the probabilities each training client's own
+        classifiers give its features (computed where each party is); --svm-pooled's
+        classifiers are fitted here on the pooled features."""
         C, y_all = self.fed.num_classes, self.fed.y.numpy()
-        fitted = self.fit_parties(server)
+        held = held if held is not None else self.at_clients(server, self.holdout, "unseen_view")
+        per_party = self.at_clients(server, self.clients, "party_probs", [r["z"] for r in held])
+        pooled = {}
+        if self.args.svm_pooled:
+            fitted = self.fit_parties(server)
+            pooled = {k: v for k, v in fitted.items() if k.endswith("_pooled")}
         out = {}
-        for h in self.holdout:
+        for j, (h, r) in enumerate(zip(self.holdout, held)):
             y = y_all[h.test]
-            z = self.features(server, h, h.test)
-            res = {"deep": paper_metrics(y, self.predict(server, h, h.test))}
-            for kind, parties in fitted.items():
-                prob = sum(classifier_probs(f, z, C) for f in parties)   # (C3)
+            res = {"deep": paper_metrics(y, r["deep"].numpy())}
+            for kind in ("svm", "knn"):
+                res[kind] = paper_metrics(y, sum(p[j][kind].numpy() for p in per_party))  # (C3)
+            for kind, parties in pooled.items():
+                prob = sum(classifier_probs(f, r["z"].numpy(), C) for f in parties)
                 res[kind] = paper_metrics(y, prob)
-            res["avg_minus_deep"] = {k: res[k]["avg"] - res["deep"]["avg"] for k in fitted}
+            res["avg_minus_deep"] = {k: res[k]["avg"] - res["deep"]["avg"]
+                                     for k in ("svm", "knn", *pooled)}
             out[h.name] = res
         return out
 
     def summary_extra(self, server, lines) -> dict:
         y_all = self.fed.y.numpy()
-        ys, probs = [], []
-        for c in self.clients:
-            ys.append(y_all[c.test])
-            probs.append(self.predict(server, c, c.test))
+        probs = [p.numpy() for p in self.at_clients(server, self.clients, "test_probs")]
+        ys = [y_all[c.test] for c in self.clients]
         extra = {"paper_metrics": {"pooled_test": paper_metrics(np.concatenate(ys),
                                                                 np.concatenate(probs))}}
-        for h in self.holdout:
-            extra["paper_metrics"][h.name] = paper_metrics(y_all[h.test],
-                                                           self.predict(server, h, h.test))
+        held = self.at_clients(server, self.holdout, "unseen_view")
+        for h, r in zip(self.holdout, held):
+            extra["paper_metrics"][h.name] = paper_metrics(y_all[h.test], r["deep"].numpy())
         if self.args.svm:
-            extra["feature_classifiers"] = self.feature_classifiers(server)
+            extra["feature_classifiers"] = self.feature_classifiers(server, held)
             if self.args.svm_pooled:
                 extra["feature_classifiers_note"] = ("svm_pooled / knn_pooled: one classifier "
                                                      "on every client's features pooled: a "

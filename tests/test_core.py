@@ -478,3 +478,38 @@ def test_local_models_are_cross_evaluated_in_the_last_round(tmp_path):
         cross = [m for m in last if m["view"] == f"model:{name}" and m["client"] == name][0]
         assert cross["balanced_accuracy"] == own[name]
     assert s["view"] == "local" and set(s["views"]) == {"model:site0", "model:site1", "model:site2"}
+
+
+def test_held_out_clients_get_distinct_negative_ids_and_stay_out_of_the_pooled_line(tmp_path):
+    """Two held-out clients: ids -1 and -2 (never a training client's 0..K-1), each
+    evaluated on a line of its own marked holdout, and the pooled test line joins the
+    training clients' test sets only."""
+    fed = datasets.make_synthetic(seed=0, clients=4, image_size=16)
+    held = datasets.take_holdout(fed.clients, "site2,site3", [])
+    fed.clients = [c for c in fed.clients if c.name not in ("site2", "site3")]
+    fed.holdout = held
+    cfg = fedmed.Config(algo="fedavg", rounds=1, local_steps=1, batch_size=8)
+    algo, cfg, clients, holdout, server = fedmed.build(cfg, None, fed, quiet=True)
+    assert [c.id for c in clients] == [0, 1] and [c.id for c in holdout] == [-1, -2]
+    assert algo.holdout is holdout and algo.clients is clients     # attach, setup
+    lines = fedmed.evaluate_all(algo, server, clients, holdout, 0, {}, {}, 0.0)
+    pooled = [m for m in lines if m["client"] == "pooled"][0]
+    assert pooled["n"] == sum(len(c.test) for c in clients)
+    assert {m["client"] for m in lines if m["holdout"]} == {"site2", "site3"}
+
+
+def test_the_pooled_line_s_seconds_are_the_round_s_training_time(tmp_path):
+    """The pooled line's `seconds`: the time from the round's start to its aggregation,
+    between 0 and the run's wall time."""
+    import time
+    fed = datasets.make_synthetic(seed=0, clients=3, image_size=16)
+    cfg = fedmed.Config(algo="fedavg", rounds=2, local_steps=1, batch_size=8)
+    t0 = time.perf_counter()
+    fedmed.run(cfg, None, fed, str(tmp_path / "r"), quiet=True)
+    wall = time.perf_counter() - t0
+    with open(tmp_path / "r" / "metrics.jsonl") as f:
+        pooled = [json.loads(x) for x in f if '"pooled"' in x]
+    assert len(pooled) == 2 and all(0 < m["seconds"] < wall for m in pooled)
+    with open(tmp_path / "r" / "summary.json") as f:
+        total = json.load(f)["seconds"]
+    assert sum(m["seconds"] for m in pooled) < total < wall   # + evaluation and checkpoint

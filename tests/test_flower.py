@@ -162,15 +162,18 @@ class InProcessGrid:
     client's node leaves the federation when that message is pushed (never answers);
     `rejoin`: a new node (a new id, the same node config and state folder) then joins."""
 
-    def __init__(self, nodes: list, vanish=None, rejoin: bool = False):
+    def __init__(self, nodes: list, vanish=None, rejoin: bool = False, late: int = 0):
         from flwr.supercore.task_identity import TaskIdentity
         TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
         self.nodes = {1000 + k: conf for k, conf in enumerate(nodes)}
         self.vanish, self.gone, self.pending, self.count = vanish, set(), {}, 0
         self.rejoin = rejoin
+        self.late, self.calls = late, 0          # the last `late` nodes join at the 3rd look
 
     def get_node_ids(self):
-        return [n for n in self.nodes if n not in self.gone]
+        self.calls += 1
+        ids = [n for n in self.nodes if n not in self.gone]
+        return ids[:len(ids) - self.late] if self.calls < 3 else ids
 
     def push_messages(self, messages):
         from flwr.app import Context, RecordDict
@@ -184,6 +187,7 @@ class InProcessGrid:
                 self.vanish = None                  # once
                 if self.rejoin:
                     self.nodes[max(self.nodes) + 1] = self.nodes[node]
+            self.pushed = getattr(self, "pushed", []) + [m]
             if node not in self.gone:
                 ctx = Context(run_id=1, node_id=node, node_config=self.nodes[node],
                               state=RecordDict(), run_config={})
@@ -192,7 +196,9 @@ class InProcessGrid:
         return ids
 
     def pull_messages(self, ids):
-        return [self.pending.pop(i) for i in list(ids) if i in self.pending]
+        out = [self.pending.pop(i) for i in list(ids) if i in self.pending]
+        self.pulled = getattr(self, "pulled", []) + out
+        return out
 
 
 def on_grid(grid, args: str, log: list, **config) -> int:
@@ -325,14 +331,13 @@ ON_FLOWER = {
     "faults": "--algo fedmic --dropout-prob 0.3 --attack nan --attackers site1 --rounds 3",
     "clip_zeroshot": CLIP, "clip_linear": CLIP, "fedclip": CLIP,
     "fedmedclip": CLIP + " --mask-compat code",
+    "clip_svm": CLIP + " --image-tower mobilenet_v2 --svm --clients 4 --holdout-client site1",
     "fedlsm": "--dataset synthetic-multilabel --n-u 8 --n-c 20",
     "fedmic": "--bn local --clients 4 --holdout-client site3", "fgasl": "--unlabeled-fraction 0.6 --clients 4 --holdout-client site3",
     "fixmatch": "--unlabeled-fraction 0.6", "meanteacher": "--unlabeled-fraction 0.6",
 }
 NOT_ON_FLOWER = {"pooled": "", "facmic": CLIP + " --clients 4 --holdout-client site3",
-                 "fedal": "", "fcu": "--forget-client site0",
-                 "clip_svm": CLIP + " --image-tower mobilenet_v2 --svm --clients 4 "
-                 "--holdout-client site1"}
+                 "fedal": "", "fcu": "--forget-client site0"}
 
 
 @pytest.fixture(scope="module")
@@ -404,14 +409,15 @@ def test_nodes_sharing_one_process_end_as_run_py(tmp_path):
     assert_same_run(str(tmp_path / "ref"), str(tmp_path / "fl"))
 
 
-def peeking(where: str):
+def peeking(where: str, from_round: int = 0):
     """fedavg whose server-side `aggregate` (where = "server") or whose `local_update` on
-    a node (where = "node") reads another client's state, as a wiring slip would."""
+    a node (where = "node") reads another client's state, as a wiring slip would (from
+    round `from_round` on, 0-based)."""
     base = fedmed.ALGORITHMS["fedavg"]
 
     class Peeking(base):
         def aggregate(self, server, uploads):
-            if where == "server":
+            if where == "server" and self.round >= from_round:
                 self.clients[1].state.get("private")
             return super().aggregate(server, uploads)
 
@@ -462,20 +468,26 @@ def test_seeds_and_leave_one_out_on_flower_end_as_run_py(tmp_path, flags, subs):
     assert sum("holds client site0" in s for s in log) == len(subs)
 
 
-def test_secure_aggregation_is_refused_on_flower(tmp_path, capsys):
-    """--secagg simulates its key agreement and unmasking in one process: one line."""
+@pytest.mark.parametrize("flags,needle", [
+    ("--secagg", "--secagg"),
+    ("--algo clip_svm --image-tower mobilenet_v2 --svm --svm-pooled --holdout-client site2 "
+     + CLIP, "--svm-pooled")])
+def test_what_reads_every_client_in_one_place_is_refused_on_flower(tmp_path, tiny_clip,
+                                                                   capsys, flags, needle):
+    """--secagg simulates its key agreement and unmasking in one process; --svm-pooled
+    fits one classifier on every client's features: one line each, exit 2."""
+    flags = flags.format(tiny=tiny_clip[0], cache=tiny_clip[1])
     capsys.readouterr()
-    assert on_grid(InProcessGrid([]), f"{ARGS} --secagg --out {tmp_path / 'fl'}", []) == 2
+    assert on_grid(InProcessGrid([]), f"{ARGS} {flags} --out {tmp_path / 'fl'}", []) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "--secagg" in err and "python run.py" in err, err
+    assert len(err.splitlines()) == 1 and needle in err and "python run.py" in err, err
 
 
 @pytest.mark.parametrize("name", sorted(NOT_ON_FLOWER))
 def test_methods_that_read_a_client_s_data_elsewhere_are_refused_on_flower(
         tmp_path, tiny_clip, capsys, name):
     """pooled, FACMIC (every client trains on the target's images), FedAL (acquisition
-    in the server's hook), clip_svm (its summary fits every client's features in the
-    server's process) and fcu (several runs of the loop): one line naming the method,
+    in the server's hook) and fcu (several runs of the loop): one line naming the method,
     exit 2, before any node is asked (a Grid without nodes)."""
     args = command(name, NOT_ON_FLOWER[name], tiny_clip)
     capsys.readouterr()
@@ -557,3 +569,86 @@ def test_a_site_missing_one_of_its_own_images_fails_in_one_line_naming_it(tmp_pa
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and used[0] in err and "node " in err, err
     assert not (tmp_path / "fl" / "checkpoint.pt").exists()
+
+
+def test_the_wire_refuses_anything_but_tensors_and_plain_values(tmp_path):
+    """unpack loads with weights_only: a payload that would run code when unpickled (an
+    object of any class) is refused, not executed."""
+    import io
+    import pickle
+    buf = io.BytesIO()
+    torch.save({"w": torch.zeros(2), "x": Opaque()}, buf)
+    with pytest.raises(pickle.UnpicklingError):
+        flower_app.unpack(buf.getvalue())
+    assert torch.equal(flower_app.unpack(flower_app.pack({"w": torch.ones(3)}))["w"], torch.ones(3))
+    assert flower_app.pack({}) == b"" and flower_app.unpack(b"") == {}
+
+
+class Opaque:
+    """Any class: what a malicious payload would carry."""
+
+
+def test_run_config_defaults_are_the_documented_ones():
+    """node-timeout 120 s, no round-timeout, on-dropout continue (pyproject.toml's)."""
+    t = flower_app.FlowerTransport(None, {})
+    assert (t.node_timeout, t.round_timeout, t.on_dropout) == (120.0, None, "continue")
+    with open(os.path.join(ROOT, "pyproject.toml")) as f:
+        text = f.read()
+    assert "node-timeout = 120" in text and "round-timeout = 0" in text
+    assert 'on-dropout = "continue"' in text
+
+
+def test_the_flower_byte_and_second_counters_add_up_every_message(tmp_path):
+    """transport.wire counts the serialised records of every message sent and every reply
+    received (bench/vs_flower.py's "Flower message bytes"), node_seconds the seconds the
+    nodes report inside local_update and evaluation: both equal the sums over the
+    messages the Grid carried."""
+    import run
+    grid = InProcessGrid(nodes_in(tmp_path))
+    t = flower_app.FlowerTransport(grid, {"node-timeout": 5}, log=lambda s: None)
+    assert run.main(f"{ARGS} --out {tmp_path / 'fl'}".split(), transport=t) == 0
+    assert t.wire["sent"] == sum(flower_app._size(m) for m in grid.pushed) > 0
+    assert t.wire["received"] == sum(flower_app._size(m) for m in grid.pulled) > 0
+    reported = {"train": 0.0, "evaluate": 0.0}
+    for m in grid.pulled:
+        rec = dict(m.content[flower_app.KEY])
+        if "upload" in rec:
+            reported["train"] += rec["seconds"]
+        elif "lines" in rec:
+            reported["evaluate"] += rec["seconds"]
+    assert t.node_seconds == pytest.approx(reported) and reported["train"] > 0
+
+
+def test_two_nodes_that_claim_one_client_before_round_1_fail_in_one_line(tmp_path, capsys):
+    """Before any round two nodes given the same client are a configuration error (after
+    round 1 a new claimant replaces a lost node: on-dropout = wait)."""
+    nodes = nodes_in(tmp_path) + [{"partition-id": 0, "state-dir": str(tmp_path / "again")}]
+    capsys.readouterr()
+    assert on_grid(InProcessGrid(nodes), f"{ARGS} --out {tmp_path / 'fl'}", []) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "both hold client site0" in err, err
+
+
+def test_a_server_that_reads_a_client_s_state_after_resume_fails_in_one_line(
+        tmp_path, capsys, monkeypatch):
+    """The guard holds after --resume too (the checkpoint's client records hold no state
+    on Flower): a server-side read in round 2 of a resumed run is one line, exit 2."""
+    monkeypatch.setitem(fedmed.ALGORITHMS, "fedavg", peeking("server", from_round=1))
+    out = tmp_path / "fl"
+    assert on_grid(InProcessGrid(nodes_in(tmp_path)), f"{ARGS} --stop-after 1 --out {out}",
+                   []) == 0
+    capsys.readouterr()
+    assert on_grid(InProcessGrid(nodes_in(tmp_path)), f"{ARGS} --resume --out {out}", []) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "client site1's state on the server" in err, err
+
+
+def test_a_held_out_client_s_node_that_joins_late_is_waited_for(tmp_path):
+    """The held-out client's node appears after the training clients' nodes: the server
+    waits for it too (every client, held out or not, needs a node) and evaluates it."""
+    args = EVERY + " --algo fedavg --clients 3 --holdout-client site2"
+    log: list = []
+    grid = InProcessGrid(nodes_in(tmp_path), late=1)
+    assert on_grid(grid, f"{args} --out {tmp_path / 'fl'}", log) == 0, log
+    lines = read_jsonl(tmp_path / "fl" / "metrics.jsonl")
+    assert {m["round"] for m in lines if m["client"] == "site2" and m["holdout"]} == {1, 2}
