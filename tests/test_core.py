@@ -513,3 +513,36 @@ def test_the_pooled_line_s_seconds_are_the_round_s_training_time(tmp_path):
     with open(tmp_path / "r" / "summary.json") as f:
         total = json.load(f)["seconds"]
     assert sum(m["seconds"] for m in pooled) < total < wall   # + evaluation and checkpoint
+
+
+def test_stop_after_the_last_round_finishes_the_run(tmp_path):
+    """--stop-after R with --rounds R: nothing is left to stop before, so the run ends
+    as usual, with its summary."""
+    fed = datasets.make_synthetic(seed=0, clients=3, image_size=16)
+    cfg = fedmed.Config(algo="fedavg", rounds=2, local_steps=1, batch_size=8)
+    s = fedmed.run(cfg, None, fed, str(tmp_path / "r"), quiet=True, stop_after=2)
+    assert s and s["rounds"] == 2 and (tmp_path / "r" / "summary.json").exists()
+    said: list = []
+    s = fedmed.run(cfg, None, fed, str(tmp_path / "q"), quiet=True, stop_after=1, log=said.append)
+    assert s == {} and not (tmp_path / "q" / "summary.json").exists()
+    assert said == ["stopped after round 1 as asked; continue with --resume"]
+
+
+def test_an_interrupt_names_the_round_it_stopped_in_and_the_checkpoint_kept(tmp_path,
+                                                                         monkeypatch):
+    """Ctrl-C in round 3: one line saying round 3 of 4 and that round 2's checkpoint is
+    kept (the checkpoint holds round 2)."""
+    fed = datasets.make_synthetic(seed=0, clients=3, image_size=16)
+    cfg = fedmed.Config(algo="fedavg", rounds=4, local_steps=1, batch_size=8)
+    real = fedmed.Algorithm.local_update
+
+    def interrupted(self, client, payload):
+        if self.round == 2:
+            raise KeyboardInterrupt
+        return real(self, client, payload)
+    monkeypatch.setattr(fedmed.Algorithm, "local_update", interrupted)
+    out = str(tmp_path / "r")
+    with pytest.raises(fedmed.Interrupted) as e:
+        fedmed.run(cfg, None, fed, out, quiet=True)
+    assert "interrupted in round 3 of 4" in str(e.value) and "round 2" in str(e.value)
+    assert fedmed.load_checkpoint(os.path.join(out, "checkpoint.pt"))["round"] == 2
