@@ -546,3 +546,15 @@ def test_an_interrupt_names_the_round_it_stopped_in_and_the_checkpoint_kept(tmp_
         fedmed.run(cfg, None, fed, out, quiet=True)
     assert "interrupted in round 3 of 4" in str(e.value) and "round 2" in str(e.value)
     assert fedmed.load_checkpoint(os.path.join(out, "checkpoint.pt"))["round"] == 2
+
+
+def test_resuming_a_finished_run_rebuilds_its_summary_from_the_metrics_file(tmp_path):
+    """--resume on a run that has done all its rounds trains nothing and writes the same
+    summary again (from metrics.jsonl)."""
+    fed = datasets.make_synthetic(seed=0, clients=3, image_size=16)
+    cfg = fedmed.Config(algo="fedavg", rounds=2, local_steps=1, batch_size=8)
+    out = str(tmp_path / "r")
+    first = fedmed.run(cfg, None, fed, out, quiet=True)
+    again = fedmed.run(cfg, None, fed, out, quiet=True, resume=True)
+    assert again["rounds"] == 2 and again["balanced_accuracy"] == first["balanced_accuracy"]
+    assert again["pooled_balanced_accuracy"] == first["pooled_balanced_accuracy"]
