@@ -274,6 +274,7 @@ class FlowerTransport(fedmed.InProcess):
         for m in live:
             self.wire["sent"] += _size(m)
         replies, t0, last_check = {}, time.monotonic(), time.monotonic()
+        transient: set = set()                          # lost replies of nodes still there
         while len(replies) + len(lost) < len(messages):
             for r in self.grid.pull_messages([i for i, k in ids.items()
                                               if k not in replies and k not in lost]):
@@ -282,6 +283,10 @@ class FlowerTransport(fedmed.InProcess):
                     continue
                 if r.has_error() and r.error.code == ErrorCode.NODE_UNAVAILABLE:
                     lost[k] = f"its node {node[k]} stopped reporting to the SuperLink"
+                    continue
+                if r.has_error() and r.error.code in REPLY_LOST:   # e.g. the node was killed
+                    lost[k] = f"its reply did not arrive ({r.error.reason[:80]})"  # mid-upload
+                    transient.add(k)
                     continue
                 replies[k] = r
                 self.wire["received"] += _size(r)
@@ -302,7 +307,7 @@ class FlowerTransport(fedmed.InProcess):
                 break
             if len(replies) + len(lost) < len(messages):
                 time.sleep(0.1)
-        self.down |= {node[k] for k in lost}            # not waited for again in this run
+        self.down |= {node[k] for k in lost if k not in transient}   # not waited for again
         return replies, lost
 
     def _discover(self, want: set | None = None) -> None:
@@ -362,7 +367,8 @@ class FlowerTransport(fedmed.InProcess):
                 self.log(f"flower: round {t + 1}: client {name} was lost ({why}); waiting up to "
                          f"node-timeout = {self.node_timeout:g} s for its node to come back "
                          f"({kind} is sent again)")
-                self.node_of.pop(name)
+                if self.node_of[name] in self.down:     # else: its node is still there
+                    self.node_of.pop(name)
             self._discover(set(lost))
             more, lost = self._exchange({n: make[n](self.node_of[n]) for n in lost},
                                         self.round_timeout)
@@ -485,6 +491,13 @@ def one_run_argv(argv: list, seed: int, holdout: list) -> list:
         else:
             i += 1                                      # --seed S: given again below
     return out + ["--seed", str(seed)] + (["--holdout-client", ",".join(holdout)] if loco else [])
+
+
+# A reply that Flower could not deliver (the node, or its upload, died mid-message): the
+# client is lost for this message; its node is not taken for gone (on-dropout = wait sends
+# the message to it again; if it is gone, the SuperLink says so after its heartbeats).
+REPLY_LOST = (ErrorCode.MESSAGE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE,
+              ErrorCode.CLIENT_APP_CRASHED)
 
 
 def _claim(reply: Message):

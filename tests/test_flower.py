@@ -162,13 +162,15 @@ class InProcessGrid:
     client's node leaves the federation when that message is pushed (never answers);
     `rejoin`: a new node (a new id, the same node config and state folder) then joins."""
 
-    def __init__(self, nodes: list, vanish=None, rejoin: bool = False, late: int = 0):
+    def __init__(self, nodes: list, vanish=None, rejoin: bool = False, late: int = 0,
+                 garble=None):
         from flwr.supercore.task_identity import TaskIdentity
         TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
         self.nodes = {1000 + k: conf for k, conf in enumerate(nodes)}
         self.vanish, self.gone, self.pending, self.count = vanish, set(), {}, 0
         self.rejoin = rejoin
         self.late, self.calls = late, 0          # the last `late` nodes join at the 3rd look
+        self.garble = garble                     # (client, type, round): its reply is lost
 
     def get_node_ids(self):
         self.calls += 1
@@ -176,7 +178,7 @@ class InProcessGrid:
         return ids[:len(ids) - self.late] if self.calls < 3 else ids
 
     def push_messages(self, messages):
-        from flwr.app import Context, RecordDict
+        from flwr.app import Context, Message, RecordDict
         ids = []
         for m in messages:
             self.count += 1
@@ -191,7 +193,14 @@ class InProcessGrid:
             if node not in self.gone:
                 ctx = Context(run_id=1, node_id=node, node_config=self.nodes[node],
                               state=RecordDict(), run_config={})
-                self.pending[mid] = flower_app.client_app(m, ctx)
+                self.pending[mid] = flower_app.client_app(m, ctx)   # (the node did the work)
+                if self.garble == (rec.get("client"), m.metadata.message_type, rec["round"] + 1):
+                    from flwr.common import Error
+                    from flwr.common.constant import ErrorCode
+                    self.garble = None                  # once: Flower could not deliver it
+                    self.pending[mid] = Message(Error(code=ErrorCode.MESSAGE_UNAVAILABLE,
+                                                      reason="Reply message objects are "
+                                                      "unavailable"), reply_to=m)
             ids.append(mid)
         return ids
 
@@ -271,6 +280,28 @@ def test_on_dropout_wait_sends_again_to_the_node_that_comes_back_and_ends_as_run
     assert any("node 1003 holds client site1" in s for s in log), log
     assert run.main(f"{ARGS} --out {tmp_path / 'ref'}".split()) == 0
     assert_same_run(str(tmp_path / "ref"), str(out))
+
+
+@pytest.mark.parametrize("mode", ["wait", "continue"])
+def test_a_reply_flower_could_not_deliver_is_a_lost_client_not_an_error(tmp_path, mode):
+    """Flower answers MESSAGE_UNAVAILABLE where a node died while uploading its reply (seen
+    with a SuperNode killed mid-round). wait: the same message goes again to the same
+    node, which answers from the state it kept, and the run ends as run.py; continue:
+    the round completes without that client, which takes part again from round 3."""
+    import run
+    log: list = []
+    out = tmp_path / "fl"
+    grid = InProcessGrid(nodes_in(tmp_path), garble=("site1", "train", 2))
+    assert on_grid(grid, f"{ARGS} --out {out}", log, **{"on-dropout": mode}) == 0, log
+    assert any("client site1" in s and "reply did not arrive" in s for s in log), log
+    if mode == "wait":
+        assert run.main(f"{ARGS} --out {tmp_path / 'ref'}".split()) == 0
+        assert_same_run(str(tmp_path / "ref"), str(out))
+    else:
+        lines = read_jsonl(out / "metrics.jsonl")
+        two = {m["client"]: m for m in lines if m["round"] == 2}
+        three = {m["client"]: m for m in lines if m["round"] == 3}
+        assert two["site1"]["bytes_up"] == 0 and three["site1"]["bytes_up"] > 0
 
 
 def test_on_dropout_wait_stops_in_one_line_when_no_node_comes_back(tmp_path, capsys):
