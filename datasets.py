@@ -1397,15 +1397,15 @@ def build(cat: Catalog, ns: argparse.Namespace, seed: int, log=None) -> Federati
                                      for c in members]).astype(np.int64))
     size = ns.image_size = ns.image_size or cat.default_size
     only = pixels_of(members, getattr(ns, "decode_only", None))
-    if only is not None and not len(only):            # a Flower server: no pixels at all
-        x, where = np.zeros((0, 3, size, size), np.uint8), {"decoded": 0}
-    else:
+    if only is None or len(only):
         check_memory(len(used) * 3 * size * size, size, f"{len(used):,} images",
                      " or --max-images-per-client")
     t0 = time.perf_counter()
     if only is None:
         x, where = load_images(cat, used, size, ns.color_constancy, cache_dir(ns), log=log)
-    elif len(only):                                   # a Flower node: its own client's
+    elif not len(only):                               # a Flower server: no pixels at all
+        x, where = np.zeros((0, 3, size, size), np.uint8), {"decoded": 0}
+    else:                                             # a Flower node: its own client's
         x = np.zeros((len(used), 3, size, size), np.uint8)
         mine, where = load_images(cat, only, size, ns.color_constancy, cache_dir(ns), log=log)
         x[np.searchsorted(used, only)] = mine

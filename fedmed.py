@@ -70,6 +70,15 @@ def first_nonfinite(obj, path: str = "") -> str | None:
     return None
 
 
+def check_private(t: int, client) -> None:
+    """Diverged when `client`'s private tensors hold a NaN or an infinity after its local
+    update of round t (checked by the party that holds them: this process, or its node)."""
+    bad = first_nonfinite(client.state.get("private"))
+    if bad:
+        raise Diverged(f"round {t + 1}, client {client.name}: weight {bad} is NaN or "
+                       "infinite after local training")
+
+
 # ---------------------------------------------------------------- randomness
 
 def derive_seed(seed: int, *keys) -> int:
@@ -1267,10 +1276,7 @@ class InProcess:
             payload, down = transmit(algo.broadcast(server, client))
             read = page_in(self.out, client)
             upload, up = transmit(algo.local_update(client, payload))
-            bad = first_nonfinite(client.state.get("private"))
-            if bad:
-                raise Diverged(f"round {t + 1}, client {client.name}: weight {bad} is NaN or "
-                               "infinite after local training")
+            check_private(t, client)
             page_out(self.out, client, t + 1, read)
             del read, payload
             yield client, upload, up, down

@@ -247,7 +247,7 @@ class FlowerTransport(fedmed.InProcess):
             inner = inner.base
         if not inner.private_keys:
             return algo.export_models(server, clients)
-        got = unpack(self._privates(algo.cfg.rounds - 1, clients))["all"]
+        got = self._privates(algo.cfg.rounds - 1, clients)
         for c in clients:
             c.state = {"private": got[c.name]}
         try:
@@ -406,7 +406,7 @@ class FlowerTransport(fedmed.InProcess):
         self.log(f"flower: round {t + 1}: client {name} dropped out ({why}); the round "
                  "completes with the others")
 
-    def _privates(self, t: int, clients: list) -> bytes:
+    def _privates(self, t: int, clients: list) -> dict:
         """Every training client's private tensors after round t (a "query" to each node),
         for the evaluations that read them all (Algorithm.reads_every_private: the held-out
         rule, local's cross-evaluation); a lost client's as {} (left out of an average)."""
@@ -422,7 +422,7 @@ class FlowerTransport(fedmed.InProcess):
                 got[c.name] = unpack(rec["private"])
             else:
                 got[c.name] = {}
-        return pack({"all": got})
+        return got
 
     def _at_clients(self, depth: int, server, clients: list, step: str, args: tuple) -> list:
         """Algorithm.at_clients on Flower: the step runs on each client's node (on the
@@ -431,7 +431,7 @@ class FlowerTransport(fedmed.InProcess):
         t = self.algo.round
         data = pack({"weights": server.weights, "state": server.state})
         given = pack({"args": list(args)})
-        privates = (self._privates(t, self.clients_training)
+        privates = (pack({"all": self._privates(t, self.clients_training)})
                     if any(self.algo.reads_every_private(c) for c in clients) else b"")
         make = {c.name: (lambda node, c=c: self._message(
                     "query", node, t, ask="step", step=step, depth=depth, args=given,
@@ -449,7 +449,7 @@ class FlowerTransport(fedmed.InProcess):
     def evaluate(self, t, server, clients, holdout, up_bytes, down_bytes, seconds) -> list:
         data = pack({"weights": server.weights, "state": server.state})
         need = [c.name for c in clients + holdout if self.algo.reads_every_private(c)]
-        privates = self._privates(t, clients) if need else b""
+        privates = pack({"all": self._privates(t, clients)}) if need else b""
         make = {c.name: (lambda node, c=c: self._message(
                     "evaluate", node, t, server=data, client=c.name,
                     state_round=self.state_round[c.name], up=int(up_bytes.get(c.id, 0)),
@@ -656,14 +656,21 @@ def _answer(fn):
 client_app = ClientApp()
 
 
-def _take_privates(node: _Node, rec) -> None:
-    """Every training client's private tensors, where the server sent them (an
-    evaluation or step that reads them all: Algorithm.reads_every_private)."""
+def _evaluating(node: _Node, rec) -> fedmed.ServerState:
+    """Before an evaluation or a step (Algorithm.at_clients) on this node: its client's
+    state as it was after round `state_round`, the round, every training client's private
+    tensors where the server sent them (Algorithm.reads_every_private), the method's note
+    on the client; returns the server state the message carries."""
+    node.load_state(int(rec["state_round"]))
+    node.algo.set_round(int(rec["round"]))
     if rec.get("privates"):
         got = unpack(rec["privates"])["all"]
         for c in node.algo.clients:
             if c is not node.client:
                 c.state = {"private": got[c.name]}
+    if "note" in rec:
+        node.algo.set_note(node.client, json.loads(rec["note"]))
+    return fedmed.ServerState(**fedmed.safe_torch_load(io.BytesIO(rec["server"])))
 
 
 @client_app.query()
@@ -677,10 +684,7 @@ def describe(msg: Message, context: Context) -> RecordDict:
         node.load_state(int(rec["state_round"]))
         return record(private=pack(node.client.state.get("private", {})))
     if rec.get("ask") == "step":                    # Algorithm.at_clients
-        node.load_state(int(rec["state_round"]))
-        node.algo.set_round(int(rec["round"]))
-        _take_privates(node, rec)
-        server = fedmed.ServerState(**fedmed.safe_torch_load(io.BytesIO(rec["server"])))
+        server = _evaluating(node, rec)
         level = node.algo
         for _ in range(int(rec["depth"])):
             level = level.base
@@ -709,10 +713,7 @@ def train(msg: Message, context: Context) -> RecordDict:
     t0 = time.perf_counter()
     upload = node.algo.local_update(c, unpack(rec["payload"]))
     seconds = time.perf_counter() - t0
-    bad = fedmed.first_nonfinite(c.state.get("private"))
-    if bad:
-        raise fedmed.Diverged(f"round {t + 1}, client {c.name}: weight {bad} is NaN or "
-                              "infinite after local training")
+    fedmed.check_private(t, c)
     node.save_state(t + 1, start)
     return record(upload=pack(upload), seconds=seconds, note=json.dumps(node.algo.note_of(c)))
 
@@ -725,11 +726,7 @@ def evaluate(msg: Message, context: Context) -> RecordDict:
     node = _Node(msg, context)
     rec = msg.content[KEY]
     t = int(rec["round"])
-    node.load_state(int(rec["state_round"]))
-    node.algo.set_round(t)
-    _take_privates(node, rec)
-    server = fedmed.ServerState(**fedmed.safe_torch_load(io.BytesIO(rec["server"])))
-    node.algo.set_note(node.client, json.loads(rec["note"]))
+    server = _evaluating(node, rec)
     t0 = time.perf_counter()
     lines, seen = fedmed.client_lines(node.algo, server, node.client, t, int(rec["up"]),
                                       int(rec["down"]))

@@ -573,7 +573,21 @@ def robust_combine(ws: list, rule: str, trim: float = 0.2, krum_f: int = 1) -> t
     raise ValueError(f"unknown aggregation rule {rule!r}")
 
 
-class PrivacyLayer(fedmed.Wrapper):
+class _Layer(fedmed.Wrapper):
+    """What both layers share: `_lines`, what the layer noted about each client this
+    round (its metric line's extra keys), and the note that travels with it (a Flower
+    node notes, the server reads; Algorithm.note_of)."""
+
+    _lines: dict
+
+    def note_of(self, client):
+        return dict(self._lines.get(client.id, {}))
+
+    def set_note(self, client, note):
+        self._lines[client.id] = dict(note)
+
+
+class PrivacyLayer(_Layer):
     """Client-level DP-FedAvg and/or pairwise-mask secure aggregation, with simulated
     client dropouts, around one method (its `base`): the base trains; this layer samples
     the participants (Poisson under DP), clips each update (DP), quantises and masks it
@@ -660,12 +674,6 @@ class PrivacyLayer(fedmed.Wrapper):
 
     def _line(self, client) -> dict:
         return self._lines.setdefault(client.id, {})
-
-    def note_of(self, client):
-        return dict(self._lines.get(client.id, {}))
-
-    def set_note(self, client, note):
-        self._lines[client.id] = dict(note)
 
     def local_update(self, client, payload):                                 # (2)
         fails = self._fails(client)
@@ -845,7 +853,7 @@ class PrivacyLayer(fedmed.Wrapper):
         return out
 
 
-class FaultLayer(fedmed.Wrapper):
+class FaultLayer(_Layer):
     """Faults around a method that the PrivacyLayer does not cover: its uploads are not
     plain weights that are averaged (compressed blobs, SVD factors, teachers, protocol
     messages), so nothing here reads them beyond their finiteness. Two rules, the same
@@ -903,12 +911,6 @@ class FaultLayer(fedmed.Wrapper):
 
     def line_extra(self, server, client):
         return {**self.base.line_extra(server, client), **self._lines.get(client.id, {})}
-
-    def note_of(self, client):
-        return dict(self._lines.get(client.id, {}))
-
-    def set_note(self, client, note):
-        self._lines[client.id] = dict(note)
 
     def summary_extra(self, server, lines):
         out = dict(self.base.summary_extra(server, lines))

@@ -550,29 +550,36 @@ class ClipSVM(Algorithm):
             out.append(z.float().cpu())
         return torch.cat(out).numpy().astype(np.float64)
 
-    def fit_own(self, server, client) -> dict:
+    def fit_own(self, server, client, z: np.ndarray | None = None) -> dict:
         """(C1)-(C2): {svm, knn}: this client's classifiers, fitted on its own training
-        features only (each party's)."""
+        features only (`z`, computed here when not given)."""
         a, C = self.args, self.fed.num_classes
-        z, y = self.features(server, client, client.train), self.fed.y.numpy()[client.train]
+        z = self.features(server, client, client.train) if z is None else z
+        y = self.fed.y.numpy()[client.train]
         return {kind: fit_classifier(kind, z, y, C, svm_c=a.svm_c, knn_k=a.knn_k,
                                      seed=derive_seed(self.cfg.seed, "svm", client.id))
+                for kind in ("svm", "knn")}
+
+    def fit_pooled(self, server, zs: list | None = None) -> dict:
+        """(C4) --svm-pooled: {svm_pooled, knn_pooled}: one classifier each on every
+        training client's features pooled (`zs`, per client, computed here when not
+        given): a non-private bound."""
+        a, C, y_all = self.args, self.fed.num_classes, self.fed.y.numpy()
+        zs = zs if zs is not None else [self.features(server, c, c.train) for c in self.clients]
+        Z, Y = np.concatenate(zs), np.concatenate([y_all[c.train] for c in self.clients])
+        return {f"{kind}_pooled": [fit_classifier(kind, Z, Y, C, svm_c=a.svm_c, knn_k=a.knn_k,
+                                                  seed=derive_seed(self.cfg.seed, "svm", "pooled"))]
                 for kind in ("svm", "knn")}
 
     def fit_parties(self, server) -> dict:
         """(C1)-(C2), (C4): {kind: [fitted party, ...]}: one per training client for svm and
         knn, fitted on that client's training features only; one on the pooled source
         features for svm_pooled / knn_pooled (--svm-pooled)."""
-        a, C, y_all = self.args, self.fed.num_classes, self.fed.y.numpy()
-        own = [self.fit_own(server, c) for c in self.clients]
+        zs = [self.features(server, c, c.train) for c in self.clients]
+        own = [self.fit_own(server, c, z) for c, z in zip(self.clients, zs)]
         fitted = {kind: [o[kind] for o in own] for kind in ("svm", "knn")}
-        if a.svm_pooled:
-            Z = np.concatenate([self.features(server, c, c.train) for c in self.clients])
-            Y = np.concatenate([y_all[c.train] for c in self.clients])
-            for kind in ("svm", "knn"):
-                fitted[f"{kind}_pooled"] = [fit_classifier(
-                    kind, Z, Y, C, svm_c=a.svm_c, knn_k=a.knn_k,
-                    seed=derive_seed(self.cfg.seed, "svm", "pooled"))]
+        if self.args.svm_pooled:
+            fitted.update(self.fit_pooled(server, zs))
         return fitted
 
     # steps that run where a client is (Algorithm.at_clients): each reads its own images
@@ -604,10 +611,7 @@ class ClipSVM(Algorithm):
         C, y_all = self.fed.num_classes, self.fed.y.numpy()
         held = held if held is not None else self.at_clients(server, self.holdout, "unseen_view")
         per_party = self.at_clients(server, self.clients, "party_probs", [r["z"] for r in held])
-        pooled = {}
-        if self.args.svm_pooled:
-            fitted = self.fit_parties(server)
-            pooled = {k: v for k, v in fitted.items() if k.endswith("_pooled")}
+        pooled = self.fit_pooled(server) if self.args.svm_pooled else {}
         out = {}
         for j, (h, r) in enumerate(zip(self.holdout, held)):
             y = y_all[h.test]
