@@ -595,9 +595,11 @@ class Algorithm:
         return [getattr(self, step)(server, c, *args) for c in clients]
 
     def note_of(self, client: ClientState) -> dict:
-        """What the method noted about `client` in this round for its metric line
-        (`line_extra`), JSON-able; {} by default. A transport whose clients live apart
-        (flower_app.py) carries it with each message between the server and the node."""
+        """What the other party needs to know about `client` besides the payload,
+        JSON-able; {} by default: what a layer noted about it in this round for its
+        metric line (`line_extra`), FedAL's pools L_k, U_k and class weights. A transport
+        whose clients live apart (flower_app.py) carries it with each message between the
+        server and the node."""
         return {}
 
     def set_note(self, client: ClientState, note: dict) -> None:

@@ -43,8 +43,9 @@ Deviations from `python run.py`: the server, like every node, builds the federat
 the data flags (to know the clients, their sizes, labels and the split it records in
 config.json; with --dataset synthetic every party regenerates it from the seed);
 protocols that run the loop several times (fcu), --secagg (simulated in one process),
-and methods that read a client's data outside its own node (`crosses_sites`: pooled,
-FACMIC, FedAL; clip_svm's --svm-pooled and --unseen-dir) are refused; a step of the
+and methods that read a client's data or state outside its own node (`crosses_sites`:
+pooled, FACMIC; clip_svm's --svm-pooled and --unseen-dir; FedAL's --al-reinit) are
+refused; a step of the
 server's code that reads what only a client holds runs on its node (Algorithm.at_clients); evaluations and exported models that read every
 client's private tensors (Algorithm.reads_every_private; model.pt under --bn local,
 model-CLIENT.pt) get them from the nodes first (not counted in the bytes, as in process).
@@ -424,6 +425,13 @@ class FlowerTransport(fedmed.InProcess):
                 got[c.name] = {}
         return got
 
+    def _every_private(self, t: int, clients: list) -> bytes:
+        """What a node needs to read every training client's private tensors as in
+        process: the tensors (`_privates`) and each client's note (e.g. FedAL's pools,
+        whose sizes n_k weight the held-out rule's average)."""
+        return pack({"all": self._privates(t, clients),
+                     "notes": {c.name: json.dumps(self.algo.note_of(c)) for c in clients}})
+
     def _at_clients(self, depth: int, server, clients: list, step: str, args: tuple) -> list:
         """Algorithm.at_clients on Flower: the step runs on each client's node (on the
         method `depth` wrappers down), with the server state and the arguments sent there;
@@ -431,12 +439,12 @@ class FlowerTransport(fedmed.InProcess):
         t = self.algo.round
         data = pack({"weights": server.weights, "state": server.state})
         given = pack({"args": list(args)})
-        privates = (pack({"all": self._privates(t, self.clients_training)})
+        privates = (self._every_private(t, self.clients_training)
                     if any(self.algo.reads_every_private(c) for c in clients) else b"")
         make = {c.name: (lambda node, c=c: self._message(
                     "query", node, t, ask="step", step=step, depth=depth, args=given,
                     server=data, client=c.name, state_round=self.state_round[c.name],
-                    privates=privates))
+                    privates=privates, note=json.dumps(self.algo.note_of(c))))
                 for c in clients}
         replies, lost = self._gather(t, make, f"its step {step}")
         for name, why in lost.items():
@@ -449,7 +457,7 @@ class FlowerTransport(fedmed.InProcess):
     def evaluate(self, t, server, clients, holdout, up_bytes, down_bytes, seconds) -> list:
         data = pack({"weights": server.weights, "state": server.state})
         need = [c.name for c in clients + holdout if self.algo.reads_every_private(c)]
-        privates = pack({"all": self._privates(t, clients)}) if need else b""
+        privates = self._every_private(t, clients) if need else b""
         make = {c.name: (lambda node, c=c: self._message(
                     "evaluate", node, t, server=data, client=c.name,
                     state_round=self.state_round[c.name], up=int(up_bytes.get(c.id, 0)),
@@ -664,10 +672,11 @@ def _evaluating(node: _Node, rec) -> fedmed.ServerState:
     node.load_state(int(rec["state_round"]))
     node.algo.set_round(int(rec["round"]))
     if rec.get("privates"):
-        got = unpack(rec["privates"])["all"]
+        got = unpack(rec["privates"])
         for c in node.algo.clients:
             if c is not node.client:
-                c.state = {"private": got[c.name]}
+                c.state = {"private": got["all"][c.name]}
+                node.algo.set_note(c, json.loads(got["notes"][c.name]))
     if "note" in rec:
         node.algo.set_note(node.client, json.loads(rec["note"]))
     return fedmed.ServerState(**fedmed.safe_torch_load(io.BytesIO(rec["server"])))

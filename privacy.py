@@ -581,10 +581,12 @@ class _Layer(fedmed.Wrapper):
     _lines: dict
 
     def note_of(self, client):
-        return dict(self._lines.get(client.id, {}))
+        return {"layer": dict(self._lines.get(client.id, {})),
+                "base": self.base.note_of(client)}
 
     def set_note(self, client, note):
-        self._lines[client.id] = dict(note)
+        self._lines[client.id] = dict(note["layer"])
+        self.base.set_note(client, note["base"])
 
 
 class PrivacyLayer(_Layer):

@@ -56,9 +56,19 @@ the base. A base that replaces the participants (pooled) has no per-client local
 and is refused.
 
 theta_k is not kept: its predicted probabilities on U_k (|U_k| x C floats, far fewer
-than the weights) are stored in client.state["al_p_local"] after the client's last
-local update of the phase and dropped at the acquisition. A client that no sampled round
-of the phase reached (--fraction < 1) has no theta_k: it scores with theta_g alone.
+than the weights) are stored in client.state["al_p_local"], with the phase they belong
+to in client.state["al_p_phase"], after the client's last local update of the phase;
+acquisition c uses them only if they are of phase c - 1, and the client's next local
+update drops them. A client that no sampled round of the phase reached (--fraction < 1)
+has no theta_k: it scores with theta_g alone.
+
+Where each step runs: the scoring and the choice of S_k read only client k's images and
+state, and run where the client is (`pick`, through Algorithm.at_clients: in process
+here, on the client's node on Flower); the server keeps the bookkeeping (L_k, U_k, the
+oracle's log, the class weights) and sends a client its L_k, U_k and the class weights
+with every message (`note_of` / `set_note`), so a node trains on exactly the pools and
+the revealed labels the server has. The oracle answers on the server from the labels
+the federation was built with (on Flower every party reads the same label files).
 
 Defaults (sheet, all [ours] except B_total = 50% [paper]): p0 = 10%, B_total = 50%,
 A = 4 (beta = 10%), R_c = 10 (T = 50 rounds), entropy of the mean, warm start.
@@ -187,6 +197,10 @@ class HiddenLabels:
         self._y[idx] = torch.as_tensor(np.asarray(labels), dtype=self._y.dtype)
         self._hidden[idx] = False
 
+    def hidden_at(self, idx: np.ndarray) -> np.ndarray:
+        """Which of `idx` are hidden (a bool array)."""
+        return self._hidden[torch.as_tensor(np.asarray(idx, np.int64))].numpy()
+
     def hidden_indices(self) -> np.ndarray:
         return torch.nonzero(self._hidden)[:, 0].numpy()
 
@@ -228,7 +242,8 @@ class Oracle:
         self._y = y[torch.as_tensor(self._idx)].numpy().copy()
         self.log: list = []
 
-    def _lookup(self, idx: np.ndarray) -> np.ndarray:
+    def lookup(self, idx: np.ndarray) -> np.ndarray:
+        """The true labels of `idx` (images of the pools), without a query."""
         return self._y[np.searchsorted(self._idx, idx)]
 
     def query(self, cycle: int, client: ClientState, idx: np.ndarray) -> np.ndarray:
@@ -236,14 +251,14 @@ class Oracle:
         if len(np.unique(idx)) != len(idx) or not np.isin(idx, client.unlabeled).all():
             raise LabelLeak(f"oracle: query for {client.name} outside its unlabelled pool")
         self.log.append({"cycle": cycle, "client": client.name, "indices": idx.copy()})
-        return self._lookup(idx)
+        return self.lookup(idx)
 
     def answered(self) -> tuple[np.ndarray, np.ndarray]:
         """(indices, labels) of every query already answered: replayed, not asked again."""
         if not self.log:
             return np.zeros(0, np.int64), np.zeros(0, np.int64)
         idx = np.concatenate([e["indices"] for e in self.log])
-        return idx, self._lookup(idx)
+        return idx, self.lookup(idx)
 
     @property
     def queries(self) -> int:
@@ -281,8 +296,15 @@ def parse_base_args(Base, text: str):
 @register("fedal")
 class FedAL(Wrapper):
     Args = Args
-    crosses_sites = ("its acquisition step, in the server's begin_round, scores each "
-                     "client's unlabelled pool and reveals the labels chosen")
+
+    @staticmethod
+    def crosses_sites_of(ns) -> str:
+        """--al-reinit restarts every client's state from the server's begin_round, which
+        a client's node would not see (a Flower run refuses it)."""
+        if ns.al_reinit:
+            return ("--al-reinit restarts every client's state, kept on its node, from the "
+                    "server's begin_round")
+        return ""
 
     def __init__(self, cfg: Config, args: Args, fed):
         a = args
@@ -435,13 +457,42 @@ class FedAL(Wrapper):
         super().begin_round(server, clients)
 
     def local_update(self, client, payload):
+        client.state.pop("al_p_local", None)          # an earlier phase's: used, or never
+        client.state.pop("al_p_phase", None)
         upload = self.base.local_update(client, payload)
         if self._needs_local_scores(client):
             # theta_k = the base method's model right after this update, before aggregation
             with self.labels.inference():
                 p_loc = self.base.forward_probs(client.unlabeled)
             client.state["al_p_local"] = torch.from_numpy(p_loc)
+            client.state["al_p_phase"] = self.round // self.R_c
         return upload
+
+    def note_of(self, client: ClientState) -> dict:
+        """What a client's node needs besides the payload: its pools L_k, U_k and the class
+        weights of this round (alpha, recomputed in begin_round from every L_k)."""
+        note = dict(super().note_of(client))
+        note["al"] = {"train": np.asarray(client.train).tolist(),
+                      "unlabeled": np.asarray(client.unlabeled).tolist()}
+        if self.base.alpha is not None:                # --class-weights inverse
+            note["al"]["alpha"] = self.base.alpha.cpu().tolist()
+        return note
+
+    def set_note(self, client: ClientState, note: dict) -> None:
+        note = dict(note)
+        al = note.pop("al", None)
+        super().set_note(client, note)
+        if al is None:
+            return
+        client.train = np.asarray(al["train"], np.int64)
+        client.unlabeled = np.asarray(al["unlabeled"], np.int64)
+        # the labels of L_k here (on the client's node: those of its acquired images, which
+        # its annotators gave; on the server they are revealed already)
+        new = client.train[self.labels.hidden_at(client.train)]
+        if len(new):
+            self.labels.reveal(new, self.oracle.lookup(new))
+        if "alpha" in al:
+            self.base.alpha = torch.tensor(al["alpha"], dtype=torch.float32).to(self.base.device)
 
     # -- the AL phase -------------------------------------------------------------------
     def _needs_local_scores(self, client: ClientState) -> bool:
@@ -463,33 +514,47 @@ class FedAL(Wrapper):
         if kind == "random":
             return acquisition_scores(kind, None, None, client.unlabeled,
                                       np_rng(self.cfg.seed, "fedal-random", c, client.id))
-        p_loc = client.state.get("al_p_local")
-        p_loc = p_loc.numpy() if p_loc is not None else None
+        p_loc = client.state["al_p_local"].numpy() if self._has_local(client, c) else None
         p_glob = (self.global_probs(server, client, client.unlabeled)
                   if kind != "local-entropy" or p_loc is None else None)
         if p_loc is None:
             p_loc = p_glob                             # no local update this phase
         return acquisition_scores(kind, self.args.al_score, p_loc, p_glob)
 
+    @staticmethod
+    def _has_local(client: ClientState, c: int) -> bool:
+        """Whether theta_k scored U_k for acquisition c (in its phase c - 1)."""
+        return "al_p_local" in client.state and client.state.get("al_p_phase") == c - 1
+
+    def pick(self, server: ServerState, client: ClientState, c: int) -> dict:
+        """Acquisition c at `client`, where the client is (Algorithm.at_clients): S_k, the
+        b_k images of U_k with the highest scores, and whether theta_k scored them. It
+        reads the client's images and state and changes nothing."""
+        b = self.acquisition_size(client, c)
+        S = (select_top(self.scores(server, client, c), client.unlabeled, b) if b > 0
+             else np.zeros(0, np.int64))
+        return {"S": torch.from_numpy(np.asarray(S, np.int64)),
+                "local_model": self._has_local(client, c)}
+
     def acquire(self, server: ServerState, clients: list, c: int) -> None:
-        """Acquisition c: each client scores U_k, queries the oracle for its top-b_k,
-        and moves them from U_k to L_k. Nothing is sent."""
+        """Acquisition c: each client scores U_k and picks its top-b_k (`pick`, where the
+        client is); the oracle answers for them and they move from U_k to L_k. Nothing of
+        the method is sent (FedMed's byte counters)."""
         rec = {"cycle": c, "clients": {}}
-        for client in clients:
+        for client, got in zip(clients, self.at_clients(server, clients, "pick", c)):
+            S = got["S"].numpy().astype(np.int64)
             b = self.acquisition_size(client, c)
-            had_local = "al_p_local" in client.state
-            S = np.zeros(0, np.int64)
+            if len(S) != b:
+                raise RuntimeError(f"fedal: client {client.name} picked {len(S)} images at "
+                                   f"acquisition {c}, its budget b_k is {b}")
+            y_S = np.zeros(0, np.int64)
             if b > 0:
-                S = select_top(self.scores(server, client, c), client.unlabeled, b)
                 y_S = self.oracle.query(c, client, S)
                 self.labels.reveal(S, y_S)
                 client.train = np.sort(np.concatenate([client.train, S]))     # L <- L u S
                 client.unlabeled = np.setdiff1d(client.unlabeled, S)           # U <- U \ S
-            else:
-                y_S = np.zeros(0, np.int64)
-            client.state.pop("al_p_local", None)      # theta_k's scores are no longer needed
             rec["clients"][client.name] = {
-                "acquired": int(b), "local_model": had_local,
+                "acquired": int(b), "local_model": bool(got["local_model"]),
                 "classes": np.bincount(y_S, minlength=self.fed.num_classes).tolist()}
         rec["oracle_queries"] = self.oracle.queries
         server.state["al"]["acquisitions"].append(rec)

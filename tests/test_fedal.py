@@ -305,17 +305,59 @@ def test_scoring_is_repeatable_and_leaves_bn_buffers_alone(fed):
     assert not algo.base.model.training
 
 
-def test_local_scores_are_kept_only_until_the_acquisition(fed):
+def test_local_scores_are_kept_only_until_the_clients_next_update(fed):
+    """theta_k's scores are made at the phase's last update, used by the next acquisition
+    (which runs where the client is and changes no client state) and dropped at the
+    client's next local update."""
     algo, server, clients = make_fedal(fed, al_rounds_per_cycle=2)
     train_round(algo, server, clients, 0)
     assert not any("al_p_local" in c.state for c in clients)       # not the phase's last update
     train_round(algo, server, clients, 1)
-    assert all("al_p_local" in c.state for c in clients)
+    assert all("al_p_local" in c.state and c.state["al_p_phase"] == 0 for c in clients)
     algo.set_round(2)
     algo.begin_round(server, clients)                              # acquisition 1
-    assert not any("al_p_local" in c.state for c in clients)
     rec = server.state["al"]["acquisitions"][0]
     assert all(v["local_model"] for v in rec["clients"].values())
+    for c in algo.participants(server, clients):
+        assert c.state["al_p_phase"] == 0
+        algo.local_update(c, transmit(algo.broadcast(server, c))[0])
+        assert "al_p_local" not in c.state and "al_p_phase" not in c.state, c.name
+
+
+def test_scores_of_an_earlier_phase_are_never_used(fed):
+    """A client that does not train in phase 1 (e.g. never sampled) still holds theta_k's
+    scores of phase 0 at acquisition 2: it scores with theta_g alone there, as one that
+    never trained (global entropy), and the record says no local model."""
+    algo, server, clients = make_fedal(fed, al_cycles=2, al_rounds_per_cycle=1)
+    train_round(algo, server, clients, 0)
+    algo.set_round(1)
+    algo.begin_round(server, clients)                              # acquisition 1
+    assert all(c.state["al_p_phase"] == 0 for c in clients)       # phase 1: nobody trains
+    algo.set_round(2)
+    assert all(algo.acquisition_size(c, 2) > 0 for c in clients)
+    want = []
+    for c in clients:
+        p_glob = algo.global_probs(server, c, c.unlabeled)
+        want.append(select_top(entropy(p_glob), c.unlabeled, algo.acquisition_size(c, 2)))
+    algo.begin_round(server, clients)                              # acquisition 2
+    rec = server.state["al"]["acquisitions"][1]
+    assert not any(v["local_model"] for v in rec["clients"].values())
+    assert [e["cycle"] for e in algo.oracle.log[-len(clients):]] == [2] * len(clients)
+    for e, S in zip(algo.oracle.log[-len(clients):], want):
+        assert np.array_equal(e["indices"], S), e["client"]
+
+
+def test_a_pick_of_the_wrong_size_is_refused(fed, monkeypatch):
+    """The server checks what each client picked against its budget b_k (a node that
+    answered with another S_k would otherwise move the pools silently)."""
+    algo, server, clients = make_fedal(fed)
+    train_round(algo, server, clients, 0)
+    real = algo.pick
+    monkeypatch.setattr(algo, "pick", lambda server, c, k: {**real(server, c, k),
+                                                            "S": real(server, c, k)["S"][1:]})
+    algo.set_round(algo.R_c)
+    with pytest.raises(RuntimeError, match="picked"):
+        algo.begin_round(server, clients)
 
 
 def test_reinit_restarts_the_base_method(fed):

@@ -212,7 +212,7 @@ def test_two_rounds_and_one_acquisition_equal_the_sheet_recomputed(fed, tmp_path
     for k, c in enumerate(clients):
         assert np.array_equal(c.train, L[k]) and np.array_equal(c.unlabeled, U[k]), c.name
         assert torch.equal(algo.fed.y[torch.as_tensor(c.train)], fed.y[torch.as_tensor(L[k])])
-        assert "al_p_local" not in c.state
+        assert c.state["al_p_phase"] == 0           # theta_k's scores: gone at its next update
     alpha1 = class_weights_of(fed, L)
     assert close(algo.base.alpha, alpha1) and not close(alpha1, alpha0)
     thetas, uploads = [], {}

@@ -366,9 +366,14 @@ ON_FLOWER = {
     "fedlsm": "--dataset synthetic-multilabel --n-u 8 --n-c 20",
     "fedmic": "--bn local --clients 4 --holdout-client site3", "fgasl": "--unlabeled-fraction 0.6 --clients 4 --holdout-client site3",
     "fixmatch": "--unlabeled-fraction 0.6", "meanteacher": "--unlabeled-fraction 0.6",
+    "fedal": "--al-cycles 1 --al-rounds-per-cycle 1 --al-initial 0.3",
+    "fedal_sampled": "--algo fedal --bn local --fraction 0.5 --al-cycles 2 "
+                     "--al-rounds-per-cycle 1 --al-initial 0.2 --clients 4 --holdout-client site3",
 }
+VARIANTS = {"fedbn", "fedbn_holdout", "dp", "robust", "faults", "fedal_sampled"}
 NOT_ON_FLOWER = {"pooled": "", "facmic": CLIP + " --clients 4 --holdout-client site3",
-                 "fedal": "", "fcu": "--forget-client site0"}
+                 "fcu": "--forget-client site0",
+                 "fedal_reinit": "--algo fedal --al-reinit --al-cycles 1 --al-rounds-per-cycle 1"}
 
 
 @pytest.fixture(scope="module")
@@ -388,13 +393,12 @@ def test_every_registered_method_is_either_checked_on_flower_or_refused():
     """A method added later must be put in one of the two lists (and so be checked)."""
     import algorithms
     algorithms.load_all()
-    variants = {"fedbn", "fedbn_holdout", "dp", "robust", "faults"}
-    named = set(ON_FLOWER) - variants | set(NOT_ON_FLOWER)
-    assert named == set(fedmed.ALGORITHMS)
-    for name in NOT_ON_FLOWER:
+    refused = {"pooled", "facmic", "fcu"}
+    assert set(ON_FLOWER) - VARIANTS | refused == set(fedmed.ALGORITHMS)
+    for name in refused:
         cls = fedmed.ALGORITHMS[name]
         assert cls.crosses_sites or hasattr(cls, "protocol"), name
-    for name in set(ON_FLOWER) - variants:
+    for name in set(ON_FLOWER) - VARIANTS:
         assert not fedmed.ALGORITHMS[name].crosses_sites, name
 
 
@@ -421,7 +425,17 @@ def test_every_method_on_flower_ends_as_run_py(tmp_path, tiny_clip, name):
         held = args.split("--holdout-client")[-1].split()[0]
         assert any(f"holds client {held}" in s for s in log), log
         lines = read_jsonl(tmp_path / "fl" / "metrics.jsonl")
-        assert {m["round"] for m in lines if m["client"] == held and m["holdout"]} == {1, 2}
+        rounds = read_json(tmp_path / "fl" / "config.json")["config"]["rounds"]
+        assert {m["round"] for m in lines if m["client"] == held and m["holdout"]} == \
+            set(range(1, rounds + 1))
+    if name.startswith("fedal"):       # acquisitions took images; some without theta_k
+        acq = read_json(tmp_path / "fl" / "summary.json")["al"]
+        curve = read_json(tmp_path / "fl" / "summary.json")["al_curve"]
+        assert acq["oracle_queries"] > 0 and curve[-1]["labelled"] > curve[0]["labelled"]
+    if name == "fedal_sampled":        # picks with and without theta_k's scores (a client
+        ck = torch.load(tmp_path / "fl" / "checkpoint.pt", weights_only=False)  # not sampled)
+        assert {v["local_model"] for r in ck["server"]["state"]["al"]["acquisitions"]
+                for v in r["clients"].values()} == {True, False}
 
 
 def test_nodes_sharing_one_process_end_as_run_py(tmp_path):
@@ -438,6 +452,31 @@ def test_nodes_sharing_one_process_end_as_run_py(tmp_path):
     assert on_grid(InProcessGrid(nodes), f"{args} --out {tmp_path / 'fl'}", log) == 0, log
     assert len(flower_app._BUILT) == 1 and list(flower_app._BUILT)[0][2] is None
     assert_same_run(str(tmp_path / "ref"), str(tmp_path / "fl"))
+
+
+def test_fedal_stopped_mid_acquisition_phase_and_resumed_on_shared_nodes_ends_as_run_py(
+        tmp_path, capsys):
+    """FedAL (two acquisitions) on nodes that share one process: site1's node vanishes
+    when its round-2 update is sent (just after acquisition 1), the run stops (on-dropout
+    fail) at round 1's checkpoint; --resume runs acquisition 1 again from the pools the
+    checkpoint kept, and the run ends bit for bit as python run.py."""
+    import run
+    args = (ARGS.replace("fedavg", "fedal") + " --image-size 16 --al-cycles 2 "
+            "--al-rounds-per-cycle 1 --al-initial 0.2")
+    nodes = [{"partition-id": k, "state-dir": str(tmp_path / f"state{k}")} for k in range(3)]
+    out = tmp_path / "fl"
+    flower_app._BUILT.clear()
+    capsys.readouterr()
+    grid = InProcessGrid(nodes, vanish=("site1", "train", 2))
+    assert on_grid(grid, f"{args} --out {out}", [], **{"on-dropout": "fail"}) == 2
+    assert "client site1" in capsys.readouterr().err
+    ck = fedmed.load_checkpoint(str(out / "checkpoint.pt"))
+    assert ck["round"] == 1 and ck["server"]["state"]["al"]["acquisitions"] == []
+    assert on_grid(InProcessGrid(nodes), f"{args} --resume --out {out}", []) == 0
+    assert len(flower_app._BUILT) == 1 and list(flower_app._BUILT)[0][2] is None
+    assert run.main(f"{args} --out {tmp_path / 'ref'}".split()) == 0
+    assert_same_run(str(tmp_path / "ref"), str(out))
+    assert read_json(out / "summary.json")["al"]["oracle_queries"] > 0
 
 
 def peeking(where: str, from_round: int = 0):
@@ -517,15 +556,19 @@ def test_what_reads_every_client_in_one_place_is_refused_on_flower(tmp_path, tin
 @pytest.mark.parametrize("name", sorted(NOT_ON_FLOWER))
 def test_methods_that_read_a_client_s_data_elsewhere_are_refused_on_flower(
         tmp_path, tiny_clip, capsys, name):
-    """pooled, FACMIC (every client trains on the target's images), FedAL (acquisition
-    in the server's hook) and fcu (several runs of the loop): one line naming the method,
-    exit 2, before any node is asked (a Grid without nodes)."""
+    """pooled, FACMIC (every client trains on the target's images), fcu (several runs of
+    the loop) and FedAL's --al-reinit (every client's state restarted from the server's
+    hook): one line naming the method, exit 2, before any node is asked (a Grid without
+    nodes)."""
     args = command(name, NOT_ON_FLOWER[name], tiny_clip)
+    algo = args.split("--algo ")[1].split()[0]
     capsys.readouterr()
     out = tmp_path / "fl"
     assert on_grid(InProcessGrid([]), f"{args} --out {out}", []) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and f"--algo {name}" in err and "python run.py" in err, err
+    assert len(err.splitlines()) == 1 and f"--algo {algo}" in err and "python run.py" in err, err
+    if name == "fedal_reinit":
+        assert "--al-reinit" in err, err
     assert not out.exists() or not (out / "checkpoint.pt").exists()
 
 
@@ -548,13 +591,16 @@ def site_folder(path, images=()) -> str:
 
 @pytest.mark.skipif(not os.path.isfile(os.path.join(ISIC, CSVS[0])),
                     reason=f"real data absent: {ISIC} (the shared isic2019-mini copy)")
+@pytest.mark.parametrize("method", ["--algo fedavg --bn local",
+                                    "--algo fedal --bn local --al-cycles 1 --al-rounds-per-cycle 1 "
+                                    "--al-initial 0.3"])
 def test_isic_sites_holding_only_their_own_images_and_a_server_with_none_end_as_run_py(
-        tmp_path):
+        tmp_path, method):
     """Real ISIC 2019 (three Fed-ISIC2019 centres): each node's folder holds the CSVs and
     its own centre's images only, the server's folder the CSVs only; the run ends bit
     for bit as python run.py on the whole folder (FedBN: private BN layers on the
-    nodes). A node never decodes another centre's image (they are not there), the server
-    none."""
+    nodes; FedAL: each node picks the images of its own pool to label). A node never
+    decodes another centre's image (they are not there), the server none."""
     import datasets
     import run
     cat = datasets.catalog_isic2019(datasets.Path(ISIC))
@@ -564,7 +610,7 @@ def test_isic_sites_holding_only_their_own_images_and_a_server_with_none_end_as_
         mine = [f for f, s in zip(cat.files, cat.site) if s == datasets.ISIC2019_CENTRES.index(name)]
         nodes.append({"client": name, "state-dir": str(tmp_path / f"state{k}"),
                       "data-dir": site_folder(tmp_path / f"site{k}", mine)})
-    args = ("--algo fedavg --bn local --dataset isic2019 --only-clients HAM_vidir_modern,HAM_rosendahl,MSK "
+    args = (f"{method} --dataset isic2019 --only-clients HAM_vidir_modern,HAM_rosendahl,MSK "
             "--max-images-per-client 40 --image-size 32 --rounds 2 --local-steps 1 "
             "--batch-size 8 --cache-dir none --quiet --seed 1")
     assert run.main(f"{args} --data-dir {ISIC} --out {tmp_path / 'ref'}".split()) == 0
@@ -575,6 +621,8 @@ def test_isic_sites_holding_only_their_own_images_and_a_server_with_none_end_as_
     assert_same_run(str(tmp_path / "ref"), str(tmp_path / "fl"), data_dir_differs=True)
     info = read_json(tmp_path / "fl" / "config.json")["dataset_info"]
     assert info["images_decoded"] == 0 and info["images"] == 120
+    if "fedal" in method:
+        assert read_json(tmp_path / "fl" / "summary.json")["al"]["oracle_queries"] > 0
 
 
 @pytest.mark.skipif(not os.path.isfile(os.path.join(ISIC, CSVS[0])),
