@@ -372,6 +372,8 @@ class Algorithm:
     name = "fedavg"
     primary_view = "global"           # name of the evaluated model in metrics.jsonl
     quiet = False                     # no progress bar (run.py --quiet); set by the loop
+    on_node = False                   # built on a client's Flower node (fedmed.build(node=
+                                      # True)): the server's files are not there
     adam_betas = (0.9, 0.999)         # --optimizer adam: torch's; a paper's recipe may differ
     crosses_sites = ""                # where the method reads a client's images or labels
                                       # outside that client's own local_update / predict
@@ -605,6 +607,18 @@ class Algorithm:
     def set_note(self, client: ClientState, note: dict) -> None:
         """Take the other party's `note_of(client)` in place of this one's."""
 
+    def sends_server_state(self, client: ClientState) -> bool:
+        """Whether `local_update` for `client` in this round reads the server's state
+        (set from it by `at_node`); a transport whose clients live apart (flower_app.py)
+        then sends it with the client's payload, not counted (in process it is read in
+        place). False by default."""
+        return False
+
+    def at_node(self, server: ServerState) -> None:
+        """On a client's node, before `local_update`, where `sends_server_state`: take
+        from the server's state what `begin_round` takes from it in process (e.g. FCU's
+        theta_o)."""
+
     def reads_every_private(self, client: ClientState) -> bool:
         """Whether `predict` for `client` in this round reads the private tensors of every
         training client (the held-out rule above). A transport whose clients live apart
@@ -820,6 +834,12 @@ class Wrapper(Algorithm):
 
     def reads_every_private(self, client: ClientState) -> bool:
         return self.base.reads_every_private(client)
+
+    def sends_server_state(self, client: ClientState) -> bool:
+        return self.base.sends_server_state(client)
+
+    def at_node(self, server: ServerState) -> None:
+        self.base.at_node(server)
 
     def note_of(self, client: ClientState) -> dict:
         return self.base.note_of(client)
@@ -1308,15 +1328,22 @@ class InProcess:
         """--resume: read back what `checkpoint` added."""
 
 
-def build(cfg: Config, args, fed, layer=None, quiet: bool = False):
+def build(cfg: Config, args, fed, layer=None, quiet: bool = False, node: bool = False):
     """(algo, cfg, clients, holdout, server) of a run, set up for round 0: the method built
     with `ALGORITHMS[cfg.algo](cfg, args, fed)` (wrapped by `layer`), the client records,
     the held-out ones, and the server state after `setup`. `run` starts from this; a
-    Flower node (flower_app.py) builds the same, so both sides start from one state."""
+    Flower node (flower_app.py) builds the same (`node`: the method's `on_node`), so both
+    sides start from one state."""
     clients = make_clients(fed)
     algo = ALGORITHMS[cfg.algo](cfg, args, fed)
     if layer is not None:
         algo = layer(algo)
+    level = algo
+    while node:
+        level.on_node = True
+        if not isinstance(level, Wrapper):
+            break
+        level = level.base
     cfg = algo.cfg                # what the method runs (a protocol's schedule fixes rounds)
     holdout = [ClientState(-1 - i, c.name, np.asarray(c.train), np.asarray(c.test))
                for i, c in enumerate(fed.holdout)]

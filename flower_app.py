@@ -42,19 +42,27 @@ and the CSVs only.
 Deviations from `python run.py`: the server, like every node, builds the federation from
 the data flags (to know the clients, their sizes, labels and the split it records in
 config.json; with --dataset synthetic every party regenerates it from the seed);
-protocols that run the loop several times (fcu), --secagg (simulated in one process),
-and methods that read a client's data or state outside its own node (`crosses_sites`:
-pooled, FACMIC; clip_svm's --svm-pooled and --unseen-dir; FedAL's --al-reinit) are
-refused; a step of the
-server's code that reads what only a client holds runs on its node (Algorithm.at_clients); evaluations and exported models that read every
+--secagg (simulated in one process) and methods that read a client's data or state
+outside its own node (`crosses_sites`: pooled, FACMIC; clip_svm's --svm-pooled and
+--unseen-dir; FedAL's --al-reinit) are refused. A step of the server's code that reads
+what only a client holds runs on its node (Algorithm.at_clients: clip_svm's classifiers,
+FedAL's acquisition, FCU's audit); evaluations and exported models that read every
 client's private tensors (Algorithm.reads_every_private; model.pt under --bn local,
-model-CLIENT.pt) get them from the nodes first (not counted in the bytes, as in process).
-A client's state is read only where it lives (`Elsewhere`). --seeds and --leave-one-out
-send each run's own command line to the nodes (`one_run_argv`).
+model-CLIENT.pt) get them from the nodes first, and a local update that reads the
+server's state (Algorithm.sends_server_state: FCU's unlearning step reads theta_o) gets
+it with its payload (neither counted in the bytes: read in place in process). A node
+builds the method with the server's arguments and rounds of the run (`settings`: a
+protocol's phase sets some that no flag gives). A protocol's runs of the loop (FCU's
+phases) each ask the nodes again which client they hold; a run that starts from a
+client's state at the end of an earlier run (FCU's PGA: u's last local model) has that
+client's node read it from its own state folder (`origin`). A client's state is read
+only where it lives (`Elsewhere`). --seeds and --leave-one-out send each run's own
+command line to the nodes (`one_run_argv`).
 """
 from __future__ import annotations
 
 import copy
+import dataclasses
 import io
 import json
 import os
@@ -182,13 +190,10 @@ class FlowerTransport(fedmed.InProcess):
 
     # -- what run.py and fedmed.run ask --------------------------------------------------
     def check(self, ns, cls) -> None:
-        for bad, what in ((hasattr(cls, "protocol"), f"--algo {ns.algo} (several runs of the loop)"),
-                          (bool(ns.layer_settings and ns.layer_settings[1]),
-                           "--secagg (its key agreement and unmasking are simulated in one "
-                           "process)")):
-            if bad:
-                raise fedmed.UsageError(f"{what} does not run on Flower yet; run it with "
-                                        "python run.py")
+        if ns.layer_settings and ns.layer_settings[1]:
+            raise fedmed.UsageError("--secagg (its key agreement and unmasking are simulated "
+                                    "in one process) does not run on Flower yet; run it with "
+                                    "python run.py")
         ns.decode_only = ()                     # the server reads no image (datasets.pixels_of)
         why = cls.crosses_sites_of(ns)
         if why:
@@ -202,6 +207,10 @@ class FlowerTransport(fedmed.InProcess):
         run's data identity."""
         super().bind(algo, cfg, clients, holdout, rec, out, resume)
         self.argv = one_run_argv(rec["argv"], cfg.seed, [c.name for c in holdout])
+        # the method's settings as this run has them (a protocol's phase changes some that
+        # no flag gives, e.g. FCU's phase and its rounds): a node builds with these
+        self.settings = json.dumps({"args": rec["algorithm_args"], "rounds": cfg.rounds},
+                                   default=fedmed._jsonable)
         self.node_of, self.asked, self.rounds_begun = {}, set(), False
         level, depth = algo, 0                      # the server's steps that read a client
         while True:                                 # run on its node (Algorithm.at_clients)
@@ -217,8 +226,29 @@ class FlowerTransport(fedmed.InProcess):
         self.clients_training = clients
         self.clients = clients + holdout          # every one on a node (a held-out client's
                                                   # node only evaluates)
+        self.origin = self._origin(algo)
         elsewhere(self.clients, cfg.algo, "on the server")
         self._discover()
+
+    @staticmethod
+    def _origin(algo) -> dict:
+        """{client name: what its node takes into its start state from its own state at
+        the end of an earlier Flower run}: a method's `carries` (FCU's PGA phase: u's last
+        local model of the original run), with that run's token and the client's round
+        there, from that run's checkpoint."""
+        inner = algo
+        while isinstance(inner, fedmed.Wrapper):
+            inner = inner.base
+        carries = getattr(inner, "carries", None)
+        if not carries:
+            return {}
+        path = os.path.join(carries["run"], "checkpoint.pt")
+        saved = (fedmed.load_checkpoint(path, "Flower").get("transport") or {}).get("flower")
+        if saved is None:
+            raise fedmed.UsageError(f"{path} was not written by a Flower run; its clients' "
+                                    "states are in the checkpoint: run this with python run.py")
+        return {carries["client"]: json.dumps({"token": saved["token"], "keys": carries["keys"],
+                                               "round": saved["state_round"][carries["client"]]})}
 
     def checkpoint(self) -> dict:
         return {"transport": {"flower": {"token": self.token,
@@ -258,7 +288,10 @@ class FlowerTransport(fedmed.InProcess):
 
     # -- messages ---------------------------------------------------------------------
     def _message(self, kind: str, node: int, t: int, **values) -> Message:
-        values.update(argv=json.dumps(self.argv), token=self.token, round=t)
+        values.update(argv=json.dumps(self.argv), token=self.token, round=t,
+                      settings=self.settings)
+        if values.get("client") in self.origin:
+            values["origin"] = self.origin[values["client"]]
         return Message(record(**values), dst_node_id=node, message_type=kind,
                        group_id=str(t + 1))
 
@@ -383,8 +416,10 @@ class FlowerTransport(fedmed.InProcess):
         for c in participants:                          # the hooks in the loop's order
             data = pack(algo.broadcast(server, c))
             down[c.name] = len(data)
-            make[c.name] = (lambda node, data=data, c=c: self._message(
-                "train", node, t, payload=data, client=c.name,
+            state = (pack({"weights": server.weights, "state": server.state})
+                     if algo.sends_server_state(c) else b"")   # (not counted: read in place
+            make[c.name] = (lambda node, data=data, c=c, state=state: self._message(  # in process)
+                "train", node, t, payload=data, client=c.name, server=state,
                 state_round=self.state_round[c.name], note=json.dumps(algo.note_of(c))))
         status(f"round {t + 1}/{algo.cfg.rounds}: training {len(make)} client(s) on Flower")
         replies, lost = self._gather(t, make, "its update")
@@ -555,7 +590,7 @@ def _state_dir(context: Context) -> str:
 _BUILT: dict = {}                      # one built run per process (see _built)
 
 
-def _built(argv_json: str, data_dir: str | None, mine):
+def _built(argv_json: str, data_dir: str | None, mine, settings: str = ""):
     """(algo, client records, federation, each client's state after setup) of the run
     whose command line is `argv_json`, with this node's data folder. `mine` (the node's
     client: its name or its index in clients + held-out clients): only that client's
@@ -565,8 +600,11 @@ def _built(argv_json: str, data_dir: str | None, mine):
     without isolate, e.g. Flower's simulation runtime, whose processes each serve many
     virtual nodes) the whole federation is built once per process and shared by the
     nodes it serves; every other client's state is still out of reach (`Elsewhere`). A
-    deployment starts a process per message, so this is built once per message there."""
-    key = (argv_json, data_dir, mine)
+    deployment starts a process per message, so this is built once per message there.
+    `settings` (JSON {"args", "rounds"}): the method's arguments and rounds as the server's
+    run has them, in place of those the command line gives where they differ (a
+    protocol's phase, e.g. FCU's)."""
+    key = (argv_json, data_dir, mine, settings)
     if key not in _BUILT:
         _BUILT.clear()
         argv = json.loads(argv_json)
@@ -576,8 +614,17 @@ def _built(argv_json: str, data_dir: str | None, mine):
             ns.data_dir = data_dir
         ns.quiet, ns.decode_only = True, None if mine is None else (mine,)
         cfg, cls, args, _ = cli.configure(ns, given)
+        if settings:
+            want = json.loads(settings)
+            cfg = dataclasses.replace(cfg, rounds=int(want["rounds"]))
+            if args is not None:
+                have = dataclasses.asdict(args)
+                args = dataclasses.replace(args, **{
+                    k: v for k, v in want["args"].items()
+                    if json.dumps(have.get(k), default=fedmed._jsonable) != json.dumps(v)})
         fed = cli.load_federation(ns, cfg, cls, args)
-        algo, cfg, clients, holdout, _ = fedmed.build(cfg, args, fed, ns.layer, quiet=True)
+        algo, cfg, clients, holdout, _ = fedmed.build(cfg, args, fed, ns.layer, quiet=True,
+                                                      node=True)
         everyone = clients + holdout
         _BUILT[key] = (algo, everyone, fed, {c.name: copy.deepcopy(c.state) for c in everyone})
     return _BUILT[key]
@@ -605,7 +652,8 @@ class _Node:
         mine = str(conf["client"]) if "client" in conf else int(conf["partition-id"])
         isolate = data_dir is not None or str(conf.get("isolate", "")).lower() in ("1", "true")
         self.algo, clients, self.fed, setup = _built(rec["argv"], data_dir,
-                                                     mine if isolate else None)
+                                                     mine if isolate else None,
+                                                     rec.get("settings", ""))
         if "client" in conf:
             mine = [c for c in clients if c.name == str(conf["client"])]
         else:
@@ -620,6 +668,10 @@ class _Node:
                   keep=self.client)
         folder = os.path.join(_state_dir(context), str(rec["token"]))
         self.folder, self.stem = folder, fedmed._file_stem(self.client.name)
+        self.origin = json.loads(rec["origin"]) if rec.get("origin") else None
+        if self.origin:                          # (its start state takes these keys)
+            self.origin["path"] = os.path.join(_state_dir(context), self.origin["token"],
+                                               f"{self.stem}.r{self.origin['round']}.pt")
 
     def state_path(self, rnd: int) -> str:
         return os.path.join(self.folder, f"{self.stem}.r{rnd}.pt")
@@ -628,6 +680,19 @@ class _Node:
         """client.state as it was after round `rnd` (0: as setup made it)."""
         if rnd == 0:
             self.client.state = copy.deepcopy(self.setup_state)
+            if self.origin:                      # e.g. FCU's PGA: u's last local model
+                path = self.origin["path"]
+                if not os.path.isfile(path):
+                    raise fedmed.UsageError(f"{self.who}: its state at the end of the run this "
+                                            f"one starts from ({path}) is missing; start the "
+                                            "node with the state-dir it had then")
+                then = fedmed.load_checkpoint(path, self.who)["state"]
+                lacks = [k for k in self.origin["keys"] if k not in then]
+                if lacks:
+                    raise fedmed.UsageError(f"{self.who}: its state at the end of the run this "
+                                            f"one starts from ({path}) has no {lacks[0]}; "
+                                            "rerun that run with this version")
+                self.client.state.update({k: then[k] for k in self.origin["keys"]})
             return
         path = self.state_path(rnd)
         if not os.path.isfile(path):
@@ -719,6 +784,8 @@ def train(msg: Message, context: Context) -> RecordDict:
     node.algo.set_round(t)
     c = node.client
     node.algo.set_note(c, json.loads(rec["note"]))
+    if rec.get("server"):                               # Algorithm.sends_server_state
+        node.algo.at_node(fedmed.ServerState(**fedmed.safe_torch_load(io.BytesIO(rec["server"]))))
     t0 = time.perf_counter()
     upload = node.algo.local_update(c, unpack(rec["payload"]))
     seconds = time.perf_counter() - t0

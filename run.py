@@ -707,7 +707,8 @@ def _train(ns, cfg, cls, args, out, rounds_given) -> int:
         if ns.overwrite and os.path.isdir(out):       # (the loop clears a plain run's folder)
             fedmed.clear_out(out)                       # nothing of the old run is left
         summary = cls.protocol(cfg, args, fed, out, resume=ns.resume, data_args=data_args,
-                               quiet=ns.quiet)
+                               quiet=ns.quiet, argv=ns.argv,
+                               transport=getattr(ns, "transport", None))
     else:
         summary = fedmed.run(cfg, args, fed, out, resume=ns.resume, data_args=data_args,
                              stop_after=ns.stop_after, quiet=ns.quiet, argv=ns.argv,

@@ -49,6 +49,7 @@ from sklearn.metrics import roc_auc_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+import fedmed
 from fedmed import (IMAGENET_MEAN, IMAGENET_STD, classification_metrics, load_checkpoint,
                     np_rng)
 
@@ -195,20 +196,50 @@ class Audit:
         return self.algo.forward_probs(idx)
 
     @torch.no_grad()
-    def shadow_attack(self, weights: dict) -> MembershipAttack:
-        y = self.algo.fed.y.numpy()
-        half = self.test[self.halves[0]]
-        return MembershipAttack(
-            output_features(self.probs(weights, self.remaining), y[self.remaining]),
-            output_features(self.probs(weights, half), y[half]))
+    def outputs(self, client, weights: dict) -> dict:
+        """What the audit reads of one client's images, where the client is (the method's
+        `audit_outputs` step, through Algorithm.at_clients): the model `weights`'
+        probabilities on its training and its test images, and with a backdoor how many
+        of its test images of other classes than the target the stamped trigger sends to
+        the target (`hits` of `tried`)."""
+        out = {"train": torch.from_numpy(self.probs(weights, client.train)),
+               "test": torch.from_numpy(self.probs(weights, client.test))}
+        if self.target is not None:
+            out["hits"], out["tried"] = self.attack_success(client.test)
+        return out
 
-    @torch.no_grad()
+    def gather(self, weights: dict) -> dict:
+        """Every client's `outputs`, joined in the order of self.test and self.remaining:
+        {"test", "forgotten", "remaining", "forgotten_test": probabilities, "backdoor":
+        share of hits or None}."""
+        algo = self.algo
+        got = algo.at_clients(fedmed.ServerState(), algo.clients, "audit_outputs", weights)
+        u = self.forgotten.id
+        out = {"test": np.concatenate([g["test"].numpy() for g in got]),
+               "forgotten": got[u]["train"].numpy(), "forgotten_test": got[u]["test"].numpy(),
+               "remaining": np.concatenate([g["train"].numpy() for c, g in
+                                            zip(algo.clients, got) if c.id != u]),
+               "backdoor": None}
+        if self.target is not None:
+            out["backdoor"] = (sum(int(g["hits"]) for g in got)
+                               / max(sum(int(g["tried"]) for g in got), 1))
+        return out
+
+    def shadow_attack(self, weights: dict, got: dict | None = None) -> MembershipAttack:
+        y = self.algo.fed.y.numpy()
+        got = got or self.gather(weights)
+        half = self.halves[0]
+        return MembershipAttack(output_features(got["remaining"], y[self.remaining]),
+                                output_features(got["test"][half], y[self.test[half]]))
+
     def model(self, weights: dict) -> dict:
         """The audit of one model (any method's result)."""
-        attack = self.attack or self.shadow_attack(weights)
+        got = self.gather(weights)
+        attack = self.attack or self.shadow_attack(weights, got)
         y = self.algo.fed.y.numpy()
         u, test, rest = self.forgotten, self.test, self.remaining
-        p_test, p_f, p_r, p_uh = (self.probs(weights, i) for i in (test, u.train, rest, u.test))
+        p_test, p_f, p_r, p_uh = (got[k] for k in ("test", "forgotten", "remaining",
+                                                   "forgotten_test"))
         mt = classification_metrics(y[test], p_test)
         mf = classification_metrics(y[u.train], p_f)
         mr = classification_metrics(y[rest], p_r)
@@ -227,13 +258,14 @@ class Audit:
                "mia_loss_auroc": loss_threshold_auroc(
                    feats_f[:, 0], output_features(p_uh, y[u.test])[:, 0])}
         if self.target is not None:
-            out["backdoor_success"] = self.attack_success(test)
+            out["backdoor_success"] = got["backdoor"]
         return out
 
     @torch.no_grad()
-    def attack_success(self, idx: np.ndarray) -> float:
-        """Share of the images of `idx` not of the target class that the loaded model
-        (in eval mode) assigns to the target class once the trigger is stamped on them."""
+    def attack_success(self, idx: np.ndarray) -> tuple:
+        """(hits, tried): of the images of `idx` not of the target class, how many the
+        loaded model (in eval mode) assigns to the target class once the trigger is
+        stamped on them."""
         algo = self.algo
         idx = idx[algo.fed.y.numpy()[idx] != self.target]
         algo.model.eval()
@@ -241,7 +273,7 @@ class Audit:
         for s in range(0, len(idx), B):
             x, _ = algo.batch(torch.as_tensor(idx[s:s + B]))
             hits += int((algo.model(stamp(x, self.patch)).argmax(1) == self.target).sum())
-        return hits / max(len(idx), 1)
+        return hits, len(idx)
 
     def run(self, folder: str) -> dict:
         """The audit of a run's final model, and of its theta_u (`before_post_training`)

@@ -83,6 +83,9 @@ seconds and rounds are the whole protocol's (every phase), `phases` gives each p
 the accuracy figures are those of FCU's final model (`figures_of`).
 --reuse-original DIR reads the finished original and retrain phases of an earlier run of
 the same flags (checked) instead of rerunning them, e.g. to add a variant's rows.
+The audit reads each client's images where the client is (`audit_outputs`, through
+Algorithm.at_clients: in process here; on Flower on each client's node, which sends the
+probabilities and the backdoor hits back), one client at a time, and joins them.
 
 Backdoor (--backdoor) [ours; the sheet notes the paper's poisoning script is not public]:
 a share --backdoor-fraction of u's training images (drawn from those not of the target
@@ -120,6 +123,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -327,6 +331,9 @@ class FCU(Algorithm):
         self.alpha_all = self.alpha
         self.alpha_rest = (class_weights(y[others], fed.num_classes).to(self.device)
                            if cfg.class_weights == "inverse" else None)
+        self.alpha = self.alpha_all if self.phase in ("original", "audit") else self.alpha_rest
+        self.theta_o = None                             # the trained model u holds
+        self.carries = None                             # (see setup)
         self.poison = torch.zeros(len(fed.y), dtype=torch.bool)
         self.target = None
         if args.backdoor:
@@ -392,14 +399,23 @@ class FCU(Algorithm):
         return "post"
 
     def setup(self, server, clients):
+        """The unlearning phases start from the finished original run (its folder is the
+        server's: on a client's node, `on_node`, theta_o arrives with the unlearning
+        round's message, see at_node). PGA's u starts from its last local model of the
+        original run: from the original checkpoint in process; where the clients' states
+        stayed on their nodes (a Flower run: the checkpoint names its transport) u's node
+        takes it from its own state of that run (`carries`)."""
         super().setup(server, clients)
         self.audit = ua.Audit(self, self.u, self.target, self.args.backdoor_patch,
                               self.cfg.seed)
-        if self.phase in ("continue", "pga", "fcu", "fcu_code"):
+        if self.phase in ("continue", "pga", "fcu", "fcu_code") and not self.on_node:
             ck = self.read_original(self.args.from_run)
             server.weights = {k: v.clone() for k, v in ck["server"]["weights"].items()}
             server.state["theta_o"] = {k: v.clone() for k, v in server.weights.items()}
-            if self.phase == "pga":
+            if self.phase == "pga" and ck.get("transport"):
+                self.carries = {"run": self.args.from_run, "client": clients[self.u].name,
+                                "keys": ["last_local"]}
+            elif self.phase == "pga":
                 last = ck["clients"][self.u]["state"].get("last_local")
                 if last is None:
                     raise UsageError(f"{self.args.from_run}: the original run did not keep "
@@ -429,7 +445,13 @@ class FCU(Algorithm):
         return self.post_cfg if self.stage() == "post" else self.cfg
 
     def begin_round(self, server, clients):
-        self.alpha = self.alpha_all if self.phase in ("original", "audit") else self.alpha_rest
+        self.at_node(server)
+
+    def sends_server_state(self, client) -> bool:
+        """u's unlearning step reads theta_o (which u holds: nothing is counted)."""
+        return self.stage() == "unlearn"
+
+    def at_node(self, server) -> None:
         self.theta_o = server.state.get("theta_o")     # the trained model u holds
 
     def participants(self, server, sampled):
@@ -440,9 +462,10 @@ class FCU(Algorithm):
         return [c for c in sampled if c.id != self.u]      # u never trains again
 
     def line_extra(self, server, client):
-        """The stage, and the client's sample gradients so far (the cost curve that
-        time-to-accuracy reads)."""
-        return {"stage": self.stage(), "grad_samples": int(client.state.get("grad_samples", 0))}
+        """The stage, and the client's sample gradients and optimiser steps so far (the
+        cost curve that time-to-accuracy reads; the phase's cost in summary_extra)."""
+        return {"stage": self.stage(), "grad_samples": int(client.state.get("grad_samples", 0)),
+                "grad_steps": int(client.state.get("grad_steps", 0))}
 
     # -- the hooks --------------------------------------------------------------------
     def broadcast(self, server, client):
@@ -591,11 +614,20 @@ class FCU(Algorithm):
         return self.uploaded(self.model, ref)
 
     # -- the audit --------------------------------------------------------------------
+    def audit_outputs(self, server, client, weights: dict) -> dict:
+        """The audit's reads of `client`'s images (unlearning_audit.Audit.outputs), a
+        step that runs where the client is (Algorithm.at_clients)."""
+        return self.audit.outputs(client, weights)
+
     def summary_extra(self, server, lines):
         first = lines[0]["view"] if lines else None
         secs = sum(m.get("seconds", 0.0) for m in lines
                    if m["client"] == "pooled" and m["view"] == first)
-        total = lambda key: int(sum(c.state.get(key, 0) for c in self.clients))  # noqa: E731
+        last = {}                      # each client's last line: its counters at the end
+        for m in lines:                # (read from the lines: a client's state may live on
+            if "grad_samples" in m and m["view"] == first and not m["holdout"]:   # its node)
+                last[m["client"]] = m
+        total = lambda key: int(sum(m[key] for m in last.values()))  # noqa: E731
         return {"phase": self.phase, "forget_client": self.clients[self.u].name,
                 "cost": {"grad_samples": total("grad_samples"), "grad_steps": total("grad_steps"),
                          "train_seconds": float(secs)}}
@@ -603,8 +635,12 @@ class FCU(Algorithm):
     # -- the whole protocol: one fedmed.run per phase, then the audit -----------------
     @classmethod
     def protocol(cls, cfg, args, fed, out: str, *, resume: bool = False,
-                 data_args: dict | None = None, quiet: bool = False, log=print) -> dict:
-        """original -> each unlearning method -> the audit table in out/summary.json."""
+                 data_args: dict | None = None, quiet: bool = False, log=print,
+                 argv: list | None = None, transport=None) -> dict:
+        """original -> each unlearning method -> the audit table in out/summary.json.
+        `transport` (default in process; flower_app's: each client on its node) carries
+        every phase's rounds and the audit's reads of each client's images; `argv` is
+        the command line each phase records."""
         cls.validate(cfg, args, fed)
         methods = methods_of(args)
         os.makedirs(out, exist_ok=True)
@@ -627,8 +663,14 @@ class FCU(Algorithm):
                 a = dataclasses.replace(a, fgmp_convention="code", fgmp_window="code")
             runs[phase] = cls.run_phase(cfg, a, fed, folders[phase], phase,
                                         folders["original"], resume=resume,
-                                        data_args=data_args, quiet=quiet, log=log)
+                                        data_args=data_args, quiet=quiet, log=log,
+                                        argv=argv, transport=transport)
         auditor = cls.auditor(cfg, args, fed)
+        if transport is not None:                       # its steps run where each client is
+            transport.bind(auditor, cfg, auditor.clients, [], {
+                "argv": list(sys.argv[1:] if argv is None else argv),
+                "algorithm_args": dataclasses.asdict(auditor.args),
+                "data_identity": fedmed.data_identity(fed)}, out, False)
         shadow = None
         if "retrain" in runs:                           # the sheet's shadow model
             shadow = fedmed.load_checkpoint(os.path.join(folders["retrain"], "checkpoint.pt"),
@@ -697,7 +739,7 @@ class FCU(Algorithm):
     @classmethod
     def run_phase(cls, cfg, args, fed, out: str, phase: str, original: str, *,
                   resume: bool = False, data_args: dict | None = None, quiet: bool = False,
-                  log=print) -> dict:
+                  log=print, argv: list | None = None, transport=None) -> dict:
         """One phase of the protocol as one run of the loop in `out`; the unlearning
         phases start from the finished original run in folder `original`. With `resume`,
         a phase that has a checkpoint is continued (a finished one is only re-read)."""
@@ -708,7 +750,7 @@ class FCU(Algorithm):
         if not quiet:
             log(f"phase {phase}: {c.rounds} rounds{' (resumed)' if again else ''}")
         return fedmed.run(c, a, fed, out, resume=again, data_args=data_args, quiet=quiet,
-                          log=log)
+                          log=log, argv=argv, transport=transport)
 
     @classmethod
     def auditor(cls, cfg, args, fed) -> "FCU":

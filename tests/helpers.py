@@ -18,7 +18,9 @@ def drop_seconds(obj):
     """The same record without its wall-clock fields (the only ones allowed to differ
     between two runs of one seed)."""
     if isinstance(obj, dict):
-        return {k: drop_seconds(v) for k, v in obj.items() if k != "seconds"}
+        return {k: drop_seconds(v) for k, v in obj.items()
+                if not (k == "seconds" or k.endswith("_seconds")
+                        or k.startswith("speedup_vs_retrain_wall"))}
     if isinstance(obj, list):
         return [drop_seconds(v) for v in obj]
     return obj

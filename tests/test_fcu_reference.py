@@ -728,8 +728,10 @@ def test_attack_success_in_eval_mode_and_on_a_single_image(fed, protocol):
     algo.load_model(w, {})
     algo.model.train()
     test = np.concatenate([c.test for c in fed.clients])
-    assert algo.audit.attack_success(test) == pytest.approx(
-        summary["audit"]["original"]["backdoor_success"], abs=1e-12)
+    hits, tried = algo.audit.attack_success(test)
+    assert tried == int((fed.y.numpy()[test] != TARGET).sum())
+    assert hits / tried == pytest.approx(summary["audit"]["original"]["backdoor_success"],
+                                         abs=1e-12)
     other = test[fed.y.numpy()[test] != TARGET]
     x, _ = images(fed, torch.as_tensor(other))
     s, patch = trigger_patch(x.shape[-1])
@@ -737,7 +739,8 @@ def test_attack_success_in_eval_mode_and_on_a_single_image(fed, protocol):
     with torch.no_grad():
         hit = (net(fed, w, False)(x).argmax(1) == TARGET).numpy()
     assert hit.any()
-    assert algo.audit.attack_success(other[hit][:1]) == 1.0
+    assert algo.audit.attack_success(other[hit][:1]) == (1, 1)
+    assert algo.audit.attack_success(test[fed.y.numpy()[test] == TARGET]) == (0, 0)
 
 
 @pytest.mark.parametrize("phase,kw", [

@@ -72,6 +72,10 @@ def assert_same_run(ref, fl, data_dir_differs: bool = False) -> dict:
         eb = torch.load(os.path.join(fl, name), weights_only=True)
         assert ea.keys() == eb.keys() and all(torch.equal(ea[k], eb[k]) for k in ea), name
     ca, cb = read_json(os.path.join(ref, "config.json")), read_json(os.path.join(fl, "config.json"))
+    for c, d in ((ca, ref), (cb, fl)):     # an FCU phase names its original run's folder
+        if c["algorithm_args"].get("from_run"):
+            c["algorithm_args"]["from_run"] = os.path.relpath(c["algorithm_args"]["from_run"],
+                                                              os.path.dirname(d))
     if data_dir_differs:               # the server's folder holds the CSVs only
         assert ca["data"].pop("data_dir") != cb["data"].pop("data_dir")
     assert fedmed.comparable_config(ca) == fedmed.comparable_config(cb)
@@ -372,7 +376,6 @@ ON_FLOWER = {
 }
 VARIANTS = {"fedbn", "fedbn_holdout", "dp", "robust", "faults", "fedal_sampled"}
 NOT_ON_FLOWER = {"pooled": "", "facmic": CLIP + " --clients 4 --holdout-client site3",
-                 "fcu": "--forget-client site0",
                  "fedal_reinit": "--algo fedal --al-reinit --al-cycles 1 --al-rounds-per-cycle 1"}
 
 
@@ -393,11 +396,13 @@ def test_every_registered_method_is_either_checked_on_flower_or_refused():
     """A method added later must be put in one of the two lists (and so be checked)."""
     import algorithms
     algorithms.load_all()
-    refused = {"pooled", "facmic", "fcu"}
-    assert set(ON_FLOWER) - VARIANTS | refused == set(fedmed.ALGORITHMS)
+    refused = {"pooled", "facmic"}
+    protocols = {"fcu"}                # several runs of the loop: test_fcu_on_flower_...
+    assert set(ON_FLOWER) - VARIANTS | refused | protocols == set(fedmed.ALGORITHMS)
     for name in refused:
-        cls = fedmed.ALGORITHMS[name]
-        assert cls.crosses_sites or hasattr(cls, "protocol"), name
+        assert fedmed.ALGORITHMS[name].crosses_sites, name
+    for name in protocols:
+        assert hasattr(fedmed.ALGORITHMS[name], "protocol"), name
     for name in set(ON_FLOWER) - VARIANTS:
         assert not fedmed.ALGORITHMS[name].crosses_sites, name
 
@@ -479,6 +484,72 @@ def test_fedal_stopped_mid_acquisition_phase_and_resumed_on_shared_nodes_ends_as
     assert read_json(out / "summary.json")["al"]["oracle_queries"] > 0
 
 
+FCU_ARGS = (EVERY + " --algo fcu --forget-client site1 --post-rounds 1 --post-local-steps 1 "
+            "--unlearn-steps 2 --fusion-interval 1 --pga-epochs 1 --backdoor")
+
+
+def assert_same_protocol(ref, fl, data_dir_differs: bool = False) -> None:
+    """Every phase of an --algo fcu run as assert_same_run, and the audit (summary.json)
+    the same but for seconds."""
+    phases = read_json(os.path.join(ref, "config.json"))["phases"]
+    assert phases == read_json(os.path.join(fl, "config.json"))["phases"]
+    for phase in phases:
+        assert_same_run(os.path.join(ref, phase), os.path.join(fl, phase), data_dir_differs)
+    sa, sb = (read_json(os.path.join(d, "summary.json")) for d in (ref, fl))
+    assert drop_seconds(sa) == drop_seconds(sb)
+
+
+def test_fcu_on_flower_ends_as_run_py(tmp_path):
+    """The whole unlearning protocol on Flower (one node per client; nodes that share a
+    process): the original run, retraining, continued training, PGA (u's node takes its
+    last local model from its own state of the original run), FCU under both FGMP
+    conventions (u's node gets theta_o with the unlearning message), and the audit,
+    whose reads of each client's images run on that client's node: every phase and
+    the audit table bit for bit as python run.py."""
+    import run
+    assert run.main(f"{FCU_ARGS} --out {tmp_path / 'ref'}".split()) == 0
+    log: list = []
+    assert on_grid(InProcessGrid(nodes_in(tmp_path)), f"{FCU_ARGS} --out {tmp_path / 'fl'}",
+                   log) == 0, log
+    assert_same_protocol(str(tmp_path / "ref"), str(tmp_path / "fl"))
+    audit = read_json(tmp_path / "fl" / "summary.json")["audit"]
+    assert set(audit) == {"original", "retrain", "continue", "pga", "fcu", "fcu_code"}
+    assert all("backdoor_success" in a for a in audit.values())
+    assert "before_post_training" in audit["fcu"]
+
+
+def test_fcu_on_flower_stopped_in_its_original_run_and_resumed_ends_as_run_py(
+        tmp_path, capsys):
+    """site2's node is lost in round 2 of the original run (on-dropout fail): the
+    protocol stops with one line; --resume continues the original run from its
+    checkpoint, then every other phase and the audit: as python run.py."""
+    import run
+    out = tmp_path / "fl"
+    capsys.readouterr()
+    grid = InProcessGrid(nodes_in(tmp_path), vanish=("site2", "train", 2))
+    assert on_grid(grid, f"{FCU_ARGS} --out {out}", [], **{"on-dropout": "fail"}) == 2
+    assert "client site2" in capsys.readouterr().err
+    assert not (out / "retrain").exists()
+    assert on_grid(InProcessGrid(nodes_in(tmp_path)), f"{FCU_ARGS} --resume --out {out}",
+                   []) == 0
+    assert run.main(f"{FCU_ARGS} --out {tmp_path / 'ref'}".split()) == 0
+    assert_same_protocol(str(tmp_path / "ref"), str(out))
+
+
+def test_pga_on_flower_needs_u_s_state_of_the_original_run(tmp_path, capsys):
+    """PGA starts from u's last local model, which stayed on u's node: a node started
+    with another state-dir stops the run with one line naming the missing file."""
+    args = FCU_ARGS + " --unlearn-methods pga"
+    assert on_grid(InProcessGrid(nodes_in(tmp_path)), f"{args} --out {tmp_path / 'fl'}",
+                   []) == 0
+    moved = nodes_in(tmp_path / "elsewhere")
+    capsys.readouterr()
+    assert on_grid(InProcessGrid(moved), f"{args} --overwrite --reuse-original "
+                   f"{tmp_path / 'fl'} --out {tmp_path / 'again'}", []) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "state at the end of the run" in err, err
+
+
 def peeking(where: str, from_round: int = 0):
     """fedavg whose server-side `aggregate` (where = "server") or whose `local_update` on
     a node (where = "node") reads another client's state, as a wiring slip would (from
@@ -556,10 +627,9 @@ def test_what_reads_every_client_in_one_place_is_refused_on_flower(tmp_path, tin
 @pytest.mark.parametrize("name", sorted(NOT_ON_FLOWER))
 def test_methods_that_read_a_client_s_data_elsewhere_are_refused_on_flower(
         tmp_path, tiny_clip, capsys, name):
-    """pooled, FACMIC (every client trains on the target's images), fcu (several runs of
-    the loop) and FedAL's --al-reinit (every client's state restarted from the server's
-    hook): one line naming the method, exit 2, before any node is asked (a Grid without
-    nodes)."""
+    """pooled, FACMIC (every client trains on the target's images) and FedAL's
+    --al-reinit (every client's state restarted from the server's hook): one line naming
+    the method, exit 2, before any node is asked (a Grid without nodes)."""
     args = command(name, NOT_ON_FLOWER[name], tiny_clip)
     algo = args.split("--algo ")[1].split()[0]
     capsys.readouterr()
@@ -593,7 +663,10 @@ def site_folder(path, images=()) -> str:
                     reason=f"real data absent: {ISIC} (the shared isic2019-mini copy)")
 @pytest.mark.parametrize("method", ["--algo fedavg --bn local",
                                     "--algo fedal --bn local --al-cycles 1 --al-rounds-per-cycle 1 "
-                                    "--al-initial 0.3"])
+                                    "--al-initial 0.3",
+                                    "--algo fcu --forget-client MSK --post-rounds 1 "
+                                    "--post-local-steps 1 --unlearn-steps 2 --fusion-interval 1 "
+                                    "--pga-epochs 1"])
 def test_isic_sites_holding_only_their_own_images_and_a_server_with_none_end_as_run_py(
         tmp_path, method):
     """Real ISIC 2019 (three Fed-ISIC2019 centres): each node's folder holds the CSVs and
@@ -618,8 +691,10 @@ def test_isic_sites_holding_only_their_own_images_and_a_server_with_none_end_as_
     log: list = []
     assert on_grid(InProcessGrid(nodes), f"{args} --data-dir {server} --out {tmp_path / 'fl'}",
                    log) == 0, log
-    assert_same_run(str(tmp_path / "ref"), str(tmp_path / "fl"), data_dir_differs=True)
-    info = read_json(tmp_path / "fl" / "config.json")["dataset_info"]
+    fcu = "--algo fcu" in method                      # (a protocol: a folder per phase)
+    (assert_same_protocol if fcu else assert_same_run)(
+        str(tmp_path / "ref"), str(tmp_path / "fl"), data_dir_differs=True)
+    info = read_json(tmp_path / "fl" / ("original" if fcu else "") / "config.json")["dataset_info"]
     assert info["images_decoded"] == 0 and info["images"] == 120
     if "fedal" in method:
         assert read_json(tmp_path / "fl" / "summary.json")["al"]["oracle_queries"] > 0
