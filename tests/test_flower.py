@@ -666,7 +666,7 @@ def site_folder(path, images=()) -> str:
                                     "--al-initial 0.3",
                                     "--algo fcu --forget-client MSK --post-rounds 1 "
                                     "--post-local-steps 1 --unlearn-steps 2 --fusion-interval 1 "
-                                    "--pga-epochs 1"])
+                                    "--pga-epochs 1 --unlearn-methods retrain,pga,fcu"])
 def test_isic_sites_holding_only_their_own_images_and_a_server_with_none_end_as_run_py(
         tmp_path, method):
     """Real ISIC 2019 (three Fed-ISIC2019 centres): each node's folder holds the CSVs and
