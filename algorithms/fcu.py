@@ -643,6 +643,7 @@ class FCU(Algorithm):
         the command line each phase records."""
         cls.validate(cfg, args, fed)
         methods = methods_of(args)
+        argv = list(sys.argv[1:] if argv is None else argv)   # as fedmed.run records it
         os.makedirs(out, exist_ok=True)
         if not resume and os.path.exists(os.path.join(out, "summary.json")):
             os.remove(os.path.join(out, "summary.json"))
@@ -668,7 +669,7 @@ class FCU(Algorithm):
         auditor = cls.auditor(cfg, args, fed)
         if transport is not None:                       # its steps run where each client is
             transport.bind(auditor, cfg, auditor.clients, [], {
-                "argv": list(sys.argv[1:] if argv is None else argv),
+                "argv": argv,
                 "algorithm_args": dataclasses.asdict(auditor.args),
                 "data_identity": fedmed.data_identity(fed)}, out, False)
         shadow = None

@@ -86,8 +86,10 @@ class SemiSupervised(Algorithm):
 
     def train(self, client, payload, steps_scale: int = 1) -> int:
         cfg, model = self.budget(), self.model
-        I = (cfg.local_steps or cfg.local_epochs * math.ceil(len(client.train) / cfg.batch_size))
-        I *= steps_scale
+        # I: the steps local_batches yields (steps_scale multiplies --local-steps only, as
+        # in the core; in epochs the data already set the count)
+        I = (cfg.local_steps * steps_scale
+             or cfg.local_epochs * math.ceil(len(client.train) / cfg.batch_size))
         T_max = self.cfg.rounds * I
         opt = self.make_optimizer(client)
         gen = torch_rng(cfg.seed, "batches", self.round, client.id)

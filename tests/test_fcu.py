@@ -7,6 +7,7 @@ import json
 import math
 import os
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -567,7 +568,7 @@ def test_a_fresh_protocol_removes_an_old_summary_first(fed, tmp_path, monkeypatc
     assert (out / "summary.json").exists()          # resuming keeps it until the end
 
 
-def test_protocol_without_fcu_starts_over_and_reports_the_last_phase(fed, tmp_path):
+def test_protocol_without_fcu_starts_over_and_reports_the_last_phase(fed, tmp_path, monkeypatch):
     """Into an existing folder without resume, every phase starts over (here with a new
     post-training length that a resumed run would refuse); without fcu among the
     methods, the summary's figures are the last phase's; the log names each phase."""
@@ -582,8 +583,12 @@ def test_protocol_without_fcu_starts_over_and_reports_the_last_phase(fed, tmp_pa
     assert s["rounds"] == 1 + 1 + SMALL_ARGS["post_rounds"]         # the whole protocol
     assert log == ["phase original: 1 rounds", "phase retrain: 1 rounds",
                    f"phase continue: {SMALL_ARGS['post_rounds']} rounds"]
+    monkeypatch.setattr(sys, "argv", ["run.py", "--algo", "fcu", "--post-rounds", "3"])
     s = FCU.protocol(cfg, FCU.Args(**{**args, "post_rounds": 3}), fed, out, quiet=True)
     assert s["phases"]["continue"]["rounds"] == 3 and s["audit"]["continue"]["rounds"] == 3
+    for phase in ("original", "retrain", "continue"):   # no argv given: this process's
+        with open(os.path.join(out, phase, "config.json")) as f:          # command line
+            assert json.load(f)["argv"] == sys.argv[1:], phase
 
 
 def test_mia_loss_is_the_cross_entropy_floored_at_1e_12(fed, monkeypatch):

@@ -6,6 +6,8 @@ test_fgasl_reference.py (the same streams: batches, unlabeled, augment), compare
 local_update driven as the loop drives it; then the FedAvg aggregate with n_k =
 labelled + unlabelled images."""
 import copy
+import dataclasses
+import math
 
 import numpy as np
 import pytest
@@ -171,3 +173,188 @@ def test_bad_input_is_one_line_exit_2(tmp_path, capsys, algo, flags, needle):
     if "--unlabeled-fraction" in flags:
         argv = argv[:2] + argv[4:]
     one_line_error(capsys, run.main(argv), needle, out=out)
+
+
+# ---------------------------------------------------------------- the pieces around the step
+
+def make(fed, algo_name, args, **cfg_kw):
+    cfg = Config(**{"algo": algo_name, "rounds": R, "local_steps": I, "batch_size": B,
+                    "optimizer": "sgd", "lr": LR, "momentum": MOM, "model": "cnn", "seed": SEED,
+                    "class_weights": "none", **cfg_kw})
+    algo = fedmed.ALGORITHMS[algo_name](cfg, args, fed)
+    server, clients = ServerState(), fedmed.make_clients(fed)
+    algo.attach([], True)
+    algo.setup(server, clients)
+    algo.set_round(r)
+    return algo, server, clients
+
+
+def test_defaults_are_the_papers_and_the_documented_ones():
+    """FixMatch: tau 0.95, lambda_u 1 [paper], the unlabelled batch = --batch-size;
+    Mean Teacher: a 0.99 [paper], lambda_c 1 and a ramp-up over 25% [ours]."""
+    assert (fixmatch.Args().confidence, fixmatch.Args().lambda_u,
+            fixmatch.Args().unlabeled_batch) == (0.95, 1.0, 0)
+    a = meanteacher.Args()
+    assert (a.mt_decay, a.lambda_c, a.rampup, a.unlabeled_batch) == (0.99, 1.0, 0.25, 0)
+
+
+@pytest.mark.parametrize("algo_name,kw,ok", [
+    ("fixmatch", dict(confidence=0.0), True), ("fixmatch", dict(confidence=1.0), True),
+    ("fixmatch", dict(lambda_u=0.0), True), ("fixmatch", dict(confidence=-0.01), False),
+    ("fixmatch", dict(confidence=1.01), False), ("fixmatch", dict(lambda_u=-0.1), False),
+    ("fixmatch", dict(unlabeled_batch=2), True), ("fixmatch", dict(unlabeled_batch=1), False),
+    ("fixmatch", dict(unlabeled_batch=-2), False),
+    ("meanteacher", dict(mt_decay=0.0), True), ("meanteacher", dict(mt_decay=1.0), True),
+    ("meanteacher", dict(rampup=0.0), True), ("meanteacher", dict(rampup=1.0), True),
+    ("meanteacher", dict(lambda_c=0.0), True), ("meanteacher", dict(mt_decay=1.01), False),
+    ("meanteacher", dict(mt_decay=-0.01), False), ("meanteacher", dict(rampup=1.01), False),
+    ("meanteacher", dict(rampup=-0.01), False), ("meanteacher", dict(lambda_c=-1.0), False),
+])
+def test_the_ranges_of_the_settings_and_their_edges(fed, algo_name, kw, ok):
+    mod = {"fixmatch": fixmatch, "meanteacher": meanteacher}[algo_name]
+    build = lambda: make(fed, algo_name, mod.Args(**kw))  # noqa: E731
+    if ok:
+        build()
+    else:
+        with pytest.raises(fedmed.UsageError):
+            build()
+
+
+def test_one_labelled_image_at_a_client_is_enough(fed):
+    """A client with a single labelled image trains (none is refused)."""
+    one = [datasets.ClientSplit(c.name, c.train[:1] if k == 0 else c.train, c.test, c.unlabeled,
+                                c.label_set) for k, c in enumerate(fed.clients)]
+    make(dataclasses.replace(fed, clients=one), "fixmatch", fixmatch.Args())
+    none = [datasets.ClientSplit(c.name, c.train[:0] if k == 0 else c.train, c.test, c.unlabeled,
+                                 c.label_set) for k, c in enumerate(fed.clients)]
+    with pytest.raises(fedmed.UsageError, match="no labelled training image"):
+        make(dataclasses.replace(fed, clients=none), "fixmatch", fixmatch.Args())
+
+
+@pytest.mark.parametrize("algo_name", ["fixmatch", "meanteacher"])
+def test_pseudo_label_counts_and_the_metric_line(fed, algo_name):
+    """After a local update: |B_u| seen per step, the accepted ones (FixMatch: conf >=
+    tau; Mean Teacher: all) and how many of those match the hidden label, recomputed from
+    the weak views of the same step; the metric line's pl_seen / pl_accept / pl_acc; no
+    diagnostic label left in the client's state; nothing for a held-out client or for a
+    round the client did not train."""
+    TAU = 0.25
+    args = (fixmatch.Args(confidence=TAU, unlabeled_batch=BU) if algo_name == "fixmatch"
+            else meanteacher.Args(unlabeled_batch=BU))
+    algo, server, clients = make(fed, algo_name, args)
+    seen = {}
+    real = algo.unlabelled_loss
+
+    def spy(x_l, w_u, s_u, t, T_max, stats):
+        before = dict(stats)
+        out = real(x_l, w_u, s_u, t, T_max, stats)
+        seen.setdefault("steps", []).append({k: stats[k] - before[k] for k in
+                                             ("seen", "accepted", "correct")})
+        with torch.no_grad():
+            net = algo.model if algo_name == "fixmatch" else algo.teacher
+            was = net.training
+            if algo_name == "fixmatch":       # the weak part of the same train-mode forward
+                z = net(torch.cat([x_l, w_u, s_u])).float()[len(x_l):len(x_l) + len(w_u)]
+            else:
+                z = net(w_u).float()
+            net.train(was)
+            conf, y_hat = F.softmax(z, 1).max(1)
+            acc = conf >= TAU if algo_name == "fixmatch" else torch.ones_like(conf, dtype=torch.bool)
+            seen["steps"][-1]["want"] = (len(w_u), int(acc.sum()),
+                                         int(((y_hat == stats["truth"]) & acc).sum()))
+        return out
+    algo.unlabelled_loss = spy
+    c = clients[0]
+    algo.local_update(c, transmit(algo.broadcast(server, c))[0])
+    steps = seen["steps"]
+    assert len(steps) == I
+    for s in steps:
+        assert (s["seen"], s["accepted"], s["correct"]) == s["want"], s
+    pl = c.state["pl"]
+    assert set(pl) == {"seen", "accepted", "correct", "round"} and pl["round"] == r
+    tot = {k: sum(s[k] for s in steps) for k in ("seen", "accepted", "correct")}
+    assert {k: pl[k] for k in tot} == tot and tot["seen"] == I * BU
+    if algo_name == "meanteacher":
+        assert tot["accepted"] == tot["seen"]
+    else:
+        assert 0 < tot["accepted"] < tot["seen"], tot
+    line = algo.line_extra(server, c)
+    assert line["pl_seen"] == I * BU
+    assert line["pl_accept"] == tot["accepted"] / tot["seen"]
+    assert line["pl_acc"] == tot["correct"] / tot["accepted"]
+    held = fedmed.ClientState(-1, "held", c.train, c.test)
+    held.state = dict(c.state)
+    assert algo.line_extra(server, held) == {}
+    algo.set_round(r + 1)
+    assert algo.line_extra(server, c) == {}
+    algo.set_round(r)
+    c.state["pl"] = dict(pl, accepted=0, correct=0)
+    assert algo.line_extra(server, c)["pl_acc"] is None
+    c.state["pl"] = dict(pl, seen=1, accepted=1, correct=1)        # (--batch-size 1, 1 step)
+    assert algo.line_extra(server, c)["pl_accept"] == 1.0
+
+
+def test_fixmatch_accepts_a_confidence_equal_to_the_threshold(fed):
+    """(FM-2) 1[max q >= tau]: with all-zero logits every q_i = 1/C, and tau = 1/C
+    accepts them all."""
+    C = fed.num_classes
+    tau = float(F.softmax(torch.zeros(1, C), 1)[0, 0])
+    algo, server, clients = make(fed, "fixmatch", fixmatch.Args(confidence=tau))
+    algo.model = lambda x: torch.zeros(len(x), C, requires_grad=True)
+    stats = {"seen": 0, "accepted": 0, "correct": 0, "truth": torch.zeros(BU, dtype=torch.long)}
+    x = torch.zeros(BU, 3, 16, 16)
+    _, l_u = algo.unlabelled_loss(x[:2], x, x, 0, 1, stats)
+    assert stats["accepted"] == BU and stats["correct"] == BU     # argmax of ties: class 0
+    assert abs(float(l_u.detach()) - math.log(C)) < 1e-6                   # CE of uniform logits
+
+
+@pytest.mark.parametrize("algo_name", ["fixmatch", "meanteacher"])
+def test_a_non_finite_loss_stops_the_run(fed, algo_name):
+    """A NaN in the broadcast weights makes the loss NaN: Diverged, naming the client."""
+    mod = {"fixmatch": fixmatch, "meanteacher": meanteacher}[algo_name]
+    algo, server, clients = make(fed, algo_name, mod.Args())
+    payload = transmit(algo.broadcast(server, clients[0]))[0]
+    key = next(k for k, v in payload["w"].items() if v.is_floating_point() and "weight" in k)
+    payload["w"][key] = payload["w"][key].clone().fill_(float("nan"))
+    with pytest.raises(fedmed.Diverged, match=clients[0].name):
+        algo.local_update(clients[0], payload)
+
+
+@pytest.mark.parametrize("epochs,scale", [(0, 1), (2, 1), (0, 2), (2, 2)])
+def test_steps_and_the_ramp_up_schedule(fed, monkeypatch, epochs, scale):
+    """I = --local-steps x steps_scale, or --local-epochs x ceil(|L_k| / B) (the core's
+    contract for train: the scale multiplies steps, not epochs): train returns I steps,
+    and Mean Teacher's ramp-up reads t = r I + i over T_r = rampup R I (before the fix
+    the scale also multiplied the epochs' I, so T_r disagreed with the steps taken)."""
+    calls = []
+    monkeypatch.setattr(meanteacher, "rampup_weight",
+                        lambda t, T_r: calls.append((t, T_r)) or 1.0)
+    kw = dict(local_steps=0, local_epochs=epochs) if epochs else {}
+    algo, server, clients = make(fed, "meanteacher", meanteacher.Args(rampup=0.5), **kw)
+    c = clients[1]
+    want = I * scale if not epochs else epochs * math.ceil(len(c.train) / B)
+    algo.load_model(transmit(algo.broadcast(server, c))[0]["w"], {})
+    assert algo.train(c, {}, steps_scale=scale) == want
+    assert calls == [(r * want + i, 0.5 * R * want) for i in range(want)]
+    assert c.state["pl"]["seen"] == want * B
+
+
+def test_the_local_step_trains_whatever_mode_the_model_was_left_in(fed):
+    """An evaluation leaves the model in eval mode; the local step runs in train mode
+    (BN batch statistics): the same update either way."""
+    def update(pre_eval):
+        algo, server, clients = make(fed, "fixmatch", fixmatch.Args(confidence=0.25))
+        if pre_eval:
+            algo.model.eval()
+        return algo.local_update(clients[0], transmit(algo.broadcast(server, clients[0]))[0])
+    a, b = update(False), update(True)
+    assert all(torch.equal(a["w"][k], b["w"][k]) for k in a["w"])
+
+
+def test_mean_teachers_teacher_is_frozen_and_the_ramp_up_of_a_short_schedule():
+    """The teacher is never trained by gradients (only the EMA moves it); (MT-2) with a
+    ramp-up of less than one iteration still starts at exp(-5)."""
+    ns = datasets.namespace(dataset="synthetic", clients=2, image_size=16, unlabeled_fraction=0.6)
+    algo, _, _ = make(datasets.load(ns, seed=SEED), "meanteacher", meanteacher.Args())
+    assert not any(p.requires_grad for p in algo.teacher.parameters())
+    assert abs(meanteacher.rampup_weight(0, 0.5) - np.exp(-5)) < 1e-15

@@ -185,3 +185,37 @@ def test_a_curve_without_sample_counts_is_none(tmp_path):
     del first["grad_samples"]
     (tmp_path / "metrics.jsonl").write_text("\n".join([json.dumps(first)] + lines[1:]) + "\n")
     assert ua.accuracy_curve(str(tmp_path)) is None
+
+
+def test_the_audit_joins_each_clients_outputs_in_the_order_of_its_index_sets():
+    """Audit.gather: one `audit_outputs` step per client (where the client is), joined
+    as self.test (every client's test images, in client order), D_f (u's training
+    images), D_r (the others' training images) and u's test images; the backdoor share
+    is the hits over the images tried, summed over the clients."""
+    import fedmed
+
+    class Stub:
+        hits, tried = (0, 1, 0), (0, 1, 0)
+
+        def __init__(self):
+            self.clients = [fedmed.ClientState(k, f"s{k}", np.arange(2 * k, 2 * k + 2),
+                                               np.arange(10 + k, 11 + k)) for k in range(3)]
+
+        def at_clients(self, server, clients, step, weights):
+            assert step == "audit_outputs" and clients == self.clients and weights == {"w": 1}
+            return [{"train": torch.full((2, 2), float(c.id)),
+                     "test": torch.full((1, 2), 10.0 + c.id),
+                     "hits": self.hits[c.id], "tried": self.tried[c.id]} for c in clients]
+    algo = Stub()
+    a = ua.Audit(algo, 1, target=0, patch=0.1, seed=0)
+    got = a.gather({"w": 1})
+    assert got["test"][:, 0].tolist() == [10.0, 11.0, 12.0]
+    assert got["forgotten"][:, 0].tolist() == [1.0, 1.0]
+    assert got["forgotten_test"][:, 0].tolist() == [11.0]
+    assert got["remaining"][:, 0].tolist() == [0.0, 0.0, 2.0, 2.0]
+    assert a.remaining.tolist() == [0, 1, 4, 5] and a.test.tolist() == [10, 11, 12]
+    assert got["backdoor"] == 1.0                # 1 hit of the 1 image tried (at s1)
+    algo.hits, algo.tried = (1, 0, 0), (2, 2, 0)
+    assert a.gather({"w": 1})["backdoor"] == 0.25
+    b = ua.Audit(algo, 1, target=None, patch=0.1, seed=0)
+    assert b.gather({"w": 1})["backdoor"] is None
