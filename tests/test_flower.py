@@ -373,8 +373,10 @@ ON_FLOWER = {
     "fedal": "--al-cycles 1 --al-rounds-per-cycle 1 --al-initial 0.3",
     "fedal_sampled": "--algo fedal --bn local --fraction 0.5 --al-cycles 2 "
                      "--al-rounds-per-cycle 1 --al-initial 0.2 --clients 4 --holdout-client site3",
-}
-VARIANTS = {"fedbn", "fedbn_holdout", "dp", "robust", "faults", "fedal_sampled"}
+    "fedal_faults": "--algo fedal --al-cycles 1 --al-rounds-per-cycle 1 --al-initial 0.3 "
+                    "--dropout-prob 0.3",      # FedAL inside the fault layer: its step one
+}                                              # wrapper down, the layer's note around its own
+VARIANTS = {"fedbn", "fedbn_holdout", "dp", "robust", "faults", "fedal_sampled", "fedal_faults"}
 NOT_ON_FLOWER = {"pooled": "", "facmic": CLIP + " --clients 4 --holdout-client site3",
                  "fedal_reinit": "--algo fedal --al-reinit --al-cycles 1 --al-rounds-per-cycle 1"}
 
@@ -422,7 +424,7 @@ def test_every_method_on_flower_ends_as_run_py(tmp_path, tiny_clip, name):
     assert on_grid(InProcessGrid(nodes), f"{args} --out {tmp_path / 'fl'}", log) == 0, log
     assert_same_run(str(tmp_path / "ref"), str(tmp_path / "fl"))
     notes = {"dp": ["dp_norm", "dropout"], "robust": ["rejected", "attack"],
-             "faults": ["dropout", "rejected"]}.get(name, [])
+             "faults": ["dropout", "rejected"], "fedal_faults": ["dropout"]}.get(name, [])
     lines = read_jsonl(tmp_path / "fl" / "metrics.jsonl")
     for key in notes:                  # the layer's notes travelled (node -> server -> node)
         assert any(key in m for m in lines), key
