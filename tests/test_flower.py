@@ -422,6 +422,7 @@ def test_every_method_on_flower_ends_as_run_py(tmp_path, tiny_clip, name):
     assert run.main(f"{args} --out {tmp_path / 'ref'}".split()) == 0
     log: list = []
     assert on_grid(InProcessGrid(nodes), f"{args} --out {tmp_path / 'fl'}", log) == 0, log
+    assert list(flower_app._BUILT)[0][2] is not None      # isolate: a build per node
     assert_same_run(str(tmp_path / "ref"), str(tmp_path / "fl"))
     notes = {"dp": ["dp_norm", "dropout"], "robust": ["rejected", "attack"],
              "faults": ["dropout", "rejected"], "fedal_faults": ["dropout"]}.get(name, [])
@@ -509,10 +510,21 @@ def test_fcu_on_flower_ends_as_run_py(tmp_path):
     whose reads of each client's images run on that client's node: every phase and
     the audit table bit for bit as python run.py."""
     import run
+    from algorithms.fcu import FCU
     assert run.main(f"{FCU_ARGS} --out {tmp_path / 'ref'}".split()) == 0
     log: list = []
-    assert on_grid(InProcessGrid(nodes_in(tmp_path)), f"{FCU_ARGS} --out {tmp_path / 'fl'}",
-                   log) == 0, log
+    reads, real = [], FCU.read_original
+
+    def read_original(self, folder):       # the server's folder: only the server reads it
+        reads.append(self.on_node)
+        return real(self, folder)
+    FCU.read_original = read_original
+    try:
+        assert on_grid(InProcessGrid(nodes_in(tmp_path)), f"{FCU_ARGS} --out {tmp_path / 'fl'}",
+                       log) == 0, log
+    finally:
+        FCU.read_original = real
+    assert reads == [False] * 4            # continue, pga, fcu, fcu_code: on the server
     assert_same_protocol(str(tmp_path / "ref"), str(tmp_path / "fl"))
     audit = read_json(tmp_path / "fl" / "summary.json")["audit"]
     assert set(audit) == {"original", "retrain", "continue", "pga", "fcu", "fcu_code"}
