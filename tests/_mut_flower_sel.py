@@ -69,3 +69,12 @@ def test_shared_process(tmp_path):
 def test_isic(tmp_path):
     tf.test_isic_sites_holding_only_their_own_images_and_a_server_with_none_end_as_run_py(
         tmp_path, "--algo fedavg --bn local")
+
+
+def test_nan_private(tmp_path, capsys, monkeypatch):
+    tf.test_a_private_tensor_that_goes_nan_on_a_node_stops_the_run_in_one_line(
+        tmp_path, capsys, monkeypatch)
+
+
+def test_missing_folder(tmp_path, capsys):
+    tf.test_a_node_whose_data_folder_is_missing_fails_in_one_line(tmp_path, capsys)

@@ -10,6 +10,7 @@ payloads travel as the bytes fedmed.transmit counts, so nothing may differ.
 
 Skipped where flwr is not installed (pip install -r requirements-flower.txt; .ci/run
 installs it)."""
+import math
 import os
 import subprocess
 import sys
@@ -597,6 +598,33 @@ def test_a_method_that_reads_a_client_s_state_where_it_is_not_fails_in_one_line(
     assert on_grid(InProcessGrid(nodes_in(tmp_path)), f"{ARGS} --out {tmp_path / 'fl'}", []) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and needle in err and "--algo fedavg" in err, err
+
+
+def test_a_private_tensor_that_goes_nan_on_a_node_stops_the_run_in_one_line(
+        tmp_path, capsys, monkeypatch):
+    """FedBN whose local update leaves a NaN in a private BN layer, which never leaves
+    the node: the node checks it (fedmed.check_private, as the in-process loop does) and
+    the run stops with one line naming the round, the client and the tensor (the exit
+    status of a diverged run); round 1's checkpoint is kept."""
+    import algorithms
+    algorithms.load_all()
+    base = fedmed.ALGORITHMS["fedavg"]
+
+    class NaNPrivate(base):
+        def local_update(self, client, payload):
+            up = super().local_update(client, payload)
+            if self.round == 1 and client.name == "site2":
+                key = next(iter(client.state["private"]))
+                client.state["private"][key] = client.state["private"][key].float() * math.nan
+            return up
+    monkeypatch.setitem(fedmed.ALGORITHMS, "fedavg", NaNPrivate)
+    capsys.readouterr()
+    out = tmp_path / "fl"
+    assert on_grid(InProcessGrid(nodes_in(tmp_path)), f"{ARGS} --bn local --out {out}",
+                   []) == fedmed.EXIT_DIVERGED
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "round 2" in err and "site2" in err, err
+    assert "NaN" in err and fedmed.load_checkpoint(str(out / "checkpoint.pt"))["round"] == 1
 
 
 @pytest.mark.parametrize("flags,subs", [
