@@ -78,3 +78,16 @@ def test_nan_private(tmp_path, capsys, monkeypatch):
 
 def test_missing_folder(tmp_path, capsys):
     tf.test_a_node_whose_data_folder_is_missing_fails_in_one_line(tmp_path, capsys)
+
+
+def test_wait_rejoin(tmp_path):
+    tf.test_on_dropout_wait_sends_again_to_the_node_that_comes_back_and_ends_as_run_py(
+        tmp_path, "train", 2)
+
+
+def test_isic_shared_folder(tmp_path):
+    tf.test_isic_nodes_without_a_data_dir_read_the_run_s_folder(tmp_path)
+
+
+def test_two_down(tmp_path, monkeypatch):
+    tf.test_a_step_two_wrappers_down_runs_on_the_nodes(tmp_path, monkeypatch)

@@ -533,6 +533,33 @@ def test_fcu_on_flower_ends_as_run_py(tmp_path):
     assert "before_post_training" in audit["fcu"]
 
 
+def test_a_step_two_wrappers_down_runs_on_the_nodes(tmp_path, monkeypatch):
+    """A base method whose server hook runs a step at the clients (at_clients), inside
+    FedAL inside the fault layer: the step runs on each node at the base's level (two
+    wrappers down), with the client's current pools; the run ends as run.py."""
+    import algorithms
+    import run
+    algorithms.load_all()
+
+    class Stepper(fedmed.ALGORITHMS["fedavg"]):
+        def begin_round(self, server, clients):
+            super().begin_round(server, clients)
+            got = self.at_clients(server, clients, "pool_sizes", self.round)
+            server.state.setdefault("sizes", []).append(got)
+
+        def pool_sizes(self, server, client, t):
+            return [t, len(client.train), len(client.unlabeled)]
+    monkeypatch.setitem(fedmed.ALGORITHMS, "stepper", Stepper)
+    args = (EVERY + " --algo fedal --base-algo stepper --al-cycles 1 --al-rounds-per-cycle 1 "
+            "--al-initial 0.3 --dropout-prob 0.3")
+    assert run.main(f"{args} --out {tmp_path / 'ref'}".split()) == 0
+    assert on_grid(InProcessGrid(nodes_in(tmp_path)), f"{args} --out {tmp_path / 'fl'}", []) == 0
+    assert_same_run(str(tmp_path / "ref"), str(tmp_path / "fl"))
+    sizes = fedmed.load_checkpoint(str(tmp_path / "fl" / "checkpoint.pt"))["server"]["state"]["sizes"]
+    assert [s[0][0] for s in sizes] == [0, 1]
+    assert all(b[1] > a[1] for a, b in zip(sizes[0], sizes[1]))   # L_k grew at acquisition 1
+
+
 def test_fcu_on_flower_stopped_in_its_original_run_and_resumed_ends_as_run_py(
         tmp_path, capsys):
     """site2's node is lost in round 2 of the original run (on-dropout fail): the
@@ -740,6 +767,23 @@ def test_isic_sites_holding_only_their_own_images_and_a_server_with_none_end_as_
     assert info["images_decoded"] == 0 and info["images"] == 120
     if "fedal" in method:
         assert read_json(tmp_path / "fl" / "summary.json")["al"]["oracle_queries"] > 0
+
+
+@pytest.mark.skipif(not os.path.isfile(os.path.join(ISIC, CSVS[0])),
+                    reason=f"real data absent: {ISIC} (the shared isic2019-mini copy)")
+def test_isic_nodes_without_a_data_dir_read_the_run_s_folder(tmp_path):
+    """Nodes given no data-dir (a folder every party mounts at the same path) read the
+    command line's --data-dir; with isolate each decodes its own centre's images only:
+    bit for bit as run.py."""
+    import run
+    args = ("--algo fedavg --bn local --dataset isic2019 --only-clients HAM_rosendahl,MSK "
+            f"--max-images-per-client 30 --image-size 32 --rounds 1 --local-steps 1 "
+            f"--batch-size 8 --cache-dir none --quiet --seed 2 --data-dir {ISIC}")
+    nodes = [{"client": name, "state-dir": str(tmp_path / f"state{k}"), "isolate": True}
+             for k, name in enumerate(["HAM_rosendahl", "MSK"])]
+    assert run.main(f"{args} --out {tmp_path / 'ref'}".split()) == 0
+    assert on_grid(InProcessGrid(nodes), f"{args} --out {tmp_path / 'fl'}", []) == 0
+    assert_same_run(str(tmp_path / "ref"), str(tmp_path / "fl"))
 
 
 @pytest.mark.skipif(not os.path.isfile(os.path.join(ISIC, CSVS[0])),
