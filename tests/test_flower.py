@@ -846,7 +846,10 @@ def test_the_flower_byte_and_second_counters_add_up_every_message(tmp_path):
     import run
     grid = InProcessGrid(nodes_in(tmp_path))
     t = flower_app.FlowerTransport(grid, {"node-timeout": 5}, log=lambda s: None)
+    t0 = time.perf_counter()
     assert run.main(f"{ARGS} --out {tmp_path / 'fl'}".split(), transport=t) == 0
+    wall = time.perf_counter() - t0
+    assert 0 < t.node_seconds["train"] < wall and 0 < t.node_seconds["evaluate"] < wall
     assert t.wire["sent"] == sum(flower_app._size(m) for m in grid.pushed) > 0
     assert t.wire["received"] == sum(flower_app._size(m) for m in grid.pulled) > 0
     reported = {"train": 0.0, "evaluate": 0.0}
