@@ -91,3 +91,7 @@ def test_isic_shared_folder(tmp_path):
 
 def test_two_down(tmp_path, monkeypatch):
     tf.test_a_step_two_wrappers_down_runs_on_the_nodes(tmp_path, monkeypatch)
+
+
+def test_second_node(tmp_path):
+    tf.test_a_second_node_for_a_client_after_round_1_replaces_the_first(tmp_path)

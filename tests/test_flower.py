@@ -168,7 +168,7 @@ class InProcessGrid:
     `rejoin`: a new node (a new id, the same node config and state folder) then joins."""
 
     def __init__(self, nodes: list, vanish=None, rejoin: bool = False, late: int = 0,
-                 garble=None):
+                 garble=None, also=()):
         from flwr.supercore.task_identity import TaskIdentity
         TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
         self.nodes = {1000 + k: conf for k, conf in enumerate(nodes)}
@@ -176,6 +176,7 @@ class InProcessGrid:
         self.rejoin = rejoin
         self.late, self.calls = late, 0          # the last `late` nodes join at the 3rd look
         self.garble = garble                     # (client, type, round): its reply is lost
+        self.also = list(also)                   # node configs that join with the rejoin
 
     def get_node_ids(self):
         self.calls += 1
@@ -194,6 +195,8 @@ class InProcessGrid:
                 self.vanish = None                  # once
                 if self.rejoin:
                     self.nodes[max(self.nodes) + 1] = self.nodes[node]
+                for conf in self.also:
+                    self.nodes[max(self.nodes) + 1] = conf
             self.pushed = getattr(self, "pushed", []) + [m]
             if node not in self.gone:
                 ctx = Context(run_id=1, node_id=node, node_config=self.nodes[node],
@@ -283,6 +286,22 @@ def test_on_dropout_wait_sends_again_to_the_node_that_comes_back_and_ends_as_run
     assert on_grid(grid, f"{ARGS} --out {out}", log, **{"on-dropout": "wait"}) == 0
     assert any(f"round {rnd}: client site1 was lost" in s and "waiting" in s for s in log), log
     assert any("node 1003 holds client site1" in s for s in log), log
+    assert run.main(f"{ARGS} --out {tmp_path / 'ref'}".split()) == 0
+    assert_same_run(str(tmp_path / "ref"), str(out))
+
+
+def test_a_second_node_for_a_client_after_round_1_replaces_the_first(tmp_path):
+    """After rounds began, a new node that claims a client whose node is still registered
+    (its SuperNode started again before the SuperLink dropped the old one) takes its
+    place (logged), not a configuration error: site2's node vanishes in round 2 under
+    wait, site2's and a second site1 node join, and the run ends as run.py."""
+    import run
+    log: list = []
+    nodes = nodes_in(tmp_path)
+    grid = InProcessGrid(nodes, vanish=("site2", "train", 2), rejoin=True, also=[nodes[1]])
+    out = tmp_path / "fl"
+    assert on_grid(grid, f"{ARGS} --out {out}", log, **{"on-dropout": "wait"}) == 0, log
+    assert any("holds client site1 (in place of node 1001" in s for s in log), log
     assert run.main(f"{ARGS} --out {tmp_path / 'ref'}".split()) == 0
     assert_same_run(str(tmp_path / "ref"), str(out))
 
